@@ -1,0 +1,161 @@
+"""Speed benchmarks: training throughput and detection latency / peak memory.
+
+Each measurement runs in its own subprocess so peak memory (RSS on CPU, max allocated on CUDA) belongs
+to that configuration alone. Results are printed as a Markdown table and appended as JSON lines to
+``--out``.
+
+    python benchmarks/speed.py train --presets ddad-s ddad --batch 8
+    python benchmarks/speed.py infer --presets ddad-s ddad --backbones wide_resnet101_2 mobilenet_v2 --batches 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_train(preset: str, size: int, batch: int, steps: int, device_name: str, precision: str) -> dict:
+    from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+    from ddad.diffusion.unet import UNet, UNetConfig
+    from ddad.runtime import autocast, resolve_device
+    from ddad.training import TrainConfig, ddpm_loss, make_optimizer
+
+    device = resolve_device(device_name)
+    model = UNet(UNetConfig.preset(preset, size, 3)).to(device).train()
+    opt = make_optimizer(model, TrainConfig(), device)
+    table = alphas_cumprod(ScheduleConfig()).to(device, torch.float32)
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with autocast(device, precision):
+            loss = ddpm_loss(model, x, t, torch.randn_like(x), table)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"kind": "train", "preset": preset, "size": size, "batch": batch, "precision": precision,
+            "device": str(device), "images_per_s": batch * steps / dt, "peak_mb": _peak_mb(device)}
+
+
+def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: str, repeats: int,
+                  device_name: str, precision: str, steps: int) -> dict:
+    from ddad.detection import DetectConfig, Detector
+    from ddad.diffusion.sampler import SamplerConfig, skip_for_steps
+    from ddad.diffusion.unet import UNet, UNetConfig
+    from ddad.runtime import resolve_device
+    from ddad.scoring import ScoringConfig
+
+    device = resolve_device(device_name)
+    unet = UNet(UNetConfig.preset(preset, size, 3))
+    cfg = DetectConfig(sampler=SamplerConfig(250, skip_for_steps(250, steps), w=3, eta=1),
+                       scoring=ScoringConfig(mode="combined"), backbone=backbone, backbone_weights=weights,
+                       precision=precision, batch_size=batch)
+    det = Detector(unet, cfg, device=device)
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    det(x)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        det(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / repeats
+    return {"kind": "infer", "preset": preset, "size": size, "batch": batch, "backbone": backbone,
+            "weights": weights, "steps": steps, "precision": precision, "device": str(device),
+            "seconds_per_image": dt / batch, "peak_mb": _peak_mb(device)}
+
+
+def _child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    spec = json.loads(args.child)
+    fn = measure_train if spec.pop("kind") == "train" else measure_infer
+    print(json.dumps(fn(**spec)))
+
+
+def _run(spec: dict, threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark {spec} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", nargs="?", choices=("train", "infer"))
+    p.add_argument("--presets", nargs="+", default=["ddad-s", "ddad"])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="training batch")
+    p.add_argument("--train-steps", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="inference batches")
+    p.add_argument("--backbones", nargs="+", default=["wide_resnet101_2", "mobilenet_v2"])
+    p.add_argument("--weights", default=None, help="backbone weights (default: real if found, else random)")
+    p.add_argument("--steps", type=int, default=10, help="DDAD-n")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.jsonl"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return _child(args)
+    from ddad.backbones import WeightsNotFound, resolve_weights
+
+    rows = []
+    if args.what == "train":
+        for preset in args.presets:
+            rows.append(_run({"kind": "train", "preset": preset, "size": args.size, "batch": args.batch,
+                              "steps": args.train_steps, "device_name": args.device,
+                              "precision": args.precision}, args.threads))
+            print(rows[-1], flush=True)
+    else:
+        for preset in args.presets:
+            for backbone in args.backbones:
+                weights = args.weights
+                if weights is None:
+                    try:
+                        resolve_weights(backbone)
+                    except WeightsNotFound:
+                        weights = "random"
+                for batch in args.batches:
+                    rows.append(_run({"kind": "infer", "preset": preset, "size": args.size, "batch": batch,
+                                      "backbone": backbone, "weights": weights, "repeats": args.repeats,
+                                      "device_name": args.device, "precision": args.precision,
+                                      "steps": args.steps}, args.threads))
+                    print(rows[-1], flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, "date": str(date.today()), "machine": machine}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

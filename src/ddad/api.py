@@ -1,0 +1,74 @@
+"""The Python API: the same operations as the ``ddad`` command, one function each.
+
+    from ddad import RunConfig, train_run, test_run, predict, RunDir
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .config import ConfigError, RunConfig
+from .data.dataset import ImageSet
+from .data.formats import DataConfig, build_index
+from .training import TrainResult, train
+from .runs import RunDir
+
+
+def train_run(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True,
+              on_step=None) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (created), or continue it with ``resume``."""
+    run = RunDir(run_dir)
+    if resume:
+        stored = run.load_config()
+        if replace(stored, train=config.train) != config:
+            raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
+    elif run.latest_checkpoint() is not None:
+        raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "
+                          f"or choose another --run-dir")
+    index = build_index(config.data)
+    print(index.describe())
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.save_config(config)
+    atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
+    images = ImageSet(index.train, config.data.image_size, config.data.channels).stack(progress=progress)
+    return train(run, config, images, resume=resume, progress=progress, on_step=on_step)
+
+
+def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: bool = True) -> tuple[dict, Path]:
+    """The built-in example: synthetic data -> tiny UNet at 32 x 32 -> test with images and metrics.
+
+    Scores combine pixel and MobileNetV2 features when torchvision's mobilenet_v2 weights are found
+    offline, else pixel-only (stated in metrics.json)."""
+    from .backbones import WeightsNotFound, resolve_weights
+    from .data.synth import SynthConfig, generate
+    from .detection import DetectConfig
+    from .diffusion.sampler import SamplerConfig
+    from .diffusion.unet import UNetConfig
+    from .evaluation import test_run
+    from .scoring import ScoringConfig
+    from .training import TrainConfig
+
+    out = Path(out)
+    data_root = out / "data"
+    if not (data_root / category).is_dir():
+        generate(data_root, SynthConfig(categories=(category,)))
+    try:
+        resolve_weights("mobilenet_v2")
+        scoring = ScoringConfig(mode="combined", v=1.0, sigma=1.0)
+    except WeightsNotFound:
+        print("mobilenet_v2 weights not found offline: scoring pixel-only")
+        scoring = ScoringConfig(mode="pixel", sigma=1.0)
+    size = 32
+    config = RunConfig(
+        data=DataConfig(dataset="mvtec", root=str(data_root), category=category, image_size=size, channels=3),
+        model=UNetConfig.tiny(size, 3),
+        train=TrainConfig(epochs=epochs, batch_size=16, checkpoint_every=max(1, epochs // 4)),
+        detect=DetectConfig(sampler=SamplerConfig(start_step=250, skip=25, w=3.0, eta=1.0), scoring=scoring,
+                            backbone="mobilenet_v2", crop=1.0, batch_size=16),
+    )
+    run = RunDir(out / "run")
+    train_run(config, run.root, resume=run.latest_checkpoint() is not None, progress=progress)
+    return test_run(run, progress=progress), run.root

@@ -1,0 +1,244 @@
+"""The ``ddad`` command: synth, train, test, predict, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, RunConfig, merge, parse_assignment
+from .data.io import DatasetError
+
+RESUMABLE_TRAIN_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "device", "precision")
+
+
+def _add_detect_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detection (defaults: the run's config)")
+    g.add_argument("--w", type=float, help="conditioning strength w (Eq. 6)")
+    g.add_argument("--v", type=float, help="pixel-vs-feature balance v (Eq. 9)")
+    g.add_argument("--eta", type=float, help="stochasticity eta of the DDIM update (Eq. 7)")
+    g.add_argument("--start-step", type=int, help="T': the timestep the input is noised to")
+    g.add_argument("--skip", type=int, help="timesteps between network calls")
+    g.add_argument("--steps", type=int, help="number of network calls (DDAD-n); sets --skip")
+    g.add_argument("--scoring", choices=("combined", "pixel", "feature"), help="which distances make the map")
+    g.add_argument("--pixel-only", action="store_true", help="same as --scoring pixel (needs no backbone)")
+    g.add_argument("--backbone", help="feature extractor (wide_resnet101_2, wide_resnet50_2, resnet18, resnet50, mobilenet_v2)")
+    g.add_argument("--backbone-weights", help="weights file or folder; 'random' for random weights")
+    g.add_argument("--allow-download", action="store_true", default=None, help="download missing backbone weights")
+    g.add_argument("--sigma", type=float, help="Gaussian smoothing of the map")
+    g.add_argument("--crop", type=float, help="centre-crop fraction for evaluation (0.875 = 224/256)")
+    g.add_argument("--batch-size", type=int, help="images per batch")
+    g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
+    g.add_argument("--authors-first-step", action="store_true", default=None,
+                   help="compatibility: first network call at T'-skip, as the authors' code")
+    g.add_argument("--normalize-over-batch", action="store_true", default=None,
+                   help="compatibility: Eq. 9 maxima over the batch, as the authors' code")
+
+
+def _detect_from_args(base, args):
+    from .diffusion.sampler import skip_for_steps
+    from .evaluation import with_overrides
+
+    mode = "pixel" if args.pixel_only else args.scoring
+    skip = args.skip
+    if args.steps is not None:
+        skip = skip_for_steps(args.start_step or base.sampler.start_step, args.steps)
+    return with_overrides(
+        base, w=args.w, v=args.v, eta=args.eta, start_step=args.start_step, skip=skip, mode=mode,
+        backbone=args.backbone, backbone_weights=args.backbone_weights, allow_download=args.allow_download,
+        sigma=args.sigma, crop=args.crop, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        precision=args.precision, authors_first_step=args.authors_first_step,
+        normalize_over_batch=args.normalize_over_batch,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddad", description="Diffusion-based visual anomaly detection (DDAD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a small synthetic dataset in the MVTec layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--train", type=int, default=48)
+    p.add_argument("--test-good", type=int, default=12)
+    p.add_argument("--test-defective", type=int, default=6, help="per defect type")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", nargs="+", default=None)
+
+    p = sub.add_parser("train", help="train the denoising UNet on defect-free images")
+    p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections")
+    p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--dataset", help="dataset format (mvtec, mpdd)")
+    p.add_argument("--data-root", help="dataset root folder")
+    p.add_argument("--category", help="category folder under the root")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--channels", type=int, choices=(1, 3))
+    p.add_argument("--model", choices=("ddad", "ddad-s", "tiny"), help="UNet preset")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("test", help="evaluate a trained run on its test split")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/test)")
+    p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("predict", help="score new images (files or folders) without labels")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored by ddad test)")
+    p.add_argument("--no-images", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")
+    p.add_argument("out", type=Path, nargs="?", default=Path("ddad-demo"))
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--category", default="washer")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _train_config(args) -> tuple[RunConfig, Path]:
+    from .diffusion.unet import UNetConfig
+    from .runs import RunDir
+
+    if args.resume:
+        if args.run_dir is None:
+            raise ConfigError("--resume needs --run-dir (the run to continue)")
+        config = RunDir(args.run_dir).load_config()
+        train_over = {k: getattr(args, k) for k in RESUMABLE_TRAIN_FIELDS if getattr(args, k, None) is not None}
+        blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
+                                     "batch_size", "lr", "weight_decay", "seed") if getattr(args, flag) is not None]
+        if blocked or args.set:
+            raise ConfigError(f"--resume continues a run with its stored settings; only "
+                              f"{', '.join(RESUMABLE_TRAIN_FIELDS)} may change (got {', '.join(blocked + args.set)})")
+        data = config.to_dict()
+        data["train"].update(train_over)
+        return RunConfig.from_dict(data), args.run_dir
+
+    data = RunConfig().to_dict()
+    if args.config:
+        data = merge(data, RunConfig.from_yaml(args.config).to_dict())
+    flags = {
+        "data": {"dataset": args.dataset, "root": args.data_root, "category": args.category,
+                 "image_size": args.image_size, "channels": args.channels},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+                  "device": args.device, "precision": args.precision},
+    }
+    for section, values in flags.items():
+        data[section].update({k: v for k, v in values.items() if v is not None})
+    for assignment in args.set:
+        data = merge(data, parse_assignment(assignment))
+    size, channels = data["data"]["image_size"], data["data"]["channels"]
+    if args.model:
+        data["model"] = UNetConfig.preset(args.model, size, channels).to_dict()
+    data["model"].update({"image_size": size, "in_channels": channels})
+    config = RunConfig.from_dict(data)
+    if not config.data.root:
+        raise ConfigError("no dataset: pass --data-root (and --category), or a --config with a data section")
+    run_dir = args.run_dir or Path("runs") / f"{config.data.dataset}-{config.data.category or 'data'}"
+    return config, run_dir
+
+
+def cmd_train(args) -> int:
+    from .api import train_run
+
+    config, run_dir = _train_config(args)
+    result = train_run(config, run_dir, resume=args.resume, progress=not args.quiet)
+    print(f"trained {result.epochs_done} epochs; last loss {result.last_loss:.4g}; "
+          f"{result.images_per_second:.1f} img/s\ncheckpoint: {result.checkpoint}\nrun: {run_dir}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    from .evaluation import test_run
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    detect = _detect_from_args(run.load_config().detect, args)
+    metrics = test_run(run, detect, args.out, save_images=not args.no_images, progress=not args.quiet)
+    out = args.out or run.test_dir
+    print(format_metrics(metrics))
+    print(f"metrics: {out / 'metrics.json'}\nscores:  {out / 'scores.csv'}"
+          + ("" if args.no_images else f"\nimages:  {out / 'images'}"))
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (f"{metrics['dataset']}: image AUROC {f(metrics['image_auroc'])}  pixel AUROC {f(metrics['pixel_auroc'])}"
+            f"  PRO {f(metrics['pro'])}  ({metrics['n_images']} images, {metrics['n_defective']} defective)")
+
+
+def cmd_predict(args) -> int:
+    from .evaluation import predict
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    detect = _detect_from_args(run.load_config().detect, args)
+    rows = predict(run, args.paths, args.out, args.threshold, detect, save_images=not args.no_images,
+                   progress=not args.quiet)
+    flagged = sum(r["decision"] == "defective" for r in rows)
+    decided = rows and rows[0]["decision"] is not None
+    print(f"scored {len(rows)} images" + (f"; {flagged} flagged defective" if decided else
+                                          " (no threshold: run ddad test or pass --threshold)"))
+    print(f"scores: {args.out / 'scores.csv'}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import CATEGORIES, SynthConfig, generate
+
+    cfg = SynthConfig(size=args.size, train=args.train, test_good=args.test_good,
+                      test_defective_per_type=args.test_defective, seed=args.seed,
+                      categories=tuple(args.categories or CATEGORIES))
+    for folder in generate(args.out, cfg):
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .api import demo
+
+    metrics, run_dir = demo(args.out, epochs=args.epochs, category=args.category, progress=not args.quiet)
+    print(format_metrics(metrics))
+    print(f"run:     {run_dir}\nmetrics: {run_dir / 'test' / 'metrics.json'}\nimages:  {run_dir / 'test' / 'images'}")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"ddad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddad {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

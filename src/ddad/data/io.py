@@ -1,0 +1,101 @@
+"""Reading images and masks from disk into tensors, with errors that name the file.
+
+Images of any mode (L, RGB, RGBA, palette, 16-bit) become float tensors in [-1, 1] with 1 or 3
+channels, resized with antialiased bilinear interpolation. Masks are resized with nearest-neighbour
+interpolation and binarised (never bilinear: that would invent soft edges and move the boundary).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is not what its format promises (message names the path)."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA" if "transparency" in im.info else "RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"cannot decode image file {path}: {exc}") from None
+
+
+def _to_unit_array(im: Image.Image) -> np.ndarray:
+    """HxW or HxWxC float32 array in [0, 1], 16-bit images scaled by their full range."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return np.clip(arr / peak, 0.0, 1.0)
+    if im.mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file without decoding its pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except FileNotFoundError:
+        raise DatasetError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"cannot decode image file {path}: {exc}") from None
+
+
+def read_image(path: Path, channels: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode ``path`` to a (channels, H, W) float tensor in [-1, 1], resized to ``size`` if given."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    arr = _to_unit_array(_open(Path(path)))
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if channels == 1 and tensor.shape[0] == 3:
+        # ITU-R 601-2 luma, the same weights as PIL's convert("L").
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        tensor = (tensor * weights).sum(0, keepdim=True)
+    elif channels == 3 and tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    if size is not None:
+        hw = [size, size] if isinstance(size, int) else list(size)
+        tensor = TF.resize(tensor, hw, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return (tensor.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+def read_mask(path: Path, size: int | tuple[int, int] | None = None, threshold: float = 0.5) -> torch.Tensor:
+    """Decode a mask to a (1, H, W) float tensor of 0/1: pixels above ``threshold`` (of full range)
+    are defect; resized with nearest-neighbour *after* binarising, so no soft edge is created."""
+    arr = _to_unit_array(_open(Path(path)))
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    binary = torch.from_numpy((arr > threshold).astype(np.float32))[None]
+    if size is not None:
+        hw = [size, size] if isinstance(size, int) else list(size)
+        binary = TF.resize(binary, hw, interpolation=InterpolationMode.NEAREST_EXACT)
+    return binary

@@ -1,0 +1,140 @@
+"""The DDAD detector: reconstruct (Alg. 1), compare (Eq. 8-9), score.
+
+:class:`Detector` holds the trained UNet, the schedule and (unless scoring is pixel-only) the
+feature extractor, and turns a batch of images into one typed :class:`DetectionResult`. It runs under
+``torch.inference_mode``; the input's features are computed once per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backbones import BACKBONES, FeatureExtractor, create_backbone
+from .diffusion.sampler import SamplerConfig, conditioned_denoise
+from .diffusion.schedule import ScheduleConfig, alphas_cumprod
+from .diffusion.unet import UNet
+from .runtime import PRECISIONS, autocast
+from .scoring import ScoringConfig, anomaly_map, crop, feature_distance, image_scores, pixel_distance
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    backbone: str = "wide_resnet101_2"
+    backbone_weights: str | None = None  # file path, folder, or "random"; None: torch hub cache
+    allow_download: bool = False
+    crop: float = 0.875  # centre crop of map and mask for evaluation (224 of 256)
+    batch_size: int = 16
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if not 0 < self.crop <= 1:
+            raise ValueError(f"crop must be in (0, 1], got {self.crop}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DetectionResult:
+    """One batch's output; every tensor is on the CPU, indexed like the input batch."""
+
+    score: torch.Tensor  # (B,) image anomaly score: max of the (cropped) map
+    anomaly_map: torch.Tensor  # (B, 1, H, W) smoothed map, full size
+    reconstruction: torch.Tensor  # (B, C, H, W) x0 in [-1, 1]
+    pixel_distance: torch.Tensor  # (B, 1, H, W) D_p before combination
+    feature_distance: torch.Tensor | None  # (B, 1, H, W) D_f, None for pixel-only scoring
+
+
+def image_seed(image: torch.Tensor, seed: int) -> int:
+    """A per-image noise seed from the image's content and the run seed: the same image gets the same
+    noise in ``ddad test`` and ``ddad predict``, alone or in any batch."""
+    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8,
+                             key=int(seed).to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Detector:
+    def __init__(
+        self,
+        unet: UNet,
+        config: DetectConfig,
+        schedule: ScheduleConfig = ScheduleConfig(),
+        extractor: FeatureExtractor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.config = config
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.table = alphas_cumprod(schedule).to(self.device, torch.float32)
+        if config.sampler.start_step >= schedule.num_timesteps:
+            raise ValueError(f"start_step {config.sampler.start_step} must be below T={schedule.num_timesteps}")
+        if config.scoring.uses_features:
+            if extractor is None:
+                extractor = create_backbone(config.backbone, config.scoring.feature_layers,
+                                            config.backbone_weights, config.allow_download)
+            self.extractor: FeatureExtractor | None = extractor.to(self.device).eval().requires_grad_(False)
+        else:
+            self.extractor = None
+
+    def _denoiser(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.precision):
+            return self.unet(xt, t)
+
+    def seeds_for(self, images: torch.Tensor) -> list[int]:
+        return [image_seed(img, self.config.seed) for img in images]
+
+    def reconstruct(self, images: torch.Tensor, seeds: list[int] | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 of Algorithm 1 for ``images`` conditioned on ``target`` (default: the images)."""
+        x = images.to(self.device, torch.float32)
+        y = x if target is None else target.to(self.device, torch.float32)
+        seeds = self.seeds_for(images) if seeds is None else seeds
+        with torch.inference_mode():
+            return conditioned_denoise(self._denoiser, x, y, self.table, self.config.sampler, seeds)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        assert self.extractor is not None
+        with torch.inference_mode(), autocast(self.device, self.config.precision):
+            return [f.float() for f in self.extractor(images.to(self.device, torch.float32),
+                                                       self.config.scoring.feature_layers)]
+
+    def distances(self, reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D_p, D_f) between x0 and y; D_f is None for pixel-only scoring."""
+        y = images.to(self.device, torch.float32)
+        x0 = reconstruction.to(self.device, torch.float32)
+        with torch.inference_mode():
+            d_p = pixel_distance(x0, y)
+            d_f = None
+            if self.extractor is not None:
+                # Both images go through phi in one batch.
+                feats = self.features(torch.cat([x0, y]))
+                n = y.shape[0]
+                d_f = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], tuple(y.shape[-2:]),
+                                       self.config.scoring.patch_size)
+        return d_p, d_f
+
+    def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> DetectionResult:
+        x0 = self.reconstruct(images, seeds)
+        d_p, d_f = self.distances(x0, images)
+        with torch.inference_mode():
+            maps = anomaly_map(d_p, d_f, self.config.scoring)
+            scores = image_scores(maps, self.config.crop)
+        return DetectionResult(
+            score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),
+            pixel_distance=d_p.cpu(), feature_distance=None if d_f is None else d_f.cpu(),
+        )
+
+
+__all__ = ["DetectConfig", "DetectionResult", "Detector", "crop", "image_seed"]

@@ -1,0 +1,136 @@
+"""Conditioned denoising: DDAD's reconstruction process (paper Algorithm 1, Eq. 6-7).
+
+The input x is perturbed to timestep T' and denoised with a DDIM update in which the predicted noise
+is corrected toward the target y:
+
+    y_t   = sqrt(a_t) y + sqrt(1 - a_t) eps_theta(x_t, t)                         (Alg. 1, line 3)
+    eps^  = eps_theta(x_t, t) - w sqrt(1 - a_t) (y_t - x_t)                        (Eq. 6)
+    f^    = (x_t - sqrt(1 - a_t) eps^) / sqrt(a_t)                                  (Eq. 2)
+    x_t'  = sqrt(a_t') f^ + sqrt(1 - a_t' - sigma_t^2) eps^ + sigma_t eps_t          (Eq. 7)
+    sigma_t = eta sqrt((1 - a_t') / (1 - a_t)) sqrt(1 - a_t / a_t')                 (DDIM)
+
+where t' is the next (smaller) timestep. With w = 0 this is plain DDIM; with eta = 0 it is
+deterministic given the initial noise.
+
+Differences from the authors' code, each deliberate:
+  * the first network call is at T' itself, the level x was noised to (their code noises to T' and
+    calls the network at T' - skip; :attr:`SamplerConfig.authors_first_step` reproduces that);
+  * every image draws its noise from its own seeded generator, so its reconstruction does not depend
+    on the other images in its batch, on the batch size, or on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .schedule import alpha_bar
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Settings of Algorithm 1. ``DDAD-n`` uses ``n = ceil(start_step / skip)`` network calls."""
+
+    start_step: int = 250  # T'
+    skip: int = 25
+    w: float = 3.0
+    eta: float = 1.0
+    authors_first_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.start_step < 1:
+            raise ValueError(f"start_step (T') must be >= 1, got {self.start_step}")
+        if not 1 <= self.skip <= self.start_step:
+            raise ValueError(f"skip must be in [1, start_step={self.start_step}], got {self.skip}")
+        if self.w < 0:
+            raise ValueError(f"w must be >= 0, got {self.w}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(denoising_steps(self))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def skip_for_steps(start_step: int, steps: int) -> int:
+    """The ``skip`` that gives DDAD-``steps`` from ``start_step`` (e.g. 250, 10 -> 25)."""
+    if not 1 <= steps <= start_step:
+        raise ValueError(f"steps must be in [1, {start_step}], got {steps}")
+    return -(-start_step // steps)
+
+
+def denoising_steps(config: SamplerConfig) -> list[tuple[int, int]]:
+    """Pairs (t, t_next) of network timestep and the timestep it steps to; t_next = -1 is clean.
+
+    Ours: t = T', T' - skip, ... while t > 0, and the last step lands on the clean image.
+    Authors': t = T' - skip, ..., 0 after noising to T' (the first call one step too low)."""
+    if config.authors_first_step:
+        ts = list(range(0, config.start_step, config.skip))[::-1]
+        return [(t, t - config.skip if t - config.skip >= 0 else -1) for t in ts]
+    ts = list(range(config.start_step, 0, -config.skip))
+    return [(t, t - config.skip if t - config.skip > 0 else -1) for t in ts]
+
+
+class PerImageNoise:
+    """Gaussian noise drawn image by image, each from its own generator seeded with ``seeds[i]``.
+
+    Draws are made on the CPU in a fixed order (initial noise, then one draw per step), so an image's
+    noise is the same whatever batch it is in and whichever device runs the model."""
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int]) -> None:
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(s))
+            self.generators.append(g)
+        self.shape = tuple(shape)
+
+    def __call__(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        draws = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+def conditioned_denoise(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    table: torch.Tensor,
+    config: SamplerConfig,
+    seeds: Sequence[int],
+) -> torch.Tensor:
+    """Algorithm 1: reconstruct ``x`` from T' with the denoising conditioned on ``y``.
+
+    ``x``, ``y``: (B, C, H, W) in [-1, 1]; ``table``: ``alphas_cumprod`` on x's device;
+    ``seeds``: one per image. Returns the reconstruction x_0 (float32)."""
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"need one seed per image: {len(seeds)} seeds for {x.shape[0]} images")
+    if config.start_step >= table.numel():
+        raise ValueError(f"start_step {config.start_step} is outside the schedule of {table.numel()} steps")
+    noise = PerImageNoise(seeds, x.shape[1:])
+    device = x.device
+    x, y = x.float(), y.float()
+    table = table.to(device=device, dtype=torch.float32)
+    batch = x.shape[0]
+
+    a_start = alpha_bar(table, config.start_step)
+    xt = a_start.sqrt() * x + (1 - a_start).sqrt() * noise(device)  # Alg. 1, line 1
+    for t, t_next in denoising_steps(config):
+        a_t, a_next = alpha_bar(table, t), alpha_bar(table, t_next)
+        eps = denoiser(xt, torch.full((batch,), t, device=device, dtype=torch.long)).float()
+        yt = a_t.sqrt() * y + (1 - a_t).sqrt() * eps  # Alg. 1, line 3
+        eps_hat = eps - config.w * (1 - a_t).sqrt() * (yt - xt)  # Eq. 6
+        x0_pred = (xt - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()  # Eq. 2
+        sigma = config.eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
+        xt = a_next.sqrt() * x0_pred + (1 - a_next - sigma**2).clamp(min=0).sqrt() * eps_hat  # Eq. 7
+        if config.eta > 0 and t_next >= 0:
+            xt = xt + sigma * noise(device)
+    return xt

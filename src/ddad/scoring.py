@@ -1,0 +1,156 @@
+"""Anomaly maps from an image y and its reconstruction x0 (paper Sec. 4.3, Eq. 8-9, App. 7).
+
+    D_p = mean_c | x0 - y |                                                  (pixel-wise, L1)
+    D_f = sum_{j in J} 1 - cos( phi_j(x0), phi_j(y) )  upsampled to image size      (Eq. 8)
+    D   = v * max(D_f) / max(D_p) * D_p + D_f                                        (Eq. 9)
+
+phi_j are backbone stages with each feature map locally averaged (3 x 3, as PatchCore); J = {2, 3}.
+The maxima of Eq. 9 are taken per image, so an image's map never depends on the rest of its batch
+(the authors take them over the batch; ``normalize_over_batch`` reproduces that). Finally the map is
+smoothed with a Gaussian of sigma 4 (App. 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SCORING_MODES = ("combined", "pixel", "feature")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    mode: str = "combined"  # combined | pixel | feature
+    v: float = 1.0
+    feature_layers: tuple[int, ...] = (2, 3)
+    patch_size: int = 3
+    sigma: float = 4.0
+    normalize_over_batch: bool = False  # authors' behaviour, for comparison only
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"scoring mode must be one of {SCORING_MODES}, got {self.mode!r}")
+        if self.v < 0:
+            raise ValueError(f"v must be >= 0, got {self.v}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd and >= 1, got {self.patch_size}")
+        if not self.feature_layers or min(self.feature_layers) < 1 or max(self.feature_layers) > 4:
+            raise ValueError(f"feature_layers must be within 1..4, got {self.feature_layers}")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.mode != "pixel"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pixel_distance(x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """D_p: (B, 1, H, W) mean absolute difference over channels."""
+    return (x0.float() - y.float()).abs().mean(dim=1, keepdim=True)
+
+
+def local_average(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Aggregate each position's p x p neighbourhood (PatchCore's locally aware features)."""
+    if patch_size == 1:
+        return feature
+    return F.avg_pool2d(feature, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+
+
+def feature_distance(
+    feats_x0: Sequence[torch.Tensor], feats_y: Sequence[torch.Tensor], size: tuple[int, int], patch_size: int = 3
+) -> torch.Tensor:
+    """D_f (Eq. 8): sum over stages of 1 - cosine similarity, each upsampled to ``size``."""
+    total = None
+    for fx, fy in zip(feats_x0, feats_y, strict=True):
+        cos = F.cosine_similarity(local_average(fx.float(), patch_size), local_average(fy.float(), patch_size), dim=1)
+        d = F.interpolate((1.0 - cos)[:, None], size=size, mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    assert total is not None, "at least one feature stage is needed"
+    return total
+
+
+def combine(d_pixel: torch.Tensor, d_feature: torch.Tensor, v: float, over_batch: bool = False) -> torch.Tensor:
+    """Eq. 9: D = v * max(D_f) / max(D_p) * D_p + D_f, maxima per image (or over the batch)."""
+    if over_batch:
+        max_f, max_p = d_feature.amax(), d_pixel.amax()
+    else:
+        max_f = d_feature.amax(dim=(1, 2, 3), keepdim=True)
+        max_p = d_pixel.amax(dim=(1, 2, 3), keepdim=True)
+    scale = v * max_f / max_p.clamp(min=torch.finfo(d_pixel.dtype).tiny)
+    return scale * d_pixel + d_feature
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps, reflecting at the border
+    (scipy.ndimage.gaussian_filter with mode='reflect', truncate=4)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device)
+    r = k.numel() // 2
+    h, w = maps.shape[-2:]
+    out = maps.float()
+    # 'symmetric' reflection (edge pixel repeated) as scipy's 'reflect'; tile if the radius exceeds the size.
+    out = _pad_symmetric(out, r, dim=-1)
+    out = F.conv2d(out, k.view(1, 1, 1, -1))
+    out = _pad_symmetric(out, r, dim=-2)
+    out = F.conv2d(out, k.view(1, 1, -1, 1))
+    assert out.shape[-2:] == (h, w)
+    return out
+
+
+def _pad_symmetric(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    n = x.shape[dim]
+    period = 2 * n
+    idx = torch.arange(-r, n + r, device=x.device) % period
+    idx = torch.where(idx >= n, period - 1 - idx, idx)
+    return x.index_select(dim, idx)
+
+
+def anomaly_map(
+    d_pixel: torch.Tensor | None, d_feature: torch.Tensor | None, config: ScoringConfig
+) -> torch.Tensor:
+    """The smoothed anomaly map for ``config.mode`` from precomputed distances."""
+    if config.mode == "pixel":
+        assert d_pixel is not None
+        raw = d_pixel
+    elif config.mode == "feature":
+        assert d_feature is not None
+        raw = d_feature
+    else:
+        assert d_pixel is not None and d_feature is not None
+        raw = combine(d_pixel, d_feature, config.v, config.normalize_over_batch)
+    return gaussian_blur(raw, config.sigma)
+
+
+def center_crop_box(size: tuple[int, int], fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the centred crop keeping ``fraction`` of each side
+    (224 of 256 for 0.875, as the paper evaluates)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+    h, w = size
+    ch, cw = max(1, int(round(h * fraction))), max(1, int(round(w * fraction)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def crop(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    top, left, ch, cw = center_crop_box(tuple(maps.shape[-2:]), fraction)
+    return maps[..., top:top + ch, left:left + cw]
+
+
+def image_scores(maps: torch.Tensor, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Image score: the maximum of the (cropped) anomaly map."""
+    return crop(maps, crop_fraction).flatten(1).amax(dim=1)
+

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddad.backbones import WeightsNotFound, create_backbone, resolve_weights
+from ddad.detection import DetectConfig, Detector
+from ddad.diffusion.sampler import SamplerConfig
+from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+from ddad.diffusion.unet import UNet, UNetConfig
+from ddad.scoring import ScoringConfig
+
+from .conftest import MOBILENET
+
+TABLE = alphas_cumprod(ScheduleConfig()).float()
+
+
+def random_unet(size=32, seed=0):
+    torch.manual_seed(seed)
+    unet = UNet(UNetConfig.tiny(size))
+    for p in unet.parameters():  # zero-initialised output layers would make eps = 0
+        torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
+    return unet.eval()
+
+
+def mixed_batch(n=8, size=32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    x[3] *= 0.1  # very different images in one batch
+    x[5, :, 4:12, 4:12] = 1.0
+    return x
+
+
+def test_score_and_map_do_not_depend_on_the_batch():
+    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1), scoring=ScoringConfig(mode="combined", sigma=1),
+                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
+    torch.manual_seed(0)
+    extractor = create_backbone("mobilenet_v2", (2, 3), weights="random")
+    det = Detector(random_unet(), cfg, extractor=extractor)
+    x = mixed_batch()
+    batch = det(x)
+    for i in (0, 3, 5):
+        alone = det(x[i:i + 1])
+        assert torch.allclose(alone.score, batch.score[i:i + 1], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(alone.anomaly_map, batch.anomaly_map[i:i + 1], rtol=1e-4, atol=1e-5)
+    # The authors' batch normalisation of Eq. 9 does couple images: this test would catch it.
+    authors = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(
+        mode="combined", sigma=1, normalize_over_batch=True)}), extractor=extractor)
+    assert not torch.allclose(authors(x[:1]).score, authors(x).score[:1], rtol=1e-3)
+
+
+class Oracle(torch.nn.Module):
+    """A denoiser that knows the defect-free image: its reconstruction is exactly ``clean``."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.clean = clean
+
+    def forward(self, xt, t):
+        a = TABLE[t].view(-1, 1, 1, 1)
+        return (xt - a.sqrt() * self.clean) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("mode", ["pixel", "combined"])
+def test_defect_gets_the_highest_score(mode):
+    g = torch.Generator().manual_seed(0)
+    clean = (torch.rand(1, 3, 32, 32, generator=g) * 0.2 - 0.1) + torch.linspace(-0.5, 0.5, 32)
+    defective = clean.clone()
+    defective[..., 20:25, 6:11] = torch.tensor([0.9, -0.8, -0.8]).view(1, 3, 1, 1)  # a red spot
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[20:25, 6:11] = True
+    cfg = DetectConfig(sampler=SamplerConfig(250, 25, w=0, eta=0), scoring=ScoringConfig(mode=mode, sigma=1),
+                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
+    torch.manual_seed(0)
+    extractor = create_backbone("mobilenet_v2", (2, 3), weights="random") if mode != "pixel" else None
+    det = Detector(UNet(UNetConfig.tiny(32)), cfg, extractor=extractor)
+    det.unet = Oracle(clean)
+    res = det(defective)
+    assert torch.allclose(res.reconstruction, clean, atol=1e-4)
+    amap = res.anomaly_map[0, 0]
+    peak = divmod(int(amap.argmax()), 32)
+    assert mask[peak], f"map peak {peak} is outside the defect"
+    good = det(clean)
+    assert res.score.item() > good.score.item()
+
+
+def test_pixel_only_needs_no_backbone(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("no backbone should be built")
+
+    monkeypatch.setattr("ddad.detection.create_backbone", boom)
+    det = Detector(random_unet(), DetectConfig(sampler=SamplerConfig(50, 25), scoring=ScoringConfig(mode="pixel")))
+    assert det.extractor is None and det(mixed_batch()[:2]).feature_distance is None
+
+
+def test_missing_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFound, match=r"wide_resnet101_2-32ee1156\.pth"):
+        resolve_weights("wide_resnet101_2")
+    with pytest.raises(WeightsNotFound, match="nope.pth"):
+        resolve_weights("resnet18", str(tmp_path / "nope.pth"))
+
+
+def test_backbone_stops_at_the_deepest_stage_used():
+    ext = create_backbone("wide_resnet50_2", (2, 3), weights="random")
+    assert len(ext.stages) == 3
+    feats = ext(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1:] for f in feats] == [(512, 8, 8), (1024, 4, 4)]
+    grey = ext(torch.zeros(1, 1, 64, 64))
+    assert torch.allclose(grey[0], feats[0])
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="../shared/weights absent")
+def test_real_mobilenet_weights_load_from_a_path():
+    ext = create_backbone("mobilenet_v2", (1, 2, 3), weights=str(MOBILENET))
+    f = ext(torch.zeros(2, 3, 64, 64))
+    assert [t.shape[1] for t in f] == [24, 32, 96]
+    import torchvision
+    ref = torchvision.models.mobilenet_v2()
+    ref.load_state_dict(torch.load(MOBILENET, weights_only=True))
+    assert torch.equal(ext.stages[0][0][0].weight, ref.features[0][0].weight)

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ddad.metrics import f1_optimal_threshold, pixel_auroc, pro_auc, roc_auc
+from ddad.scoring import ScoringConfig, anomaly_map, combine, feature_distance, gaussian_blur, image_scores, pixel_distance
+
+
+def brute_auroc(s, y):
+    pos, neg = s[y == 1], s[y == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_pro(maps, masks, limit=0.3):
+    """PRO by definition: every distinct threshold, regions by 8-connectivity, trapezoid to `limit`."""
+    regions = []
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    neg = ~masks.astype(bool)
+    points = [(0.0, 0.0)]
+    for th in sorted(np.unique(maps))[::-1]:
+        pred = maps >= th
+        fpr = (pred & neg).sum() / neg.sum()
+        pro = np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 6, size=40).astype(float)  # many ties
+    y = rng.integers(0, 2, size=40)
+    assert roc_auc(s, y) == pytest.approx(brute_auroc(s, y), abs=1e-12)
+    maps, masks = s.reshape(2, 4, 5), y.reshape(2, 4, 5)
+    assert pixel_auroc(maps, masks, chunk=7) == pytest.approx(brute_auroc(s, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pro_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 2:5, 2:6] = True
+    masks[0, 8:11, 8:9] = True
+    masks[1, 6:9, 1:4] = True
+    masks[1, 9, 4] = True  # diagonal neighbour: same 8-connected region
+    maps = rng.random((3, 12, 12)) + masks * rng.random((3, 12, 12)) * 0.8
+    if seed % 2:
+        maps = np.round(maps * 8) / 8  # ties
+    assert pro_auc(maps, masks) == pytest.approx(brute_pro(maps, masks), abs=1e-10)
+
+
+def test_perfect_map_scores_one_and_no_regions_is_none():
+    masks = np.zeros((2, 10, 10), dtype=bool)
+    masks[0, 3:6, 3:6] = True
+    assert pro_auc(masks.astype(float), masks) == pytest.approx(1.0)
+    assert pixel_auroc(masks.astype(float), masks) == 1.0
+    assert pro_auc(np.random.rand(2, 10, 10), np.zeros((2, 10, 10))) is None
+    assert roc_auc([0.1, 0.2], [0, 0]) is None
+
+
+def test_f1_threshold_separates_a_separable_set():
+    s, y = np.array([0.1, 0.2, 0.3, 0.8, 0.9]), np.array([0, 0, 0, 1, 1])
+    assert f1_optimal_threshold(s, y) == 0.8
+
+
+def test_gaussian_blur_matches_scipy():
+    m = torch.rand(2, 1, 20, 23)
+    ours = gaussian_blur(m, 2.0)
+    ref = np.stack([ndimage.gaussian_filter(m[i, 0].numpy().astype(np.float64), 2.0, mode="reflect", truncate=4.0)
+                    for i in range(2)])
+    assert np.allclose(ours[:, 0].numpy(), ref, atol=1e-5)
+    # a kernel wider than the image still works (small images, sigma 4)
+    small = torch.rand(1, 1, 8, 8)
+    ref_small = ndimage.gaussian_filter(small[0, 0].numpy().astype(np.float64), 4.0, mode="reflect", truncate=4.0)
+    assert np.allclose(gaussian_blur(small, 4.0)[0, 0].numpy(), ref_small, atol=1e-5)
+
+
+def test_eq9_is_per_image_unless_asked():
+    torch.manual_seed(0)
+    dp, df = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    dp[3] *= 10  # one image with a much larger pixel distance
+    batch = combine(dp, df, v=1.0)
+    alone = combine(dp[:1], df[:1], v=1.0)
+    assert torch.allclose(batch[:1], alone)
+    assert torch.allclose((batch - df)[0].amax(), df[0].amax())  # v max(Df)/max(Dp) Dp peaks at max(Df)
+    authors = combine(dp, df, v=1.0, over_batch=True)
+    assert not torch.allclose(authors[:1], alone, atol=1e-3)
+
+
+def test_distances():
+    x0 = torch.zeros(1, 3, 4, 4)
+    y = torch.zeros(1, 3, 4, 4)
+    y[0, 0, 1, 1] = 0.9
+    assert pixel_distance(x0, y)[0, 0, 1, 1].item() == pytest.approx(0.3)
+    f = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    same = feature_distance(f, f, (8, 8))
+    assert same.shape == (2, 1, 8, 8) and same.abs().max() < 1e-5
+    other = feature_distance(f, [-t for t in f], (8, 8))
+    assert torch.allclose(other, torch.full_like(other, 4.0), atol=1e-5)  # 2 stages x (1 - (-1))
+
+
+def test_anomaly_map_modes_and_crop_score():
+    dp, df = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    m = anomaly_map(dp, None, ScoringConfig(mode="pixel", sigma=0))
+    assert torch.equal(m, dp)
+    m = anomaly_map(None, df, ScoringConfig(mode="feature", sigma=0))
+    assert torch.equal(m, df)
+    m = torch.zeros(1, 1, 16, 16)
+    m[0, 0, 0, 0] = 5.0  # outside the centre crop
+    m[0, 0, 8, 8] = 1.0
+    assert image_scores(m, 1.0).item() == 5.0 and image_scores(m, 0.875).item() == 1.0

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddad.checkpoint import Checkpoint, save_checkpoint
+from ddad.config import RunConfig
+from ddad.data.formats import DataConfig
+from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+from ddad.diffusion.unet import UNet, UNetConfig
+from ddad.runs import RunDir
+from ddad.training import TrainConfig, ddpm_loss, make_optimizer, train
+
+
+def tiny_config(epochs=4, every=2, dropout=0.0):
+    model = UNetConfig(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(8,), num_heads=2, dropout=dropout)
+    return RunConfig(data=DataConfig(root="unused", category="x", image_size=16, channels=1), model=model,
+                     train=TrainConfig(epochs=epochs, batch_size=4, checkpoint_every=every, keep_checkpoints=0,
+                                       seed=3))
+
+
+def images(n=10):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = UNet(cfg.model)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
+    table = alphas_cumprod(ScheduleConfig())
+    x = images(8)
+    t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    first = ddpm_loss(model, x, t, noise, table).item()
+    for _ in range(30):
+        loss = ddpm_loss(model, x, t, noise, table)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_paper_hyperparameters_are_the_defaults():
+    tc = TrainConfig()
+    assert (tc.lr, tc.weight_decay) == (3e-4, 0.05)
+    s = ScheduleConfig()
+    assert (s.num_timesteps, s.beta_start, s.beta_end) == (1000, 1e-4, 0.02)
+    opt = make_optimizer(torch.nn.Linear(1, 1), tc, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, dropout):
+    cfg = tiny_config(epochs=4, every=2, dropout=dropout)
+    data = images()
+    full = RunDir(tmp_path / "full")
+    full.save_config(cfg)
+    train(full, cfg, data, progress=False)
+
+    killed = RunDir(tmp_path / "killed")
+    killed.save_config(cfg)
+
+    def kill(epoch, step, loss):
+        if epoch == 2 and step == 7:  # in the middle of the third epoch, after the epoch-2 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, cfg, data, progress=False, on_step=kill)
+    assert [e for e, _ in killed.checkpoints()] == [2]
+    train(killed, cfg, data, resume=True, progress=False)
+
+    a, b = Checkpoint(full.latest_checkpoint()), Checkpoint(killed.latest_checkpoint())
+    assert a.info["epoch"] == b.info["epoch"] == 4 and a.info["step"] == b.info["step"]
+    for k, v in a.tensors.items():
+        assert torch.equal(v, b.tensors[k]), k  # weights and optimizer state identical
+    assert any(k.startswith("optimizer.state.") for k in a.tensors)
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    cfg = tiny_config(epochs=3, every=1).replace(train=TrainConfig(epochs=3, batch_size=4, checkpoint_every=1,
+                                                                    keep_checkpoints=2))
+    run = RunDir(tmp_path / "run")
+    run.save_config(cfg)
+    train(run, cfg, images(4), progress=False)
+    assert [e for e, _ in run.checkpoints()] == [2, 3]
+    assert not list(run.checkpoint_dir.glob("*.tmp"))
+    assert "epoch 3 loss" in run.log_path.read_text()
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "c.safetensors"
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(path, {"model": model}, {"epoch": 1})
+
+    class Boom(dict):
+        def items(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": Boom()}, {"epoch": 2})
+    assert Checkpoint(path).info["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "epoch-00001.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="epoch-00001.safetensors"):
+        Checkpoint(bad)
