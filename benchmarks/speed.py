@@ -77,7 +77,7 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
                        precision=precision, batch_size=batch)
     det = Detector(unet, cfg, device=device)
     x = torch.rand(batch, 3, size, size) * 2 - 1
-    det(x)  # warm-up
+    det(x[:1])  # warm-up (one image: on the CPU a full-batch warm-up would double the cost)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -112,7 +112,8 @@ def test_run(
             {"threshold": metrics["threshold"], "source": "F1-optimal on the test split", "detect": detect.to_dict()},
             indent=2))
     if save_images:
-        vmin, vmax = float(amap.min()), float(np.quantile(amap.numpy(), 0.999))
+        # Colour scale shared by all panels: the median map value is "cold", the 99.9th percentile "hot".
+        vmin, vmax = (float(q) for q in np.quantile(amap.numpy(), [0.5, 0.999]))
         image_dir = out_dir / "images"
         img_t, rec_t = torch.cat(images), torch.cat(recons)
         for i, s in enumerate(tqdm(index.test, desc="images", unit="img", disable=not progress, leave=False)):
