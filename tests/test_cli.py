@@ -80,3 +80,26 @@ def test_bad_input_gives_clear_errors(trained, capsys, tmp_path):
     cfg.write_text("train:\n  epoch: 3\n")
     assert main(["train", "--config", str(cfg), "--data-root", "x"]) == 2
     assert "train.epoch" in capsys.readouterr().err
+
+
+def test_import_official_checkpoint_then_test(trained, tmp_path):
+    import torch
+
+    from ddad.checkpoint import Checkpoint
+    from ddad.diffusion.unet import UNet, UNetConfig
+
+    root, _ = trained
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.ddad_s(32, 3))
+    official = tmp_path / "1000"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, official)
+    run = tmp_path / "imported"
+    assert main(["import", str(official), "--run-dir", str(run), "--model", "ddad-s", "--data-root",
+                 str(root / "data"), "--category", "washer", "--image-size", "32", "--epoch", "1000",
+                 "--set", "detect.scoring.mode=pixel", "--set", "detect.sampler.start_step=50",
+                 "--set", "detect.sampler.skip=50"]) == 0
+    ckpt = Checkpoint(RunDir(run).latest_checkpoint())
+    assert ckpt.info["epoch"] == 1000
+    assert torch.equal(ckpt.state_dict("model")["out.2.weight"], model.state_dict()["out.2.weight"])
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+    assert (run / "test" / "metrics.json").is_file()

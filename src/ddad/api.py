@@ -37,6 +37,39 @@ def train_run(config: RunConfig, run_dir: Path | str, resume: bool = False, prog
     return train(run, config, images, resume=resume, progress=progress, on_step=on_step)
 
 
+def import_official(checkpoint: Path | str, run_dir: Path | str, config: RunConfig, preset: str = "ddad",
+                    epoch: int = 0) -> Path:
+    """Write a run directory whose model is the authors' published checkpoint (keys 'module.'-prefixed
+    or not), so that ``ddad test`` / ``predict`` evaluate it. The UNet shape comes from ``preset``."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .diffusion.unet import UNet, UNetConfig, load_official_state_dict
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {checkpoint} as a torch state_dict: {exc}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    config = replace(config, model=UNetConfig.preset(preset, config.data.image_size, config.data.channels))
+    model = UNet(config.model)
+    load_official_state_dict(model, state)
+    run = RunDir(run_dir)
+    if run.latest_checkpoint() is not None:
+        raise ConfigError(f"run directory {run.root} already holds checkpoints")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.save_config(config)
+    path = run.checkpoint_path(epoch)
+    save_checkpoint(path, {"model": model}, {"epoch": epoch, "step": 0, "config": config.to_dict(),
+                                             "imported_from": str(checkpoint)})
+    run.log(f"imported official checkpoint {checkpoint}")
+    return path
+
+
 def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: bool = True) -> tuple[dict, Path]:
     """The built-in example: synthetic data -> tiny UNet at 32 x 32 -> test with images and metrics.
 

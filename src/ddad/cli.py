@@ -1,4 +1,4 @@
-"""The ``ddad`` command: synth, train, test, predict, demo."""
+"""The ``ddad`` command: synth, train, import, test, predict, demo."""
 
 from __future__ import annotations
 
@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("import", help="make a run directory from one of the authors' published UNet checkpoints")
+    p.add_argument("checkpoint", type=Path, help="the authors' checkpoint file (torch.save of a state_dict)")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--model", choices=("ddad", "ddad-s"), default="ddad")
+    p.add_argument("--dataset", default="mvtec")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--epoch", type=int, default=0, help="the epoch the checkpoint was saved at (for the record)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
     p = sub.add_parser("test", help="evaluate a trained run on its test split")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/test)")
@@ -167,6 +179,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .api import import_official
+
+    data = {"data": {"dataset": args.dataset, "root": args.data_root, "category": args.category,
+                     "image_size": args.image_size, "channels": args.channels}}
+    for assignment in args.set:
+        data = merge(data, parse_assignment(assignment))
+    config = RunConfig.from_dict(merge(RunConfig().to_dict(), data))
+    path = import_official(args.checkpoint, args.run_dir, config, preset=args.model, epoch=args.epoch)
+    print(f"imported {args.checkpoint} as {path}\nrun: {args.run_dir}  (next: ddad test {args.run_dir})")
+    return 0
+
+
 def cmd_test(args) -> int:
     from .evaluation import test_run
     from .runs import RunDir
@@ -225,7 +250,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
