@@ -3,17 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddad.data.synth import SynthConfig, generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MOBILENET = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

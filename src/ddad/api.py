@@ -33,8 +33,42 @@ def train_run(config: RunConfig, run_dir: Path | str, resume: bool = False, prog
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
-    images = ImageSet(index.train, config.data.image_size, config.data.channels).stack(progress=progress)
+    train_set = ImageSet(index.train, config.data.image_size, config.data.channels)
+    if config.data.skip_bad_files:
+        report_skipped(run, train_set.drop_unreadable(), "training")
+    images = train_set.stack(progress=progress)
     return train(run, config, images, resume=resume, progress=progress, on_step=on_step)
+
+
+def adapt_run(run_dir: Path | str, overrides: dict | None = None, resume: bool = True, progress: bool = True,
+              on_step=None) -> list[dict]:
+    """Domain-adapt the run's feature extractor (Eq. 10) on its training images.
+
+    ``overrides`` replaces fields of the run's ``adapt`` section (stored back into config.yaml)."""
+    from .adaptation import AdaptConfig, adapt
+
+    run = RunDir(run_dir).require()
+    config = run.load_config()
+    if overrides:
+        merged = {**config.adapt.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        config = replace(config, adapt=AdaptConfig(**{**merged, "layers": tuple(merged["layers"])}))
+        run.save_config(config)
+    index = build_index(config.data)
+    train_set = ImageSet(index.train, config.data.image_size, config.data.channels)
+    if config.data.skip_bad_files:
+        report_skipped(run, train_set.drop_unreadable(), "training")
+    images = train_set.stack(progress=progress)
+    return adapt(run, config, images, resume=resume, progress=progress, on_step=on_step)
+
+
+def report_skipped(run: RunDir, skipped: list, split: str) -> None:
+    """Warn about and log files skipped by ``skip_bad_files``."""
+    if not skipped:
+        return
+    print(f"warning: skipped {len(skipped)} unreadable {split} file(s) (skip_bad_files):")
+    for sample, reason in skipped:
+        print(f"  {reason}")
+    run.log(f"skipped {len(skipped)} unreadable {split} file(s): " + "; ".join(r for _, r in skipped))
 
 
 def import_official(checkpoint: Path | str, run_dir: Path | str, config: RunConfig, preset: str = "ddad",

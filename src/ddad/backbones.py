@@ -155,7 +155,9 @@ def create_backbone(
     if not layers or min(layers) < 1 or max(layers) > 4:
         raise ValueError(f"backbone layers must be within 1..4, got {tuple(layers)}")
     path = resolve_weights(name, weights, allow_download)
-    net = torchvision.models.get_model(name, weights=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # "random" weights are the same every time (reproducible timing and tests)
+        net = torchvision.models.get_model(name, weights=None)
     if path is not None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

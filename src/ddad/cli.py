@@ -1,4 +1,4 @@
-"""The ``ddad`` command: synth, train, import, test, predict, demo."""
+"""The ``ddad`` command: synth, train, adapt, test, predict, sweep, presets, import, demo."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
+    g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
+    g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
                    help="compatibility: first network call at T'-skip, as the authors' code")
     g.add_argument("--normalize-over-batch", action="store_true", default=None,
@@ -51,7 +53,8 @@ def _detect_from_args(base, args):
         backbone=args.backbone, backbone_weights=args.backbone_weights, allow_download=args.allow_download,
         sigma=args.sigma, crop=args.crop, batch_size=args.batch_size, seed=args.seed, device=args.device,
         precision=args.precision, authors_first_step=args.authors_first_step,
-        normalize_over_batch=args.normalize_over_batch,
+        normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
+        adapted_epoch=args.adapted_epoch,
     )
 
 
@@ -72,12 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections")
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--dataset", help="dataset format (mvtec, mpdd)")
+    p.add_argument("--dataset", help="dataset format: mvtec, mpdd, visa, mtd, btad, kolektorsdd, folder")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--category", help="category folder under the root")
+    p.add_argument("--normal-dir", help="folder format: defect-free images")
+    p.add_argument("--abnormal-dir", help="folder format: defective test images")
+    p.add_argument("--mask-dir", help="folder format: masks of the defective images, matched by stem")
+    p.add_argument("--normal-test-dir", help="folder format: defect-free test images")
+    p.add_argument("--train-ratio", type=float, help="share of defect-free images used for training (seeded split)")
+    p.add_argument("--data-seed", type=int, help="seed of the train/test split")
+    p.add_argument("--skip-bad-files", action="store_true", default=None,
+                   help="skip undecodable images with a warning (counted in the run log)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--channels", type=int, choices=(1, 3))
     p.add_argument("--model", choices=("ddad", "ddad-s", "tiny"), help="UNet preset")
+    p.add_argument("--preset", choices=("mvtec", "mvtec-s", "visa"),
+                   help="the paper's settings for --category (Tables 9-11); flags still override")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -89,6 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("adapt", help="domain-adapt the feature extractor of a trained run (Eq. 10)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--epochs", type=int, help="adaptation epochs (default: the run's adapt.epochs)")
+    p.add_argument("--batch-size", type=int, help="per batch; split into inputs and targets")
+    p.add_argument("--lambda-dl", type=float, help="distillation weight (0.1 MVTec, 0.01 VisA)")
+    p.add_argument("--w", type=float, help="conditioning w_DA")
+    p.add_argument("--start-step", type=int, help="T'_DA")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--fresh", action="store_true", help="discard earlier adaptation epochs and start again")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("sweep", help="metrics over w, v, scoring mode and extractor; diffusion once per w")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--ws", type=float, nargs="+", help="conditioning values (default: the run's w)")
+    p.add_argument("--vs", type=float, nargs="+", default=[1.0], help="pixel weights v for combined scoring")
+    p.add_argument("--modes", nargs="+", default=["pixel", "feature", "combined"],
+                   choices=("pixel", "feature", "combined"))
+    p.add_argument("--extractors", nargs="+", default=["pretrained", "adapted"], choices=("pretrained", "adapted"))
+    p.add_argument("--out", type=Path, help="CSV (default RUN_DIR/sweep.csv)")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("presets", help="print the paper's per-category settings (Tables 9-11)")
+    p.add_argument("preset", nargs="?", choices=("mvtec", "mvtec-s", "visa"))
 
     p = sub.add_parser("import", help="make a run directory from one of the authors' published UNet checkpoints")
     p.add_argument("checkpoint", type=Path, help="the authors' checkpoint file (torch.save of a state_dict)")
@@ -136,7 +174,9 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         config = RunDir(args.run_dir).load_config()
         train_over = {k: getattr(args, k) for k in RESUMABLE_TRAIN_FIELDS if getattr(args, k, None) is not None}
         blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
-                                     "batch_size", "lr", "weight_decay", "seed") if getattr(args, flag) is not None]
+                                     "batch_size", "lr", "weight_decay", "seed", "normal_dir", "abnormal_dir",
+                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files")
+                   if getattr(args, flag) is not None]
         if blocked or args.set:
             raise ConfigError(f"--resume continues a run with its stored settings; only "
                               f"{', '.join(RESUMABLE_TRAIN_FIELDS)} may change (got {', '.join(blocked + args.set)})")
@@ -145,11 +185,22 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         return RunConfig.from_dict(data), args.run_dir
 
     data = RunConfig().to_dict()
+    if args.preset:
+        from .presets import get_setting
+
+        if not args.category:
+            raise ConfigError("--preset needs --category (ddad presets lists them)")
+        setting = get_setting(args.preset, args.category)
+        data = merge(data, setting.overrides())
+        data["model"] = UNetConfig.preset(setting.model, 256, 3).to_dict()
     if args.config:
         data = merge(data, RunConfig.from_yaml(args.config).to_dict())
     flags = {
         "data": {"dataset": args.dataset, "root": args.data_root, "category": args.category,
-                 "image_size": args.image_size, "channels": args.channels},
+                 "image_size": args.image_size, "channels": args.channels, "normal_dir": args.normal_dir,
+                 "abnormal_dir": args.abnormal_dir, "mask_dir": args.mask_dir,
+                 "normal_test_dir": args.normal_test_dir, "train_ratio": args.train_ratio,
+                 "seed": args.data_seed, "skip_bad_files": args.skip_bad_files},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
                   "device": args.device, "precision": args.precision},
@@ -163,8 +214,9 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         data["model"] = UNetConfig.preset(args.model, size, channels).to_dict()
     data["model"].update({"image_size": size, "in_channels": channels})
     config = RunConfig.from_dict(data)
-    if not config.data.root:
-        raise ConfigError("no dataset: pass --data-root (and --category), or a --config with a data section")
+    if not config.data.root and not config.data.normal_dir:
+        raise ConfigError("no dataset: pass --data-root (and --category), --normal-dir for the folder format, "
+                          "or a --config with a data section")
     run_dir = args.run_dir or Path("runs") / f"{config.data.dataset}-{config.data.category or 'data'}"
     return config, run_dir
 
@@ -189,6 +241,61 @@ def cmd_import(args) -> int:
     config = RunConfig.from_dict(merge(RunConfig().to_dict(), data))
     path = import_official(args.checkpoint, args.run_dir, config, preset=args.model, epoch=args.epoch)
     print(f"imported {args.checkpoint} as {path}\nrun: {args.run_dir}  (next: ddad test {args.run_dir})")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    import shutil
+
+    from .adaptation import adapted_dir
+    from .api import adapt_run
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    if args.fresh and adapted_dir(run).is_dir():
+        shutil.rmtree(adapted_dir(run))
+    records = adapt_run(run.root, {"epochs": args.epochs, "batch_size": args.batch_size, "lambda_dl": args.lambda_dl,
+                                   "w": args.w, "start_step": args.start_step, "lr": args.lr},
+                        progress=not args.quiet)
+    for r in records:
+        print("epoch {epoch}: loss {total:.5f} (similarity {similarity:.5f}, distill y {distill_target:.5f}, "
+              "distill x0 {distill_recon:.5f})".format(**r))
+    print(f"adapted extractor: {adapted_dir(run)}  (ddad test uses the last epoch; --pretrained to compare)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import csv
+
+    from .evaluation import sweep
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    detect = _detect_from_args(run.load_config().detect, args)
+    rows = sweep(run, args.ws or [detect.sampler.w], args.vs, args.modes, args.extractors, detect,
+                 progress=not args.quiet)
+    out = args.out or run.root / "sweep.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"{'w':>5} {'mode':<9} {'v':>5} {'extractor':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7}")
+    for r in rows:
+        v = "-" if r["v"] is None else f"{r['v']:g}"
+        print(f"{r['w']:>5g} {r['mode']:<9} {v:>5} {r['extractor']:<10} {f(r['image_auroc']):>11} "
+              f"{f(r['pixel_auroc']):>11} {f(r['pro']):>7}")
+    print(f"table: {out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .presets import format_table
+
+    print(format_table(args.preset))
     return 0
 
 
@@ -250,7 +357,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
+            "presets": cmd_presets, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .adaptation import AdaptConfig
 from .data.formats import DataConfig
 from .detection import DetectConfig
 from .diffusion.schedule import ScheduleConfig
@@ -84,6 +85,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":

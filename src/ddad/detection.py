@@ -32,6 +32,8 @@ class DetectConfig:
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
+    adapted: bool = True  # use the run's domain-adapted extractor when it has one
+    adapted_epoch: int | None = None  # which adaptation epoch (None: the last)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -126,7 +128,11 @@ class Detector:
         return d_p, d_f
 
     def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> DetectionResult:
-        x0 = self.reconstruct(images, seeds)
+        return self.score(images, self.reconstruct(images, seeds))
+
+    def score(self, images: torch.Tensor, reconstruction: torch.Tensor) -> DetectionResult:
+        """Compare images with given reconstructions (Eq. 8-9): no diffusion is run."""
+        x0 = reconstruction.to(self.device, torch.float32)
         d_p, d_f = self.distances(x0, images)
         with torch.inference_mode():
             maps = anomaly_map(d_p, d_f, self.config.scoring)

@@ -7,15 +7,17 @@ predict: OUT/scores.csv, OUT/images/<name>.png
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text
@@ -32,16 +34,20 @@ from .visualize import panel, save_png
 
 
 def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Detector, RunConfig]:
-    """The run's trained UNet wrapped in a :class:`Detector` with ``detect`` (default: the run's)."""
+    """The run's trained UNet wrapped in a :class:`Detector` with ``detect`` (default: the run's).
+
+    Feature-wise scoring uses the run's domain-adapted extractor when it has one and ``detect.adapted``
+    is set (``detect.adapted_epoch`` picks the epoch), else the pretrained backbone."""
+    from .adaptation import load_adapted_extractor
+
     config = run.load_config()
     detect = detect or config.detect
     device = resolve_device(detect.device)
     unet = run.load_unet(device)
-    return Detector(unet, detect, config.schedule, device=device), config
-
-
-def _batches(dataset: ImageSet, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    extractor = None
+    if detect.scoring.uses_features and detect.adapted:
+        extractor = load_adapted_extractor(run, detect.backbone, detect.scoring.feature_layers, detect.adapted_epoch)
+    return Detector(unet, detect, config.schedule, extractor=extractor, device=device), config
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -56,71 +62,206 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+@dataclass
+class TestSplit:
+    """A dataset's test images as tensors, in index order."""
+
+    samples: list
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    masks: torch.Tensor  # (N, 1, H, W) of 0/1
+    labels: np.ndarray  # (N,)
+    has_masks: bool
+    name: str
+
+
+def load_test_split(run: RunDir, config: RunConfig, progress: bool = True) -> TestSplit:
+    index = build_index(config.data)
+    if not index.test:
+        raise DatasetError(f"{index.name} has no test images")
+    dataset = ImageSet(index.test, config.data.image_size, config.data.channels, cache=True)
+    if config.data.skip_bad_files:
+        from .api import report_skipped
+
+        report_skipped(run, dataset.drop_unreadable(), "test")
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc="loading test images", unit="img",
+                                      disable=not progress, leave=False)]
+    return TestSplit(
+        samples=list(dataset.samples),
+        images=torch.stack([it["image"] for it in items]),
+        masks=torch.stack([it["mask"] for it in items]),
+        labels=np.array([it["label"] for it in items]),
+        has_masks=index.has_masks,
+        name=index.name,
+    )
+
+
+def _cache_key(run: RunDir, detect: DetectConfig, config: RunConfig, samples: list) -> str:
+    ckpt = run.latest_checkpoint()
+    stat = ckpt.stat() if ckpt else None
+    key = {
+        "checkpoint": [ckpt.name, stat.st_size, stat.st_mtime_ns] if stat else None,
+        "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
+        "data": config.data.to_dict(), "images": [str(s.image) for s in samples],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reconstruct_split(detector: Detector, run: RunDir, config: RunConfig, split: TestSplit,
+                      cache: bool = True, progress: bool = True) -> torch.Tensor:
+    """x0 for every test image; stored in RUN_DIR/cache so that rescoring never re-runs the diffusion
+    (the key covers the checkpoint, sampler settings, seed, data and image list)."""
+    path = run.root / "cache" / f"recon-{_cache_key(run, detector.config, config, split.samples)}.safetensors"
+    if cache and path.is_file():
+        return load_file(str(path))["reconstruction"]
+    out = []
+    bs = detector.config.batch_size
+    bar = tqdm(total=len(split.images), desc="reconstruct", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(split.images), bs):
+        out.append(detector.reconstruct(split.images[start:start + bs]).cpu())
+        bar.update(len(out[-1]))
+    bar.close()
+    recon = torch.cat(out)
+    if cache:
+        from .checkpoint import atomic_write
+
+        atomic_write(path, lambda tmp: save_file({"reconstruction": recon.contiguous()}, tmp))
+    return recon
+
+
+def score_split(detector: Detector, split: TestSplit, recon: torch.Tensor) -> DetectionResult:
+    """Score all test images against their reconstructions, batch by batch."""
+    bs = detector.config.batch_size
+    parts = [detector.score(split.images[i:i + bs], recon[i:i + bs]) for i in range(0, len(split.images), bs)]
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return DetectionResult(score=cat("score"), anomaly_map=cat("anomaly_map"), reconstruction=recon,
+                           pixel_distance=cat("pixel_distance"), feature_distance=cat("feature_distance"))
+
+
+def split_metrics(split: TestSplit, scores: np.ndarray, maps: torch.Tensor, crop_fraction: float) -> dict:
+    """image AUROC, pixel AUROC and PRO (None where the data cannot give them)."""
+    cropped_maps = crop(maps, crop_fraction)[:, 0].numpy()
+    cropped_masks = crop(split.masks, crop_fraction)[:, 0].numpy() > 0.5
+    has_masks = split.has_masks and bool(cropped_masks.any())
+    return {
+        "image_auroc": roc_auc(scores, split.labels),
+        "pixel_auroc": pixel_auroc(cropped_maps, cropped_masks) if has_masks else None,
+        "pro": pro_auc(cropped_maps, cropped_masks) if has_masks else None,
+    }
+
+
 def test_run(
     run: RunDir,
     detect: DetectConfig | None = None,
     out_dir: Path | None = None,
     save_images: bool = True,
     progress: bool = True,
+    cache: bool = True,
 ) -> dict:
     """Evaluate the run on its dataset's test split; returns the metrics dict it writes."""
+    t0 = time.perf_counter()
     detector, config = load_detector(run, detect)
     detect = detector.config
-    index = build_index(config.data)
-    if not index.test:
-        raise DatasetError(f"{index.name} has no test images")
     out_dir = Path(out_dir) if out_dir else run.test_dir
-    dataset = ImageSet(index.test, config.data.image_size, config.data.channels, cache=False)
-
-    scores, labels, maps, masks, recons, images = [], [], [], [], [], []
-    bar = tqdm(total=len(dataset), desc="test", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in _batches(dataset, detect.batch_size):
-        result: DetectionResult = detector(batch["image"])
-        scores.append(result.score)
-        labels.append(batch["label"])
-        maps.append(result.anomaly_map)
-        masks.append(batch["mask"])
-        if save_images:
-            recons.append(result.reconstruction.half())
-            images.append(batch["image"].half())
-        bar.update(len(batch["image"]))
-    bar.close()
-    score = torch.cat(scores).numpy()
-    label = torch.cat(labels).numpy()
-    amap = torch.cat(maps)
-    mask = torch.cat(masks)
-    cropped_maps = crop(amap, detect.crop)[:, 0].numpy()
-    cropped_masks = crop(mask, detect.crop)[:, 0].numpy() > 0.5
-    has_masks = index.has_masks and bool(cropped_masks.any())
+    split = load_test_split(run, config, progress)
+    recon = reconstruct_split(detector, run, config, split, cache=cache, progress=progress)
+    result = score_split(detector, split, recon)
+    score = result.score.numpy()
     metrics = {
-        "dataset": index.name,
+        "dataset": split.name,
         "n_images": int(len(score)),
-        "n_defective": int(label.sum()),
-        "image_auroc": roc_auc(score, label),
-        "pixel_auroc": pixel_auroc(cropped_maps, cropped_masks) if has_masks else None,
-        "pro": pro_auc(cropped_maps, cropped_masks) if has_masks else None,
-        "threshold": f1_optimal_threshold(score, label),
+        "n_defective": int(split.labels.sum()),
+        **split_metrics(split, score, result.anomaly_map, detect.crop),
+        "threshold": f1_optimal_threshold(score, split.labels),
+        "extractor": None if detector.extractor is None else (
+            "adapted" if detect.adapted and _has_adapted(run) else "pretrained"),
+        "seconds": time.perf_counter() - t0,
         "detect": detect.to_dict(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in index.test]
+    samples = split.samples
+    names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in samples]
     _write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],
-               [(str(s.image), s.defect_type, s.label, f"{float(v):.6g}") for s, v in zip(index.test, score)])
+               [(str(s.image), s.defect_type, s.label, f"{float(v):.6g}") for s, v in zip(samples, score)])
     if metrics["threshold"] is not None:
         atomic_write_text(run.root / "threshold.json", json.dumps(
             {"threshold": metrics["threshold"], "source": "F1-optimal on the test split", "detect": detect.to_dict()},
             indent=2))
     if save_images:
+        amap = result.anomaly_map
         # Colour scale shared by all panels: the median map value is "cold", the 99.9th percentile "hot".
         vmin, vmax = (float(q) for q in np.quantile(amap.numpy(), [0.5, 0.999]))
         image_dir = out_dir / "images"
-        img_t, rec_t = torch.cat(images), torch.cat(recons)
-        for i, s in enumerate(tqdm(index.test, desc="images", unit="img", disable=not progress, leave=False)):
+        for i, s in enumerate(tqdm(samples, desc="images", unit="img", disable=not progress, leave=False)):
             title = f"{s.defect_type}/{s.image.name}  score {score[i]:.4g}"
-            save_png(panel(img_t[i], rec_t[i], amap[i], mask[i] if s.mask is not None or s.label == 0 else None,
-                           title, vmin, vmax), image_dir / f"{names[i]}.png")
+            save_png(panel(split.images[i], recon[i], amap[i], split.masks[i] if s.mask is not None or s.label == 0
+                           else None, title, vmin, vmax), image_dir / f"{names[i]}.png")
     return metrics
+
+
+def _has_adapted(run: RunDir) -> bool:
+    from .adaptation import adapted_checkpoints
+
+    return bool(adapted_checkpoints(run))
+
+
+def sweep(
+    run: RunDir,
+    ws: Sequence[float],
+    vs: Sequence[float],
+    modes: Sequence[str] = ("pixel", "feature", "combined"),
+    extractors: Sequence[str] = ("pretrained", "adapted"),
+    detect: DetectConfig | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Metrics over a grid of w, v, scoring mode and extractor. The diffusion runs once per w
+    (cached), the backbone once per (w, extractor); v and the mode only rescore stored distances."""
+    from .adaptation import load_adapted_extractor
+    from .backbones import create_backbone
+    from .scoring import anomaly_map, image_scores
+
+    config = run.load_config()
+    base = detect or config.detect
+    split = load_test_split(run, config, progress)
+    device = resolve_device(base.device)
+    unet = run.load_unet(device)
+    need_features = any(m != "pixel" for m in modes)
+    feature_extractors: dict[str, object] = {}
+    if need_features:
+        for name in extractors:
+            if name == "adapted":
+                ext = load_adapted_extractor(run, base.backbone, base.scoring.feature_layers, base.adapted_epoch)
+                if ext is None:
+                    continue
+            else:
+                ext = create_backbone(base.backbone, base.scoring.feature_layers, base.backbone_weights,
+                                      base.allow_download)
+            feature_extractors[name] = ext
+    rows = []
+    for w in ws:
+        det_cfg = with_overrides(base, w=float(w), mode="pixel")
+        detector = Detector(unet, det_cfg, config.schedule, device=device)
+        recon = reconstruct_split(detector, run, config, split, progress=progress)
+        pix = score_split(detector, split, recon).pixel_distance
+        for ext_name in (list(feature_extractors) if need_features else ["-"]):
+            d_f = None
+            if ext_name != "-":
+                fdet = Detector(unet, with_overrides(base, w=float(w), mode="feature"), config.schedule,
+                                extractor=feature_extractors[ext_name], device=device)
+                d_f = score_split(fdet, split, recon).feature_distance
+            for mode in modes:
+                if mode != "pixel" and d_f is None:
+                    continue
+                if mode == "pixel" and ext_name not in ("-", list(feature_extractors)[0]):
+                    continue  # pixel-only does not depend on the extractor
+                for v in (vs if mode == "combined" else [None]):
+                    scoring = replace(base.scoring, mode=mode, v=float(v) if v is not None else base.scoring.v)
+                    maps = anomaly_map(pix, d_f, scoring)
+                    scores = image_scores(maps, base.crop).numpy()
+                    rows.append({"w": float(w), "mode": mode, "v": v,
+                                 "extractor": ext_name if mode != "pixel" else "-",
+                                 **split_metrics(split, scores, maps, base.crop)})
+    return rows
 
 
 def collect_images(paths: Sequence[Path | str]) -> list[Path]:
@@ -203,5 +344,7 @@ def with_overrides(detect: DetectConfig, **changes) -> DetectConfig:
     sampler = replace(detect.sampler, **{k: v for k, v in changes.items() if k in sampler_fields})
     scoring = replace(detect.scoring, **{k: v for k, v in changes.items() if k in scoring_fields})
     top = {k: v for k, v in changes.items() if k not in sampler_fields | scoring_fields}
+    if "adapted_epoch" in top:
+        top.setdefault("adapted", True)
     return replace(detect, sampler=sampler, scoring=scoring, **top)
 

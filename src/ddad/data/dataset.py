@@ -111,6 +111,21 @@ class ImageSet(Dataset):
         sample = self.samples[index]
         return {"image": image, "mask": mask, "label": sample.label, "index": index}
 
+    def drop_unreadable(self) -> list[tuple[Sample, str]]:
+        """Decode every sample; remove those that fail and return them with the reason."""
+        kept, skipped = [], []
+        for i, sample in enumerate(self.samples):
+            try:
+                self.load(i)
+                kept.append(sample)
+            except DatasetError as exc:
+                skipped.append((sample, str(exc)))
+        if skipped:
+            cached = {s: self._cache[i] for i, s in enumerate(self.samples) if i in self._cache}
+            self.samples = kept
+            self._cache = {i: cached[s] for i, s in enumerate(kept) if s in cached}
+        return skipped
+
     def stack(self, progress: bool = False, desc: str = "loading images") -> torch.Tensor:
         """All images as one (N, C, H, W) tensor."""
         from tqdm.auto import tqdm

@@ -8,16 +8,36 @@ mvtec (also MPDD, which uses the same layout)::
     ROOT/CATEGORY/ground_truth/<defect type>/<stem>_mask.png
 
 (png, jpg, bmp and tif accepted for images and masks.)
+
+visa: ``ROOT/split_csv/1cls.csv`` (columns object, split, label, image, mask; paths relative to ROOT;
+labels normal / anomaly), or without it the raw layout ``ROOT/CATEGORY/Data/Images/{Normal,Anomaly}``
+with ``Data/Masks/Anomaly/<stem>.png`` and a seeded split of the normal images.
+
+mtd: ``ROOT/MT_<Type>/Imgs/NAME.jpg`` with the mask ``NAME.png`` beside it (threshold > 127);
+training = a seeded ``train_ratio`` (0.8) of MT_Free, test = the rest of MT_Free + every defective image.
+
+btad: ``ROOT/NN/train/ok``, ``ROOT/NN/test/{ok,ko}``, ``ROOT/NN/ground_truth/ko`` (a mask may differ
+from its image in extension).
+
+kolektorsdd: ``ROOT/kosNN/PartK.jpg`` + ``PartK_label.(bmp|png)``; an image is defective when its
+label is non-empty; training = a seeded ``train_ratio`` of the defect-free images.
+
+folder: ``normal_dir`` (defect-free), optional ``abnormal_dir``, optional ``mask_dir`` (masks matched
+to abnormal images by stem), optional ``normal_test_dir``; without it a seeded ``1 - train_ratio`` of
+the normal images is held out for testing.
 """
 
 from __future__ import annotations
 
+import csv
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
 
 from .dataset import DEFECTIVE, GOOD, DatasetIndex, Sample
-from .io import IMAGE_SUFFIXES, DatasetError, list_images
+from .io import IMAGE_SUFFIXES, DatasetError, list_images, read_mask
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,12 @@ class DataConfig:
     channels: int = 3
     seed: int = 0  # for formats whose split is seeded
     train_ratio: float = 0.8  # for formats whose split is a ratio of defect-free images
+    skip_bad_files: bool = False  # skip undecodable images with a warning instead of stopping
+    # folder format only
+    normal_dir: str = ""
+    abnormal_dir: str = ""
+    mask_dir: str = ""
+    normal_test_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.dataset not in FORMATS:
@@ -51,6 +77,8 @@ def _categories(root: Path) -> list[str]:
 
 
 def _find_mask(folder: Path, stem: str) -> Path | None:
+    if not folder.is_dir():
+        return None
     for suffix in IMAGE_SUFFIXES:
         for candidate in (folder / f"{stem}_mask{suffix}", folder / f"{stem}{suffix}"):
             if candidate.is_file():
@@ -102,9 +130,173 @@ def read_mvtec(config: DataConfig) -> DatasetIndex:
     return DatasetIndex(name=f"{config.dataset}/{config.category}", train=train, test=tuple(test))
 
 
+def seeded_split(items: Sequence, ratio: float, seed: int) -> tuple[list, list]:
+    """(first ``floor(ratio * n)`` of a seeded shuffle, the rest), each sorted by name."""
+    order = sorted(items)
+    random.Random(seed).shuffle(order)
+    k = int(ratio * len(order))
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def _mask_for(image: Path, folder: Path, suffix_stem: str = "") -> Path:
+    mask = _find_mask(folder, image.stem + suffix_stem) if folder.is_dir() else None
+    if mask is None:
+        raise DatasetError(f"image {image} has no mask: looked for {folder / (image.stem + suffix_stem)}.(png|bmp|...)")
+    return mask
+
+
+def read_mtd(config: DataConfig) -> DatasetIndex:
+    """Magnetic Tile Defects (see module docstring)."""
+    root = _require_dir(Path(config.root), "MTD root")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("MT_"))
+    if not any(f.name == "MT_Free" for f in folders):
+        raise DatasetError(f"{root} is not an MTD root: no MT_Free folder (found {[f.name for f in folders]})")
+
+    def images(folder: Path) -> list[Path]:
+        # Images are .jpg; the .png of the same name is the mask.
+        return sorted(p for p in (folder / "Imgs").iterdir() if p.suffix.lower() == ".jpg")
+
+    free = images(root / "MT_Free")
+    train, test_free = seeded_split(free, config.train_ratio, config.seed)
+    test = [Sample(p, GOOD, "good", None) for p in test_free]
+    for folder in folders:
+        if folder.name == "MT_Free":
+            continue
+        kind = folder.name[3:].lower()
+        for img in images(folder):
+            mask = img.with_suffix(".png")
+            if not mask.is_file():
+                raise DatasetError(f"MTD image {img} has no mask {mask}")
+            test.append(Sample(img, DEFECTIVE, kind, mask))
+    return DatasetIndex(name="mtd", train=tuple(Sample(p) for p in train), test=tuple(test))
+
+
+def _label_is_empty(path: Path) -> bool:
+    return not bool(read_mask(path).any())
+
+
+def read_kolektorsdd(config: DataConfig) -> DatasetIndex:
+    """KolektorSDD (see module docstring)."""
+    root = _require_dir(Path(config.root), "KolektorSDD root")
+    parts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("kos"))
+    if not parts:
+        raise DatasetError(f"{root} is not a KolektorSDD root: no kosNN folders")
+    good: list[Path] = []
+    defective: list[Sample] = []
+    for part in parts:
+        for img in sorted(p for p in part.iterdir() if p.suffix.lower() == ".jpg" and not p.stem.endswith("_label")):
+            label = _mask_for(img, part, "_label")
+            if _label_is_empty(label):
+                good.append(img)
+            else:
+                defective.append(Sample(img, DEFECTIVE, "crack", label))
+    train, test_good = seeded_split(good, config.train_ratio, config.seed)
+    test = [Sample(p, GOOD, "good", None) for p in test_good] + defective
+    return DatasetIndex(name="kolektorsdd", train=tuple(Sample(p) for p in train), test=tuple(test))
+
+
+def read_btad(config: DataConfig) -> DatasetIndex:
+    """BeanTech AD (see module docstring)."""
+    base = category_dir(Path(config.root), config.category)
+    train_dir = _require_dir(base / "train" / "ok", "BTAD training folder")
+    train = tuple(Sample(p) for p in list_images(train_dir))
+    if not train:
+        raise DatasetError(f"training folder {train_dir} contains no images")
+    test: list[Sample] = []
+    if (base / "test" / "ok").is_dir():
+        test += [Sample(p, GOOD, "good", None) for p in list_images(base / "test" / "ok")]
+    if (base / "test" / "ko").is_dir():
+        test += [Sample(p, DEFECTIVE, "ko", _mask_for(p, base / "ground_truth" / "ko"))
+                 for p in list_images(base / "test" / "ko")]
+    return DatasetIndex(name=f"btad/{config.category}", train=train, test=tuple(test))
+
+
+def read_visa(config: DataConfig) -> DatasetIndex:
+    """VisA, from its split file when present, else the raw layout with a seeded split."""
+    root = _require_dir(Path(config.root), "VisA root")
+    split_file = root / "split_csv" / "1cls.csv"
+    if split_file.is_file():
+        return _read_visa_csv(root, split_file, config)
+    base = category_dir(root, config.category)
+    normal_dir = _require_dir(base / "Data" / "Images" / "Normal", "VisA normal folder")
+    normal = list_images(normal_dir)
+    train, test_normal = seeded_split(normal, config.train_ratio, config.seed)
+    test = [Sample(p, GOOD, "good", None) for p in test_normal]
+    anomaly_dir = base / "Data" / "Images" / "Anomaly"
+    if anomaly_dir.is_dir():
+        test += [Sample(p, DEFECTIVE, "anomaly", _mask_for(p, base / "Data" / "Masks" / "Anomaly"))
+                 for p in list_images(anomaly_dir)]
+    return DatasetIndex(name=f"visa/{config.category}", train=tuple(Sample(p) for p in train), test=tuple(test))
+
+
+def _read_visa_csv(root: Path, split_file: Path, config: DataConfig) -> DatasetIndex:
+    with open(split_file, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    needed = {"object", "split", "label", "image", "mask"}
+    if not rows or not needed <= set(rows[0]):
+        raise DatasetError(f"{split_file} must have the columns {sorted(needed)}")
+    objects = sorted({r["object"] for r in rows})
+    if config.category not in objects:
+        raise DatasetError(f"unknown category {config.category!r} in {split_file}; categories: {', '.join(objects)}")
+    train, test = [], []
+    for r in rows:
+        if r["object"] != config.category:
+            continue
+        image = root / r["image"]
+        if not image.is_file():
+            raise DatasetError(f"{split_file} names {image}, which does not exist")
+        if r["label"] not in ("normal", "anomaly"):
+            raise DatasetError(f"{split_file}: label must be normal or anomaly, got {r['label']!r} for {image}")
+        defective = r["label"] == "anomaly"
+        mask = root / r["mask"] if defective and r["mask"] else None
+        if defective and (mask is None or not mask.is_file()):
+            raise DatasetError(f"anomalous image {image} has no mask (expected {mask})")
+        if r["split"] == "train":
+            if defective:
+                raise DatasetError(f"{split_file} puts anomalous image {image} in the training split")
+            train.append(Sample(image))
+        else:
+            test.append(Sample(image, DEFECTIVE if defective else GOOD, "anomaly" if defective else "good", mask))
+    return DatasetIndex(name=f"visa/{config.category}", train=tuple(train), test=tuple(test))
+
+
+def read_folder(config: DataConfig) -> DatasetIndex:
+    """Plain folders, anomalib's Folder idea (see module docstring)."""
+    if not config.normal_dir:
+        raise DatasetError("the folder format needs normal_dir (--normal-dir): a folder of defect-free images")
+    normal = list_images(_require_dir(Path(config.normal_dir), "normal_dir"))
+    if not normal:
+        raise DatasetError(f"normal_dir {config.normal_dir} contains no images")
+    if config.normal_test_dir:
+        train, test_normal = normal, list_images(_require_dir(Path(config.normal_test_dir), "normal_test_dir"))
+    else:
+        train, test_normal = seeded_split(normal, config.train_ratio, config.seed)
+    test = [Sample(p, GOOD, "good", None) for p in test_normal]
+    has_masks = bool(config.mask_dir)
+    if config.abnormal_dir:
+        mask_dir = Path(config.mask_dir) if config.mask_dir else None
+        if mask_dir is not None:
+            _require_dir(mask_dir, "mask_dir")
+        for p in list_images(_require_dir(Path(config.abnormal_dir), "abnormal_dir")):
+            test.append(Sample(p, DEFECTIVE, "abnormal", _mask_for(p, mask_dir) if mask_dir else None))
+    name = f"folder/{Path(config.normal_dir).name}"
+    return DatasetIndex(name=name, train=tuple(Sample(p) for p in train), test=tuple(test), has_masks=has_masks)
+
+
 FORMATS: dict[str, Callable[[DataConfig], DatasetIndex]] = {
     "mvtec": read_mvtec,
     "mpdd": read_mvtec,
+    "visa": read_visa,
+    "mtd": read_mtd,
+    "btad": read_btad,
+    "kolektorsdd": read_kolektorsdd,
+    "folder": read_folder,
 }
 
 

@@ -1,0 +1,236 @@
+"""Domain adaptation of the feature extractor (paper Sec. 4.4, Eq. 10, App. 7 and 10.2).
+
+Each batch of defect-free training images is split in two halves: inputs x and targets y. x is noised
+to T'_DA and denoised by the trained UNet conditioned on y (Alg. 1, w_DA), giving x0 ~ y. The
+extractor phi is fine-tuned so that x0 and y look alike, while a distillation term keeps it close to
+the frozen pretrained copy phibar:
+
+    L_DA = sum_j (1 - cos(phi_j(x0), phi_j(y)))
+         + lambda_DL sum_j (1 - cos(phi_j(y),  phibar_j(y)))
+         + lambda_DL sum_j (1 - cos(phi_j(x0), phibar_j(x0)))                        (Eq. 10)
+
+with j over stages J = {1, 2, 3}; each cosine compares a sample's whole flattened feature map, and
+is averaged over the batch. phibar is a deep copy taken before adaptation: ``requires_grad`` off,
+evaluated under ``torch.no_grad``, never given to the optimizer, so it stores no gradient and costs no
+optimizer state. AdamW, lr 1e-4. A checkpoint of the adapted extractor is written atomically after
+every epoch, and adaptation resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import FeatureExtractor, create_backbone
+from .checkpoint import Checkpoint, save_checkpoint
+from .diffusion.sampler import SamplerConfig, conditioned_denoise
+from .diffusion.schedule import alphas_cumprod
+from .runtime import autocast, resolve_device
+from .training import epoch_seed
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .runs import RunDir
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    epochs: int = 0  # 0: no adaptation (the paper's tables give the per-category count)
+    batch_size: int = 16  # split into halves: inputs x and targets y
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # AdamW's default
+    lambda_dl: float = 0.1  # 0.1 MVTec, 0.01 VisA
+    w: float = 3.0  # w_DA
+    start_step: int = 250  # T'_DA
+    skip: int = 25
+    eta: float = 1.0
+    layers: tuple[int, ...] = (1, 2, 3)  # J
+    train_batchnorm: bool = True  # BatchNorm statistics follow the new domain, as in the authors' code
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"adapt epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError(f"adapt batch_size must be even and >= 2 (two halves), got {self.batch_size}")
+        if self.lambda_dl < 0:
+            raise ValueError(f"lambda_dl must be >= 0, got {self.lambda_dl}")
+        if not self.layers or min(self.layers) < 1 or max(self.layers) > 4:
+            raise ValueError(f"adapt layers must be within 1..4, got {self.layers}")
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(start_step=self.start_step, skip=self.skip, w=self.w, eta=self.eta)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 - cos between each sample's flattened feature maps."""
+    return (1.0 - F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)).mean()
+
+
+@dataclass
+class AdaptLoss:
+    total: torch.Tensor
+    similarity: torch.Tensor  # sum_j 1 - cos(phi(x0), phi(y))
+    distill_target: torch.Tensor  # sum_j 1 - cos(phi(y), phibar(y))
+    distill_recon: torch.Tensor  # sum_j 1 - cos(phi(x0), phibar(x0))
+
+
+def adaptation_loss(
+    phi: FeatureExtractor, phibar: FeatureExtractor, x0: torch.Tensor, y: torch.Tensor,
+    layers: Sequence[int], lambda_dl: float,
+) -> AdaptLoss:
+    """Eq. 10 for one batch; gradients flow into ``phi`` only."""
+    n = x0.shape[0]
+    feats = phi(torch.cat([x0, y]), layers)
+    f_x0, f_y = [f[:n] for f in feats], [f[n:] for f in feats]
+    with torch.no_grad():
+        frozen = phibar(torch.cat([x0, y]), layers)
+    fb_x0, fb_y = [f[:n] for f in frozen], [f[n:] for f in frozen]
+    sim = sum(cosine_distance(a, b) for a, b in zip(f_x0, f_y))
+    d_y = sum(cosine_distance(a, b) for a, b in zip(f_y, fb_y))
+    d_x0 = sum(cosine_distance(a, b) for a, b in zip(f_x0, fb_x0))
+    return AdaptLoss(sim + lambda_dl * (d_y + d_x0), sim, d_y, d_x0)
+
+
+def frozen_copy(extractor: FeatureExtractor) -> FeatureExtractor:
+    """phibar: a copy that is in eval mode and can never receive a gradient."""
+    copy_ = copy.deepcopy(extractor).eval()
+    copy_.requires_grad_(False)
+    return copy_
+
+
+def adapted_dir(run: "RunDir"):
+    return run.root / "adapted"
+
+
+def adapted_checkpoints(run: "RunDir") -> list[tuple[int, "object"]]:
+    folder = adapted_dir(run)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob("epoch-*.safetensors"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(found)
+
+
+def load_adapted_extractor(run: "RunDir", backbone: str, layers: Sequence[int], epoch: int | None = None,
+                           weights: str | None = None) -> FeatureExtractor | None:
+    """The run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
+    found = dict(adapted_checkpoints(run))
+    if not found:
+        if epoch is not None:
+            raise FileNotFoundError(f"run {run.root} has no adapted extractor (run ddad adapt first)")
+        return None
+    chosen = epoch if epoch is not None else max(found)
+    if chosen not in found:
+        raise FileNotFoundError(f"run {run.root} has no adapted extractor of epoch {chosen}; "
+                                f"available: {sorted(found)}")
+    ckpt = Checkpoint(found[chosen])
+    if ckpt.info.get("backbone") != backbone:
+        raise ValueError(f"{found[chosen]} adapts {ckpt.info.get('backbone')!r}, but detection asks for {backbone!r}")
+    ext = create_backbone(backbone, layers, weights="random")
+    state = ckpt.state_dict("extractor")
+    own = ext.state_dict()
+    ext.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    return ext.eval()
+
+
+StepHook = Callable[[int, int, AdaptLoss], None]
+
+
+def adapt(
+    run: "RunDir",
+    config: "RunConfig",
+    images: torch.Tensor,
+    resume: bool = True,
+    progress: bool = True,
+    on_step: StepHook | None = None,
+) -> list[dict]:
+    """Fine-tune the run's backbone on ``images`` (defect-free, N x C x H x W in [-1, 1]).
+
+    Returns one record per epoch done now (the mean of each loss term)."""
+    from tqdm.auto import tqdm
+
+    ac = config.adapt
+    detect = config.detect
+    if ac.epochs < 1:
+        raise ValueError("adapt.epochs is 0: nothing to do (pass --epochs N)")
+    device = resolve_device(detect.device)
+    unet = run.load_unet(device)
+    table = alphas_cumprod(config.schedule).to(device, torch.float32)
+    layers = tuple(sorted(set(ac.layers) | set(detect.scoring.feature_layers)))
+    phi = create_backbone(detect.backbone, layers, detect.backbone_weights, detect.allow_download).to(device)
+    phibar = frozen_copy(phi)
+    optimizer = torch.optim.AdamW(phi.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
+    start = 0
+    done = adapted_checkpoints(run)
+    if resume and done:
+        ckpt = Checkpoint(done[-1][1])
+        phi.load_state_dict(ckpt.state_dict("extractor"))  # phibar stays the pretrained weights
+        optimizer.load_state_dict(ckpt.optimizer_state())
+        start = int(ckpt.info["epoch"])
+        run.log(f"adaptation resumed from epoch {start}")
+    elif done:
+        raise ValueError(f"run {run.root} already has an adapted extractor; resume it or delete {adapted_dir(run)}")
+
+    n = images.shape[0]
+    half = ac.batch_size // 2
+    if n < 2:
+        raise ValueError("domain adaptation needs at least 2 training images")
+    half = min(half, n // 2)
+    steps = n // (2 * half)
+    records = []
+    bar = tqdm(total=(ac.epochs - start) * steps, desc="adapt", unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(start, ac.epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(ac.seed, epoch))
+        perm = torch.randperm(n, generator=gen)
+        phi.train(ac.train_batchnorm)
+        sums = {"total": 0.0, "similarity": 0.0, "distill_target": 0.0, "distill_recon": 0.0}
+        t0 = time.perf_counter()
+        for b in range(steps):
+            idx = perm[b * 2 * half:(b + 1) * 2 * half]
+            x, y = images[idx[:half]].to(device), images[idx[half:]].to(device)
+            seeds = torch.randint(0, 2**62, (half,), generator=gen).tolist()
+            with torch.no_grad():
+                x0 = conditioned_denoise(lambda xt, t: _call(unet, xt, t, device, detect.precision),
+                                         x, y, table, ac.sampler, seeds)
+            with autocast(device, detect.precision):
+                loss = adaptation_loss(phi, phibar, x0, y, ac.layers, ac.lambda_dl)
+            optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
+            optimizer.step()
+            for k in sums:
+                sums[k] += getattr(loss, k).item()
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{ac.epochs}", sim=f"{loss.similarity.item():.4f}",
+                            dl_y=f"{loss.distill_target.item():.4f}", dl_x0=f"{loss.distill_recon.item():.4f}")
+            if on_step is not None:
+                on_step(epoch, b, loss)
+        record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()},
+                  "seconds": time.perf_counter() - t0}
+        records.append(record)
+        run.log("adapt epoch {epoch} loss {total:.5g} (similarity {similarity:.5g}, distill y {distill_target:.5g}, "
+                "distill x0 {distill_recon:.5g})".format(**record))
+        save_checkpoint(adapted_dir(run) / f"epoch-{epoch + 1:03d}.safetensors",
+                        {"extractor": phi},
+                        {"epoch": epoch + 1, "backbone": detect.backbone, "layers": list(layers),
+                         "adapt": ac.to_dict()}, optimizer)
+    bar.close()
+    return records
+
+
+def _call(unet, xt, t, device, precision):
+    with autocast(device, precision):
+        return unet(xt, t)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddad.adaptation import AdaptConfig, adaptation_loss, adapted_checkpoints, frozen_copy
+from ddad.backbones import create_backbone
+from ddad.cli import main
+from ddad.presets import PRESETS, get_setting
+from ddad.runs import RunDir
+
+from .conftest import MOBILENET
+
+
+def pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    x0 = (y + 0.1 * torch.randn(y.shape, generator=g)).clamp(-1, 1)  # a near-identical "reconstruction"
+    return x0, y
+
+
+def run_steps(lambda_dl, steps=8):
+    torch.manual_seed(0)
+    phi = create_backbone("mobilenet_v2", (1, 2, 3), weights=str(MOBILENET) if MOBILENET.is_file() else "random")
+    phibar = frozen_copy(phi)
+    before = {k: v.clone() for k, v in phibar.state_dict().items()}
+    opt = torch.optim.AdamW(phi.parameters(), lr=1e-3)
+    x0, y = pair()
+    phi.train()
+    losses = []
+    for _ in range(steps):
+        loss = adaptation_loss(phi, phibar, x0, y, (1, 2, 3), lambda_dl)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        losses.append(loss)
+    return phi, phibar, before, losses
+
+
+def test_frozen_copy_is_bit_identical_and_holds_no_gradient():
+    phi, phibar, before, _ = run_steps(0.1, steps=3)
+    after = phibar.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None and not p.requires_grad for p in phibar.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(phi.parameters(), phibar.parameters()))
+
+
+def test_loss_decreases_and_distillation_keeps_features_close():
+    _, _, _, with_dl = run_steps(0.1)
+    assert with_dl[-1].similarity < with_dl[0].similarity
+    _, _, _, without = run_steps(0.0)
+    drift_with = float((with_dl[-1].distill_target + with_dl[-1].distill_recon).detach())
+    drift_without = float((without[-1].distill_target + without[-1].distill_recon).detach())
+    assert drift_with < drift_without
+
+
+def test_presets_match_the_papers_tables():
+    cable = get_setting("mvtec", "cable")
+    assert (cable.w, cable.epochs, cable.adapt_epochs, cable.v, cable.lambda_dl) == (3, 3000, 0, 1.0, 0.1)
+    pcb1 = get_setting("visa", "pcb1")
+    assert (pcb1.w, pcb1.epochs, pcb1.adapt_epochs, pcb1.v, pcb1.lambda_dl, pcb1.adapt_batch_size) == \
+        (9, 500, 8, 7.0, 0.01, 16)
+    screw_s = get_setting("mvtec-s", "screw")
+    assert (screw_s.w, screw_s.epochs, screw_s.adapt_epochs, screw_s.model) == (2, 2000, None, "ddad-s")
+    assert get_setting("visa", "cashew").v == 1.5
+    assert get_setting("mvtec", "wood").adapt_epochs == 16 and get_setting("mvtec", "carpet").epochs == 2500
+    assert get_setting("mvtec-s", "transistor").epochs == 4000
+    assert len(PRESETS["mvtec"]) == len(PRESETS["mvtec-s"]) == 15 and len(PRESETS["visa"]) == 12
+    with pytest.raises(ValueError, match="categories"):
+        get_setting("visa", "bottle")
+
+
+def test_preset_flag_sets_the_run_and_flags_override(tmp_path, synth_root):
+    from ddad.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "mvtec", "--category", "cable", "--data-root", "x",
+                                      "--epochs", "7"])
+    config, _ = _train_config(args)
+    assert config.detect.sampler.w == 3 and config.train.epochs == 7 and config.model.base_channels == 64
+    assert config.adapt.lambda_dl == 0.1 and config.train.batch_size == 32 and config.data.image_size == 256
+
+
+@pytest.fixture(scope="module")
+def adapted_run(tmp_path_factory, synth_root):
+    run = tmp_path_factory.mktemp("adapt") / "run"
+    assert main(["train", "--data-root", str(synth_root), "--category", "stripes", "--model", "tiny",
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--run-dir", str(run), "--quiet",
+                 "--set", "detect.backbone=mobilenet_v2", "--set", "detect.backbone_weights=random",
+                 "--set", "detect.sampler.start_step=50", "--set", "detect.sampler.skip=25", "--set", "detect.crop=1.0",
+                 "--set", "detect.scoring.sigma=1.0"]) == 0
+    return run
+
+
+def test_adapt_writes_resumable_epochs_and_test_uses_them(adapted_run):
+    r = RunDir(adapted_run)
+    assert main(["adapt", str(adapted_run), "--epochs", "1", "--batch-size", "4", "--start-step", "50",
+                 "--quiet"]) == 0
+    assert [e for e, _ in adapted_checkpoints(r)] == [1]
+    assert main(["adapt", str(adapted_run), "--epochs", "2", "--quiet"]) == 0  # resumes at epoch 1
+    assert [e for e, _ in adapted_checkpoints(r)] == [1, 2]
+    assert "adaptation resumed from epoch 1" in r.log_path.read_text()
+    assert main(["test", str(adapted_run), "--quiet", "--no-images"]) == 0
+    assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "adapted"
+    assert main(["test", str(adapted_run), "--quiet", "--no-images", "--pretrained"]) == 0
+    assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "pretrained"
+
+
+def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkeypatch):
+    from ddad.detection import Detector
+    from ddad.evaluation import sweep, test_run, with_overrides
+
+    r = RunDir(adapted_run)
+    base = r.load_config().detect
+    rows = sweep(r, [base.sampler.w], [0.5, 2.0], ["pixel", "feature", "combined"], ["pretrained"], base,
+                 progress=False)
+    # every reconstruction is now cached: a full run must not call the sampler again
+    def no_diffusion(*a, **k):
+        raise AssertionError("diffusion re-ran")
+
+    monkeypatch.setattr(Detector, "reconstruct", no_diffusion)
+    for row in rows:
+        detect = with_overrides(base, mode=row["mode"], v=row["v"], adapted=False)
+        full = test_run(r, detect, out_dir=r.root / "t", save_images=False, progress=False)
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            assert full[key] == pytest.approx(row[key], abs=1e-9), (row, key)
+    assert len({(r_["mode"], r_["v"]) for r_ in rows}) == 4  # pixel, feature, combined x 2 v
+    assert AdaptConfig().lambda_dl == 0.1 and AdaptConfig().lr == 1e-4
