@@ -103,3 +103,20 @@ def test_import_official_checkpoint_then_test(trained, tmp_path):
     assert torch.equal(ckpt.state_dict("model")["out.2.weight"], model.state_dict()["out.2.weight"])
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     assert (run / "test" / "metrics.json").is_file()
+
+
+def test_onnx_export_matches_pytorch(trained, tmp_path):
+    root, run = trained
+    data = root / "data" / "washer" / "test"
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path / "torch"), "--quiet", "--no-images",
+                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backbone-weights", "random"]) == 0
+    assert main(["export", str(run), "--scoring", "combined", "--backbone", "mobilenet_v2",
+                 "--backbone-weights", "random"]) == 0
+    assert (run / "export" / "unet.onnx").is_file() and (run / "export" / "extractor.onnx").is_file()
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path / "onnx"), "--quiet", "--no-images",
+                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backend", "onnxruntime"]) == 0
+    a = {r["image"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "torch" / "scores.csv"))}
+    b = {r["image"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "onnx" / "scores.csv"))}
+    assert a.keys() == b.keys()
+    for k in a:  # stated tolerance: 1e-4 relative
+        assert b[k] == pytest.approx(a[k], rel=1e-4), k

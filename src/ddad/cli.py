@@ -32,6 +32,9 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
+    g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
     g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
@@ -54,7 +57,8 @@ def _detect_from_args(base, args):
         sigma=args.sigma, crop=args.crop, batch_size=args.batch_size, seed=args.seed, device=args.device,
         precision=args.precision, authors_first_step=args.authors_first_step,
         normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
-        adapted_epoch=args.adapted_epoch,
+        adapted_epoch=args.adapted_epoch, backend=args.backend, channels_last=args.channels_last,
+        compile=args.compile,
     )
 
 
@@ -123,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractors", nargs="+", default=["pretrained", "adapted"], choices=("pretrained", "adapted"))
     p.add_argument("--out", type=Path, help="CSV (default RUN_DIR/sweep.csv)")
     p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("export", help="write the UNet step and the feature extractor as ONNX graphs")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
     _add_detect_flags(p)
 
     p = sub.add_parser("presets", help="print the paper's per-category settings (Tables 9-11)")
@@ -292,6 +302,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    detect = _detect_from_args(run.load_config().detect, args)
+    out = export_onnx(run, args.out, detect)
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .presets import format_table
 
@@ -358,7 +379,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
-            "presets": cmd_presets, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+            "presets": cmd_presets, "export": cmd_export, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,9 @@ class DetectConfig:
     device: str = "auto"
     adapted: bool = True  # use the run's domain-adapted extractor when it has one
     adapted_epoch: int | None = None  # which adaptation epoch (None: the last)
+    backend: str = "torch"  # torch | onnxruntime (graphs from `ddad export`)
+    channels_last: bool = False  # NHWC memory layout for the networks
+    compile: bool = False  # torch.compile the UNet (first batch pays the compile time)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -44,6 +48,8 @@ class DetectConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"backend must be torch or onnxruntime, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +77,7 @@ def image_seed(image: torch.Tensor, seed: int) -> int:
 class Detector:
     def __init__(
         self,
-        unet: UNet,
+        unet: UNet | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         config: DetectConfig,
         schedule: ScheduleConfig = ScheduleConfig(),
         extractor: FeatureExtractor | None = None,
@@ -79,7 +85,12 @@ class Detector:
     ) -> None:
         self.device = torch.device(device)
         self.config = config
-        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if isinstance(unet, torch.nn.Module):
+            unet = unet.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+            if config.compile:
+                unet = torch.compile(unet, dynamic=False)
+        self.unet = unet
         self.table = alphas_cumprod(schedule).to(self.device, torch.float32)
         if config.sampler.start_step >= schedule.num_timesteps:
             raise ValueError(f"start_step {config.sampler.start_step} must be below T={schedule.num_timesteps}")
@@ -87,13 +98,16 @@ class Detector:
             if extractor is None:
                 extractor = create_backbone(config.backbone, config.scoring.feature_layers,
                                             config.backbone_weights, config.allow_download)
-            self.extractor: FeatureExtractor | None = extractor.to(self.device).eval().requires_grad_(False)
+            extractor = extractor.to(self.device).eval().requires_grad_(False)
+            if isinstance(extractor, torch.nn.Module) and config.channels_last:
+                extractor = extractor.to(memory_format=torch.channels_last)
+            self.extractor: FeatureExtractor | None = extractor
         else:
             self.extractor = None
 
     def _denoiser(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.config.precision):
-            return self.unet(xt, t)
+            return self.unet(xt.contiguous(memory_format=self.memory_format), t)
 
     def seeds_for(self, images: torch.Tensor) -> list[int]:
         return [image_seed(img, self.config.seed) for img in images]

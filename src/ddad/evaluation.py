@@ -42,6 +42,10 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
 
     config = run.load_config()
     detect = detect or config.detect
+    if detect.backend == "onnxruntime":
+        from .export import onnx_detector
+
+        return onnx_detector(run, detect)
     device = resolve_device(detect.device)
     unet = run.load_unet(device)
     extractor = None
@@ -101,6 +105,7 @@ def _cache_key(run: RunDir, detect: DetectConfig, config: RunConfig, samples: li
     key = {
         "checkpoint": [ckpt.name, stat.st_size, stat.st_mtime_ns] if stat else None,
         "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
+        "backend": detect.backend,
         "data": config.data.to_dict(), "images": [str(s.image) for s in samples],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -78,23 +78,17 @@ def denoising_steps(config: SamplerConfig) -> list[tuple[int, int]]:
     return [(t, t - config.skip if t - config.skip > 0 else -1) for t in ts]
 
 
-class PerImageNoise:
-    """Gaussian noise drawn image by image, each from its own generator seeded with ``seeds[i]``.
-
-    Draws are made on the CPU in a fixed order (initial noise, then one draw per step), so an image's
-    noise is the same whatever batch it is in and whichever device runs the model."""
-
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int]) -> None:
-        self.generators = []
-        for s in seeds:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(int(s))
-            self.generators.append(g)
-        self.shape = tuple(shape)
-
-    def __call__(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        draws = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(draws).to(device=device, dtype=dtype)
+def per_image_noise(seeds: Sequence[int], shape: Sequence[int], draws: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """(draws, B, *shape) standard Gaussian noise; image i's comes from its own CPU generator seeded
+    with ``seeds[i]``, so it is the same whatever batch the image is in and whichever device runs the
+    model. All of it is drawn up front and moved to ``device`` in one copy (no transfer per step)."""
+    per_image = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(s))
+        per_image.append(torch.randn((draws, *shape), generator=g, dtype=torch.float32))
+    return torch.stack(per_image, dim=1).to(device)
 
 
 def conditioned_denoise(
@@ -115,15 +109,17 @@ def conditioned_denoise(
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {x.shape[0]} images")
     if config.start_step >= table.numel():
         raise ValueError(f"start_step {config.start_step} is outside the schedule of {table.numel()} steps")
-    noise = PerImageNoise(seeds, x.shape[1:])
     device = x.device
     x, y = x.float(), y.float()
     table = table.to(device=device, dtype=torch.float32)
     batch = x.shape[0]
+    steps = denoising_steps(config)
+    stochastic = [config.eta > 0 and t_next >= 0 for _, t_next in steps]
+    noise = iter(per_image_noise(seeds, x.shape[1:], 1 + sum(stochastic), device))
 
     a_start = alpha_bar(table, config.start_step)
-    xt = a_start.sqrt() * x + (1 - a_start).sqrt() * noise(device)  # Alg. 1, line 1
-    for t, t_next in denoising_steps(config):
+    xt = a_start.sqrt() * x + (1 - a_start).sqrt() * next(noise)  # Alg. 1, line 1
+    for (t, t_next), add_noise in zip(steps, stochastic):
         a_t, a_next = alpha_bar(table, t), alpha_bar(table, t_next)
         eps = denoiser(xt, torch.full((batch,), t, device=device, dtype=torch.long)).float()
         yt = a_t.sqrt() * y + (1 - a_t).sqrt() * eps  # Alg. 1, line 3
@@ -131,6 +127,6 @@ def conditioned_denoise(
         x0_pred = (xt - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()  # Eq. 2
         sigma = config.eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
         xt = a_next.sqrt() * x0_pred + (1 - a_next - sigma**2).clamp(min=0).sqrt() * eps_hat  # Eq. 7
-        if config.eta > 0 and t_next >= 0:
-            xt = xt + sigma * noise(device)
+        if add_noise:
+            xt = xt + sigma * next(noise)
     return xt
