@@ -6,6 +6,8 @@ to that configuration alone. Results are printed as a Markdown table and appende
 
     python benchmarks/speed.py train --presets ddad-s ddad --batch 8
     python benchmarks/speed.py infer --presets ddad-s ddad --backbones wide_resnet101_2 mobilenet_v2 --batches 1 16
+    python benchmarks/speed.py infer --presets ddad-s --backbones wide_resnet101_2 --backends torch compiled onnxruntime
+    python benchmarks/speed.py peak                      # measured fp32 matmul ceiling of this machine
 """
 
 from __future__ import annotations
@@ -62,8 +64,47 @@ def measure_train(preset: str, size: int, batch: int, steps: int, device_name: s
             "device": str(device), "images_per_s": batch * steps / dt, "peak_mb": _peak_mb(device)}
 
 
+def matmul_peak(device_name: str, n: int = 2048, repeats: int = 10) -> dict:
+    """Sustained fp32 (and on CUDA bf16) matmul throughput: the ceiling for these networks."""
+    from ddad.runtime import resolve_device
+
+    device = resolve_device(device_name)
+    out = {"kind": "peak", "device": str(device)}
+    for dtype in ([torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[f"gflops_{str(dtype).split('.')[-1]}"] = 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def count_gflop_per_image(preset: str, size: int, backbone: str, steps: int) -> float:
+    """FLOPs of DDAD-n for one image: n UNet calls + the extractor on x0 and y (2 images)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddad.backbones import create_backbone
+    from ddad.diffusion.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig.preset(preset, size, 3)).eval()
+    ext = create_backbone(backbone, (2, 3), weights="random").eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as unet_count:
+        unet(torch.zeros(1, 3, size, size), torch.tensor([100]))
+    with torch.no_grad(), FlopCounterMode(display=False) as ext_count:
+        ext(torch.zeros(2, 3, size, size))
+    return (steps * unet_count.get_total_flops() + ext_count.get_total_flops()) / 1e9
+
+
 def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: str, repeats: int,
-                  device_name: str, precision: str, steps: int) -> dict:
+                  device_name: str, precision: str, steps: int, backend: str = "torch",
+                  channels_last: bool = False) -> dict:
+    from ddad.backbones import create_backbone
     from ddad.detection import DetectConfig, Detector
     from ddad.diffusion.sampler import SamplerConfig, skip_for_steps
     from ddad.diffusion.unet import UNet, UNetConfig
@@ -71,11 +112,24 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     from ddad.scoring import ScoringConfig
 
     device = resolve_device(device_name)
-    unet = UNet(UNetConfig.preset(preset, size, 3))
+    unet = UNet(UNetConfig.preset(preset, size, 3)).eval()
     cfg = DetectConfig(sampler=SamplerConfig(250, skip_for_steps(250, steps), w=3, eta=1),
                        scoring=ScoringConfig(mode="combined"), backbone=backbone, backbone_weights=weights,
-                       precision=precision, batch_size=batch)
-    det = Detector(unet, cfg, device=device)
+                       precision=precision, batch_size=batch, compile=backend == "compiled",
+                       channels_last=channels_last)
+    extractor = None
+    if backend == "onnxruntime":
+        import tempfile
+
+        from ddad.export import OnnxDenoiser, OnnxExtractor, _ExtractorGraph, _export
+
+        folder = Path(tempfile.mkdtemp())
+        x2 = torch.zeros(2, 3, size, size)
+        _export(unet, (x2, torch.tensor([250, 25])), folder / "unet.onnx", ["x", "t"], ["eps"])
+        ext = create_backbone(backbone, (2, 3), weights=weights)
+        _export(_ExtractorGraph(ext, (2, 3)), (x2,), folder / "extractor.onnx", ["image"], ["stage2", "stage3"])
+        unet, extractor = OnnxDenoiser(folder / "unet.onnx"), OnnxExtractor(folder / "extractor.onnx", (2, 3))
+    det = Detector(unet, cfg, device=device, extractor=extractor)
     x = torch.rand(batch, 3, size, size) * 2 - 1
     det(x[:1])  # warm-up (one image: on the CPU a full-batch warm-up would double the cost)
     if device.type == "cuda":
@@ -86,15 +140,18 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / repeats
+    gflop = count_gflop_per_image(preset, size, backbone, steps)
     return {"kind": "infer", "preset": preset, "size": size, "batch": batch, "backbone": backbone,
             "weights": weights, "steps": steps, "precision": precision, "device": str(device),
-            "seconds_per_image": dt / batch, "peak_mb": _peak_mb(device)}
+            "backend": backend, "channels_last": channels_last, "seconds_per_image": dt / batch,
+            "images_per_s": batch / dt, "gflop_per_image": gflop, "gflops": gflop * batch / dt,
+            "peak_mb": _peak_mb(device)}
 
 
 def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     spec = json.loads(args.child)
-    fn = measure_train if spec.pop("kind") == "train" else measure_infer
+    fn = {"train": measure_train, "infer": measure_infer, "peak": matmul_peak}[spec.pop("kind")]
     print(json.dumps(fn(**spec)))
 
 
@@ -108,7 +165,9 @@ def _run(spec: dict, threads: int | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", nargs="?", choices=("train", "infer"))
+    p.add_argument("what", nargs="?", choices=("train", "infer", "peak"))
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=("torch", "compiled", "onnxruntime"))
+    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--presets", nargs="+", default=["ddad-s", "ddad"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="training batch")
@@ -129,7 +188,10 @@ def main() -> None:
     from ddad.backbones import WeightsNotFound, resolve_weights
 
     rows = []
-    if args.what == "train":
+    if args.what == "peak":
+        rows.append(_run({"kind": "peak", "device_name": args.device}, args.threads))
+        print(rows[-1], flush=True)
+    elif args.what == "train":
         for preset in args.presets:
             rows.append(_run({"kind": "train", "preset": preset, "size": args.size, "batch": args.batch,
                               "steps": args.train_steps, "device_name": args.device,
@@ -144,12 +206,14 @@ def main() -> None:
                         resolve_weights(backbone)
                     except WeightsNotFound:
                         weights = "random"
-                for batch in args.batches:
-                    rows.append(_run({"kind": "infer", "preset": preset, "size": args.size, "batch": batch,
-                                      "backbone": backbone, "weights": weights, "repeats": args.repeats,
-                                      "device_name": args.device, "precision": args.precision,
-                                      "steps": args.steps}, args.threads))
-                    print(rows[-1], flush=True)
+                for backend in args.backends:
+                    for batch in args.batches:
+                        rows.append(_run({"kind": "infer", "preset": preset, "size": args.size, "batch": batch,
+                                          "backbone": backbone, "weights": weights, "repeats": args.repeats,
+                                          "device_name": args.device, "precision": args.precision,
+                                          "steps": args.steps, "backend": backend,
+                                          "channels_last": args.channels_last}, args.threads))
+                        print(rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:

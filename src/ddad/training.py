@@ -38,6 +38,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest N kept; 0 keeps all
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, for CUDA)
     device: str = "auto"
+    channels_last: bool = False  # NHWC memory layout for the UNet and its inputs
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -109,7 +110,8 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)  # initial weights follow the seed, without touching the caller's RNG
         model = UNet(config.model)
-    model = model.to(device)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, tc, device)
     table = alphas_cumprod(config.schedule).to(device=device, dtype=torch.float32)
     start_epoch, step = 0, 0
@@ -147,7 +149,7 @@ def train(
             epoch_loss, t_epoch = 0.0, time.perf_counter()
             for b in range(steps_per_epoch):
                 idx = perm[b * batch:(b + 1) * batch]
-                x0 = data_on_device[idx.to(data_on_device.device)]
+                x0 = data_on_device[idx.to(data_on_device.device)].contiguous(memory_format=memory_format)
                 t = torch.randint(0, config.schedule.num_timesteps, (len(idx),), generator=gen).to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 with autocast(device, tc.precision):
