@@ -138,4 +138,8 @@ def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: 
     )
     run = RunDir(out / "run")
     train_run(config, run.root, resume=run.latest_checkpoint() is not None, progress=progress)
-    return test_run(run, progress=progress), run.root
+    metrics = test_run(run, progress=progress)
+    from .report import write_report
+
+    write_report(run)
+    return metrics, run.root

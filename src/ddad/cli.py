@@ -154,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/test)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
+    p.add_argument("--report", action="store_true", help="also write the HTML report (RUN_DIR/report)")
     p.add_argument("--quiet", action="store_true")
     _add_detect_flags(p)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of the last ddad test")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--test-dir", type=Path, help="ddad test output (default RUN_DIR/test)")
+    p.add_argument("--out", type=Path, help="folder (default RUN_DIR/report)")
 
     p = sub.add_parser("predict", help="score new images (files or folders) without labels")
     p.add_argument("run_dir", type=Path)
@@ -331,6 +337,18 @@ def cmd_test(args) -> int:
     print(format_metrics(metrics))
     print(f"metrics: {out / 'metrics.json'}\nscores:  {out / 'scores.csv'}"
           + ("" if args.no_images else f"\nimages:  {out / 'images'}"))
+    if args.report:
+        from .report import write_report
+
+        print(f"report:  {write_report(run, out)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .runs import RunDir
+
+    print(f"report: {write_report(RunDir(args.run_dir).require(), args.test_dir, args.out)}")
     return 0
 
 
@@ -374,12 +392,13 @@ def cmd_demo(args) -> int:
 
     metrics, run_dir = demo(args.out, epochs=args.epochs, category=args.category, progress=not args.quiet)
     print(format_metrics(metrics))
-    print(f"run:     {run_dir}\nmetrics: {run_dir / 'test' / 'metrics.json'}\nimages:  {run_dir / 'test' / 'images'}")
+    print(f"run:     {run_dir}\nmetrics: {run_dir / 'test' / 'metrics.json'}\nimages:  {run_dir / 'test' / 'images'}"
+          f"\nreport:  {run_dir / 'report' / 'index.html'}")
     return 0
 
 
 COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
-            "presets": cmd_presets, "export": cmd_export, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+            "presets": cmd_presets, "export": cmd_export, "report": cmd_report, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,9 @@ from .data.dataset import ImageSet
 from .data.formats import build_index
 from .data.io import DatasetError, is_image_file, read_image
 from .detection import DetectConfig, DetectionResult, Detector
-from .metrics import f1_optimal_threshold, pixel_auroc, pro_auc, roc_auc
+from .metrics import area_up_to, f1_optimal_threshold, pixel_auroc, pro_curve, roc_auc
+
+PRO_LIMIT = 0.3
 from .runs import RunDir
 from .runtime import resolve_device
 from .scoring import crop
@@ -142,15 +144,27 @@ def score_split(detector: Detector, split: TestSplit, recon: torch.Tensor) -> De
                            pixel_distance=cat("pixel_distance"), feature_distance=cat("feature_distance"))
 
 
-def split_metrics(split: TestSplit, scores: np.ndarray, maps: torch.Tensor, crop_fraction: float) -> dict:
-    """image AUROC, pixel AUROC and PRO (None where the data cannot give them)."""
+def split_metrics(split: TestSplit, scores: np.ndarray, maps: torch.Tensor, crop_fraction: float,
+                  curves: dict | None = None) -> dict:
+    """image AUROC, pixel AUROC and PRO (None where the data cannot give them). If ``curves`` is a
+    dict, the PRO curve (thinned to a few hundred points) is stored in it."""
     cropped_maps = crop(maps, crop_fraction)[:, 0].numpy()
     cropped_masks = crop(split.masks, crop_fraction)[:, 0].numpy() > 0.5
     has_masks = split.has_masks and bool(cropped_masks.any())
+    pro = None
+    if has_masks:
+        curve = pro_curve(cropped_maps, cropped_masks, PRO_LIMIT)
+        if curve is not None:
+            pro = area_up_to(curve[0], curve[1], PRO_LIMIT) / PRO_LIMIT
+            if curves is not None:
+                from .report import thin
+
+                xs, ys = thin(*curve)
+                curves["pro"] = {"fpr": xs, "pro": ys}
     return {
         "image_auroc": roc_auc(scores, split.labels),
         "pixel_auroc": pixel_auroc(cropped_maps, cropped_masks) if has_masks else None,
-        "pro": pro_auc(cropped_maps, cropped_masks) if has_masks else None,
+        "pro": pro,
     }
 
 
@@ -171,11 +185,12 @@ def test_run(
     recon = reconstruct_split(detector, run, config, split, cache=cache, progress=progress)
     result = score_split(detector, split, recon)
     score = result.score.numpy()
+    curves: dict = {}
     metrics = {
         "dataset": split.name,
         "n_images": int(len(score)),
         "n_defective": int(split.labels.sum()),
-        **split_metrics(split, score, result.anomaly_map, detect.crop),
+        **split_metrics(split, score, result.anomaly_map, detect.crop, curves),
         "threshold": f1_optimal_threshold(score, split.labels),
         "extractor": None if detector.extractor is None else (
             "adapted" if detect.adapted and _has_adapted(run) else "pretrained"),
@@ -184,6 +199,7 @@ def test_run(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "curves.json", json.dumps(curves))
     samples = split.samples
     names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in samples]
     _write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],

@@ -1,0 +1,189 @@
+"""``ddad report``: one self-contained HTML page per evaluated run (opens from disk, no network).
+
+It reads what ``ddad test`` wrote (metrics.json, scores.csv, curves.json, images/) and shows the
+metrics table, the image ROC and PRO curves, the score histogram of good vs defective images with the
+threshold, and the test images with input, reconstruction, heatmap and ground truth, worst errors
+first (missed defects, then false alarms). Plots are inline SVG; images are copied next to the page.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+from .runs import RunDir
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(bool)
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    ends = np.flatnonzero(np.append(s[1:] != s[:-1], True))
+    tpr = np.concatenate([[0.0], tp[ends] / max(y.sum(), 1)])
+    fpr = np.concatenate([[0.0], fp[ends] / max((~y).sum(), 1)])
+    return fpr, tpr
+
+
+def thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list, list]:
+    if len(x) <= n:
+        return [float(v) for v in x], [float(v) for v in y]
+    idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+    return [float(v) for v in x[idx]], [float(v) for v in y[idx]]
+
+
+def _svg_curve(xs: list, ys: list, title: str, xlabel: str, ylabel: str, xmax: float = 1.0,
+               diagonal: bool = False, w: int = 360, h: int = 280) -> str:
+    m = 44
+    pw, ph = w - m - 12, h - m - 24
+
+    def px(x):
+        return m + pw * min(x, xmax) / xmax
+
+    def py(y):
+        return 20 + ph * (1 - y)
+
+    pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if x <= xmax + 1e-12)
+    grid = "".join(f'<line x1="{m}" y1="{py(t):.1f}" x2="{m + pw}" y2="{py(t):.1f}" class="grid"/>'
+                   f'<text x="{m - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>' for t in (0, 0.5, 1))
+    ticks = "".join(f'<text x="{px(t):.1f}" y="{20 + ph + 16}" text-anchor="middle">{t:g}</text>'
+                    for t in (0, xmax / 2, xmax))
+    diag = f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(xmax)}" y2="{py(xmax)}" class="diag"/>' if diagonal else ""
+    return (f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">'
+            f'<text x="{w / 2}" y="13" text-anchor="middle" class="title">{html.escape(title)}</text>{grid}{ticks}{diag}'
+            f'<rect x="{m}" y="20" width="{pw}" height="{ph}" class="frame"/>'
+            f'<polyline points="{pts}" class="curve"/>'
+            f'<text x="{m + pw / 2}" y="{h - 4}" text-anchor="middle">{html.escape(xlabel)}</text>'
+            f'<text x="12" y="{20 + ph / 2}" text-anchor="middle" transform="rotate(-90 12 {20 + ph / 2})">'
+            f'{html.escape(ylabel)}</text></svg>')
+
+
+def _svg_histogram(good: np.ndarray, bad: np.ndarray, threshold: float | None, w: int = 420, h: int = 280) -> str:
+    allv = np.concatenate([good, bad]) if len(bad) else good
+    lo, hi = float(allv.min()), float(allv.max())
+    hi = hi if hi > lo else lo + 1.0
+    bins = np.linspace(lo, hi, 31)
+    cg, _ = np.histogram(good, bins)
+    cb, _ = np.histogram(bad, bins)
+    top = max(int(cg.max(initial=0)), int(cb.max(initial=0)), 1)
+    m, pw, ph = 36, w - 48, h - 64
+    bw = pw / (len(bins) - 1)
+    bars = []
+    for i in range(len(bins) - 1):
+        for counts, cls in ((cg, "good"), (cb, "bad")):
+            bh = ph * counts[i] / top
+            bars.append(f'<rect x="{m + i * bw:.1f}" y="{20 + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" '
+                        f'class="{cls}"/>')
+    thr = ""
+    if threshold is not None:
+        tx = m + pw * (threshold - lo) / (hi - lo)
+        thr = (f'<line x1="{tx:.1f}" y1="18" x2="{tx:.1f}" y2="{20 + ph}" class="thr"/>'
+               f'<text x="{tx + 4:.1f}" y="30">threshold {threshold:.4g}</text>')
+    return (f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="score histogram">'
+            f'<text x="{w / 2}" y="13" text-anchor="middle" class="title">Image scores</text>'
+            f'{"".join(bars)}{thr}<rect x="{m}" y="20" width="{pw}" height="{ph}" class="frame"/>'
+            f'<text x="{m}" y="{20 + ph + 16}">{lo:.4g}</text>'
+            f'<text x="{m + pw}" y="{20 + ph + 16}" text-anchor="end">{hi:.4g}</text>'
+            f'<rect x="{m}" y="{h - 18}" width="10" height="10" class="good"/><text x="{m + 14}" y="{h - 9}">good</text>'
+            f'<rect x="{m + 70}" y="{h - 18}" width="10" height="10" class="bad"/>'
+            f'<text x="{m + 84}" y="{h - 9}">defective</text></svg>')
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .sub{color:#666;font-size:13px}
+table.metrics{border-collapse:collapse;margin:12px 0} table.metrics td,table.metrics th{border:1px solid #ccc;
+padding:6px 12px;text-align:right} table.metrics th{background:#f3f3f3}
+.plots{display:flex;flex-wrap:wrap;gap:16px} svg{background:#fff;border:1px solid #e3e3e3;font-size:11px}
+svg .title{font-weight:600;font-size:12px} .grid{stroke:#eee} .frame{fill:none;stroke:#999} .diag{stroke:#bbb;
+stroke-dasharray:4 3} .curve{fill:none;stroke:#1f6fb4;stroke-width:2} .good{fill:#4c9be8;opacity:.75}
+.bad{fill:#e8674c;opacity:.75} .thr{stroke:#222;stroke-dasharray:5 3}
+.item{margin:10px 0;padding:6px;border-left:5px solid #ccc} .item.fn{border-color:#d62728}
+.item.fp{border-color:#ff9f1c} .item.ok{border-color:#2ca02c} .item img{max-width:100%;image-rendering:pixelated}
+.tag{display:inline-block;font-size:12px;padding:1px 6px;border-radius:3px;color:#fff;margin-right:6px}
+.tag.fn{background:#d62728} .tag.fp{background:#ff9f1c} .tag.ok{background:#2ca02c}
+"""
+
+
+def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Write ``out_dir``/index.html (default RUN_DIR/report) from a ``ddad test`` output folder."""
+    test_dir = Path(test_dir) if test_dir else run.test_dir
+    out_dir = Path(out_dir) if out_dir else run.root / "report"
+    metrics_path = test_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: run `ddad test {run.root}` first")
+    metrics = json.loads(metrics_path.read_text())
+    rows = list(csv.DictReader(open(test_dir / "scores.csv", newline="")))
+    curves = json.loads((test_dir / "curves.json").read_text()) if (test_dir / "curves.json").is_file() else {}
+    scores = np.array([float(r["score"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    threshold = metrics.get("threshold")
+
+    def f(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    detect = metrics.get("detect", {})
+    sampler, scoring = detect.get("sampler", {}), detect.get("scoring", {})
+    table = ("<table class='metrics'><tr><th>image AUROC</th><th>pixel AUROC</th><th>PRO (FPR ≤ 0.3)</th>"
+             "<th>images</th><th>defective</th><th>threshold (F1-optimal)</th></tr>"
+             f"<tr><td>{f(metrics.get('image_auroc'))}</td><td>{f(metrics.get('pixel_auroc'))}</td>"
+             f"<td>{f(metrics.get('pro'))}</td><td>{metrics.get('n_images')}</td><td>{metrics.get('n_defective')}</td>"
+             f"<td>{'n/a' if threshold is None else f'{threshold:.4g}'}</td></tr></table>")
+    settings = html.escape(
+        f"T'={sampler.get('start_step')}, skip {sampler.get('skip')}, w={sampler.get('w')}, eta={sampler.get('eta')}; "
+        f"scoring {scoring.get('mode')} (v={scoring.get('v')}, sigma={scoring.get('sigma')}); "
+        f"backbone {detect.get('backbone')} ({metrics.get('extractor') or 'none'})")
+
+    plots = []
+    if labels.min(initial=0) != labels.max(initial=0):
+        fpr, tpr = roc_points(scores, labels)
+        xs, ys = thin(fpr, tpr)
+        plots.append(_svg_curve(xs, ys, f"Image ROC (AUROC {f(metrics.get('image_auroc'))})", "false positive rate",
+                                "true positive rate", diagonal=True))
+    if curves.get("pro"):
+        plots.append(_svg_curve(curves["pro"]["fpr"], curves["pro"]["pro"], f"PRO curve (PRO {f(metrics.get('pro'))})",
+                                "false positive rate", "per-region overlap", xmax=0.3))
+    plots.append(_svg_histogram(scores[labels == 0], scores[labels == 1], threshold))
+
+    items = []
+    for r, s_, y in zip(rows, scores, labels):
+        if threshold is None:
+            kind, badness = "ok", -s_
+        elif y == 1 and s_ < threshold:
+            kind, badness = "fn", 2e9 + (threshold - s_)
+        elif y == 0 and s_ >= threshold:
+            kind, badness = "fp", 1e9 + (s_ - threshold)
+        else:
+            kind, badness = "ok", -abs(s_ - threshold)
+        items.append((badness, kind, r))
+    items.sort(key=lambda t: -t[0])
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    blocks = []
+    names = {"fn": "missed defect", "fp": "false alarm", "ok": "correct"}
+    for _, kind, r in items:
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{r['defect_type']}_{Path(r['image']).stem}")
+        src = test_dir / "images" / f"{stem}.png"
+        img = ""
+        if src.is_file():
+            shutil.copyfile(src, out_dir / "images" / src.name)
+            img = f"<img src='images/{html.escape(src.name)}' alt='{html.escape(r['image'])}' loading='lazy'>"
+        blocks.append(f"<div class='item {kind}'><span class='tag {kind}'>{names[kind]}</span>"
+                      f"<b>{html.escape(r['defect_type'])}</b> {html.escape(Path(r['image']).name)} — score "
+                      f"{float(r['score']):.4g}<br>{img}</div>")
+    n_fn = sum(k == "fn" for _, k, _ in items)
+    n_fp = sum(k == "fp" for _, k, _ in items)
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddad report — "
+            f"{html.escape(str(metrics.get('dataset')))}</title><style>{_CSS}</style></head><body>"
+            f"<h1>ddad report — {html.escape(str(metrics.get('dataset')))}</h1>"
+            f"<div class='sub'>run {html.escape(str(run.root))} · {settings}</div>{table}"
+            f"<h2>Curves</h2><div class='plots'>{''.join(plots)}</div>"
+            f"<h2>Test images ({n_fn} missed defects, {n_fp} false alarms at the threshold; worst first)</h2>"
+            f"{''.join(blocks)}</body></html>")
+    atomic_write_text(out_dir / "index.html", page)
+    return out_dir / "index.html"

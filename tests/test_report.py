@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddad.cli import main
+from ddad.report import roc_points
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_roc_points_trace_the_curve():
+    fpr, tpr = roc_points(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 1, 0, 0]))
+    assert list(fpr) == [0.0, 0.0, 0.5, 1.0] and list(tpr) == [0.0, 0.5, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, synth_root):
+    run = tmp_path_factory.mktemp("report") / "run"
+    assert main(["train", "--data-root", str(synth_root), "--category", "washer", "--model", "tiny",
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--run-dir", str(run), "--quiet",
+                 "--set", "detect.scoring.mode=pixel", "--set", "detect.sampler.start_step=50",
+                 "--set", "detect.crop=1.0"]) == 0
+    assert main(["test", str(run), "--quiet", "--report"]) == 0
+    return run / "report" / "index.html"
+
+
+def test_report_is_self_contained(report):
+    page = report.read_text()
+    assert "<table class='metrics'>" in page and "image AUROC" in page
+    assert page.count("<svg") == 3  # ROC, PRO, histogram
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert len(srcs) == 9 and all((report.parent / s).is_file() for s in srcs)
+    assert "http://" not in page and "https://" not in page  # nothing from a network
+    # worst errors first: every missed defect is listed before any correct image
+    kinds = re.findall(r"<div class='item (\w+)'>", page)
+    assert kinds == sorted(kinds, key=lambda k: {"fn": 0, "fp": 1, "ok": 2}[k])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    dom = subprocess.run(base + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "image AUROC" in dom.stdout and dom.stdout.count("<img") == 9
+    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,900", report.as_uri()],
+                   capture_output=True, timeout=120)
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (900, 1200) and img.std() > 10  # a rendered page, not a blank one
