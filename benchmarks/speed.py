@@ -103,7 +103,7 @@ def count_gflop_per_image(preset: str, size: int, backbone: str, steps: int) -> 
 
 def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: str, repeats: int,
                   device_name: str, precision: str, steps: int, backend: str = "torch",
-                  channels_last: bool = False) -> dict:
+                  channels_last: bool = False, micro_batch: int = 0) -> dict:
     from ddad.backbones import create_backbone
     from ddad.detection import DetectConfig, Detector
     from ddad.diffusion.sampler import SamplerConfig, skip_for_steps
@@ -116,7 +116,7 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     cfg = DetectConfig(sampler=SamplerConfig(250, skip_for_steps(250, steps), w=3, eta=1),
                        scoring=ScoringConfig(mode="combined"), backbone=backbone, backbone_weights=weights,
                        precision=precision, batch_size=batch, compile=backend == "compiled",
-                       channels_last=channels_last)
+                       channels_last=channels_last, micro_batch=micro_batch)
     extractor = None
     if backend == "onnxruntime":
         import tempfile
@@ -143,7 +143,8 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     gflop = count_gflop_per_image(preset, size, backbone, steps)
     return {"kind": "infer", "preset": preset, "size": size, "batch": batch, "backbone": backbone,
             "weights": weights, "steps": steps, "precision": precision, "device": str(device),
-            "backend": backend, "channels_last": channels_last, "seconds_per_image": dt / batch,
+            "backend": backend, "channels_last": channels_last, "micro_batch": micro_batch,
+            "seconds_per_image": dt / batch,
             "images_per_s": batch / dt, "gflop_per_image": gflop, "gflops": gflop * batch / dt,
             "peak_mb": _peak_mb(device)}
 
@@ -168,6 +169,7 @@ def main() -> None:
     p.add_argument("what", nargs="?", choices=("train", "infer", "peak"))
     p.add_argument("--backends", nargs="+", default=["torch"], choices=("torch", "compiled", "onnxruntime"))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--micro-batch", type=int, default=0)
     p.add_argument("--presets", nargs="+", default=["ddad-s", "ddad"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="training batch")
@@ -212,7 +214,8 @@ def main() -> None:
                                           "backbone": backbone, "weights": weights, "repeats": args.repeats,
                                           "device_name": args.device, "precision": args.precision,
                                           "steps": args.steps, "backend": backend,
-                                          "channels_last": args.channels_last}, args.threads))
+                                          "channels_last": args.channels_last,
+                                          "micro_batch": args.micro_batch}, args.threads))
                         print(rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     args.out.parent.mkdir(parents=True, exist_ok=True)

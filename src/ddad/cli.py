@@ -35,6 +35,7 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+    g.add_argument("--micro-batch", type=int, help="run the UNet on chunks of this many images (CPU cache)")
     g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
@@ -58,7 +59,7 @@ def _detect_from_args(base, args):
         precision=args.precision, authors_first_step=args.authors_first_step,
         normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
         adapted_epoch=args.adapted_epoch, backend=args.backend, channels_last=args.channels_last,
-        compile=args.compile,
+        compile=args.compile, micro_batch=args.micro_batch,
     )
 
 

@@ -38,6 +38,8 @@ class DetectConfig:
     backend: str = "torch"  # torch | onnxruntime (graphs from `ddad export`)
     channels_last: bool = False  # NHWC memory layout for the networks
     compile: bool = False  # torch.compile the UNet (first batch pays the compile time)
+    micro_batch: int = 0  # run the UNet on chunks of this many images (0: the whole batch); on CPUs
+    #                       smaller chunks stay in cache (batch 1 is faster per image than 16 at 256 px)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -46,6 +48,8 @@ class DetectConfig:
             raise ValueError(f"crop must be in (0, 1], got {self.crop}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in ("torch", "onnxruntime"):
@@ -106,8 +110,12 @@ class Detector:
             self.extractor = None
 
     def _denoiser(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xt = xt.contiguous(memory_format=self.memory_format)
+        k = self.config.micro_batch
         with autocast(self.device, self.config.precision):
-            return self.unet(xt.contiguous(memory_format=self.memory_format), t)
+            if k <= 0 or k >= xt.shape[0]:
+                return self.unet(xt, t)
+            return torch.cat([self.unet(xt[i:i + k], t[i:i + k]) for i in range(0, xt.shape[0], k)])
 
     def seeds_for(self, images: torch.Tensor) -> list[int]:
         return [image_seed(img, self.config.seed) for img in images]
