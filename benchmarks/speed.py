@@ -103,7 +103,7 @@ def count_gflop_per_image(preset: str, size: int, backbone: str, steps: int) -> 
 
 def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: str, repeats: int,
                   device_name: str, precision: str, steps: int, backend: str = "torch",
-                  channels_last: bool = False, micro_batch: int = 0) -> dict:
+                  channels_last: bool = False, micro_batch: int | None = 0) -> dict:
     from ddad.backbones import create_backbone
     from ddad.detection import DetectConfig, Detector
     from ddad.diffusion.sampler import SamplerConfig, skip_for_steps
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("what", nargs="?", choices=("train", "infer", "peak"))
     p.add_argument("--backends", nargs="+", default=["torch"], choices=("torch", "compiled", "onnxruntime"))
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--micro-batch", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=0, help="0: whole batch (default here); -1: automatic")
     p.add_argument("--presets", nargs="+", default=["ddad-s", "ddad"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="training batch")
@@ -215,7 +215,8 @@ def main() -> None:
                                           "device_name": args.device, "precision": args.precision,
                                           "steps": args.steps, "backend": backend,
                                           "channels_last": args.channels_last,
-                                          "micro_batch": args.micro_batch}, args.threads))
+                                          "micro_batch": None if args.micro_batch < 0 else args.micro_batch},
+                                         args.threads))
                         print(rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,8 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
-    g.add_argument("--micro-batch", type=int, help="run the UNet on chunks of this many images (CPU cache)")
+    g.add_argument("--micro-batch", type=int,
+                   help="run the UNet on chunks of this many images (0: whole batch; default: automatic)")
     g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
