@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "ddad-checkpoint-v1"
@@ -106,11 +106,9 @@ class Checkpoint:
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-            self.tensors = load_file(str(self.path))
+                self.keys = list(fh.keys())
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"cannot read checkpoint {self.path}: {exc}") from None
         if meta.get("format") != FORMAT:
@@ -118,17 +116,26 @@ class Checkpoint:
         self.info: dict = json.loads(meta.get("info", "{}"))
         self._optimizer_meta = json.loads(meta["optimizer"]) if "optimizer" in meta else None
 
+    def _read(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Only the tensors under ``prefix`` (detection never reads the optimizer state)."""
+        with safe_open(str(self.path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in self.keys if k.startswith(prefix)}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path))
+
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         p = prefix + "."
-        sd = {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        sd = {k[len(p):]: v for k, v in self._read(p).items()}
         if not sd:
             raise KeyError(f"checkpoint {self.path} holds no {prefix!r} weights")
         return sd
 
     def has(self, prefix: str) -> bool:
-        return any(k.startswith(prefix + ".") for k in self.tensors)
+        return any(k.startswith(prefix + ".") for k in self.keys)
 
     def optimizer_state(self) -> dict | None:
         if self._optimizer_meta is None:
             return None
-        return _unflatten_optimizer(self.tensors, self._optimizer_meta)
+        return _unflatten_optimizer(self._read("optimizer."), self._optimizer_meta)
