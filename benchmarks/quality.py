@@ -34,10 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patchcore import run_patchcore  # noqa: E402
 
 from ddad.adaptation import AdaptConfig, adapted_checkpoints  # noqa: E402
-from ddad.api import adapt_run, train_run  # noqa: E402
+from ddad.api import adapt_run, load_train_images, train_run  # noqa: E402
 from ddad.backbones import create_backbone  # noqa: E402
 from ddad.config import RunConfig  # noqa: E402
-from ddad.data.dataset import ImageSet  # noqa: E402
 from ddad.data.formats import DataConfig, build_index  # noqa: E402
 from ddad.detection import DetectConfig  # noqa: E402
 from ddad.diffusion.sampler import SamplerConfig  # noqa: E402
@@ -129,7 +128,7 @@ def main() -> None:
 
     # 4. PatchCore on the same split, backbone, size, smoothing and metrics
     split = load_test_split(run, config, progress)
-    train_images = ImageSet(build_index(config.data).train, config.data.image_size, config.data.channels).stack()
+    train_images = load_train_images(run, config, progress=False)
     extractor = create_backbone(detect.backbone, detect.scoring.feature_layers, detect.backbone_weights)
     for fraction in args.patchcore_fraction:
         pc = run_patchcore(extractor, train_images, split.images, fraction, detect.scoring.sigma, detect.crop,

@@ -126,4 +126,8 @@ def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkey
         for key in ("image_auroc", "pixel_auroc", "pro"):
             assert full[key] == pytest.approx(row[key], abs=1e-9), (row, key)
     assert len({(r_["mode"], r_["v"]) for r_ in rows}) == 4  # pixel, feature, combined x 2 v
+    pixel_only = sweep(r, [base.sampler.w], [1.0], ["pixel"], ["pretrained"], base, progress=False)
+    assert [p["mode"] for p in pixel_only] == ["pixel"]
+    assert pixel_only[0]["image_auroc"] == pytest.approx(
+        next(x for x in rows if x["mode"] == "pixel")["image_auroc"])
     assert AdaptConfig().lambda_dl == 0.1 and AdaptConfig().lr == 1e-4

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from .backbones import FeatureExtractor, create_backbone
 from .checkpoint import Checkpoint, save_checkpoint
-from .diffusion.sampler import SamplerConfig, conditioned_denoise
-from .diffusion.schedule import alphas_cumprod
+from .detection import Detector
+from .diffusion.sampler import SamplerConfig
 from .runtime import autocast, resolve_device
 from .training import epoch_seed
 
@@ -168,8 +168,9 @@ def adapt(
     if ac.epochs < 1:
         raise ValueError("adapt.epochs is 0: nothing to do (pass --epochs N)")
     device = resolve_device(detect.device)
-    unet = run.load_unet(device)
-    table = alphas_cumprod(config.schedule).to(device, torch.float32)
+    # The same conditioned sampler as detection, with the adaptation's T'_DA / w_DA (no extractor needed).
+    recon_cfg = replace(detect, sampler=ac.sampler, scoring=replace(detect.scoring, mode="pixel"))
+    reconstructor = Detector(run.load_unet(device), recon_cfg, config.schedule, device=device)
     layers = tuple(sorted(set(ac.layers) | set(detect.scoring.feature_layers)))
     phi = create_backbone(detect.backbone, layers, detect.backbone_weights, detect.allow_download).to(device)
     phibar = frozen_copy(phi)
@@ -203,9 +204,7 @@ def adapt(
             idx = perm[b * 2 * half:(b + 1) * 2 * half]
             x, y = images[idx[:half]].to(device), images[idx[half:]].to(device)
             seeds = torch.randint(0, 2**62, (half,), generator=gen).tolist()
-            with torch.no_grad():
-                x0 = conditioned_denoise(lambda xt, t: _call(unet, xt, t, device, detect.precision),
-                                         x, y, table, ac.sampler, seeds)
+            x0 = reconstructor.reconstruct(x, seeds, target=y).clone()  # clone: a normal tensor for autograd
             with autocast(device, detect.precision):
                 loss = adaptation_loss(phi, phibar, x0, y, ac.layers, ac.lambda_dl)
             optimizer.zero_grad(set_to_none=True)
@@ -230,7 +229,3 @@ def adapt(
     bar.close()
     return records
 
-
-def _call(unet, xt, t, device, precision):
-    with autocast(device, precision):
-        return unet(xt, t)

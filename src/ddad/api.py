@@ -33,10 +33,7 @@ def train_run(config: RunConfig, run_dir: Path | str, resume: bool = False, prog
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
-    train_set = ImageSet(index.train, config.data.image_size, config.data.channels)
-    if config.data.skip_bad_files:
-        report_skipped(run, train_set.drop_unreadable(), "training")
-    images = train_set.stack(progress=progress)
+    images = load_train_images(run, config, index, progress)
     return train(run, config, images, resume=resume, progress=progress, on_step=on_step)
 
 
@@ -53,12 +50,18 @@ def adapt_run(run_dir: Path | str, overrides: dict | None = None, resume: bool =
         merged = {**config.adapt.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
         config = replace(config, adapt=AdaptConfig(**{**merged, "layers": tuple(merged["layers"])}))
         run.save_config(config)
-    index = build_index(config.data)
+    images = load_train_images(run, config, build_index(config.data), progress)
+    return adapt(run, config, images, resume=resume, progress=progress, on_step=on_step)
+
+
+def load_train_images(run: RunDir, config: RunConfig, index=None, progress: bool = True):
+    """The defect-free training images as one (N, C, H, W) tensor (unreadable files skipped and logged
+    when ``skip_bad_files`` is set)."""
+    index = index or build_index(config.data)
     train_set = ImageSet(index.train, config.data.image_size, config.data.channels)
     if config.data.skip_bad_files:
         report_skipped(run, train_set.drop_unreadable(), "training")
-    images = train_set.stack(progress=progress)
-    return adapt(run, config, images, resume=resume, progress=progress, on_step=on_step)
+    return train_set.stack(progress=progress)
 
 
 def report_skipped(run: RunDir, skipped: list, split: str) -> None:

@@ -283,9 +283,7 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import csv
-
-    from .evaluation import sweep
+    from .evaluation import sweep, write_csv
     from .runs import RunDir
 
     run = RunDir(args.run_dir).require()
@@ -293,10 +291,7 @@ def cmd_sweep(args) -> int:
     rows = sweep(run, args.ws or [detect.sampler.w], args.vs, args.modes, args.extractors, detect,
                  progress=not args.quiet)
     out = args.out or run.root / "sweep.csv"
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, list(rows[0]), [[r[k] for k in rows[0]] for r in rows])
 
     def f(v):
         return "n/a" if v is None else f"{v:.4f}"

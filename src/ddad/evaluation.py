@@ -56,7 +56,7 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
     return Detector(unet, detect, config.schedule, extractor=extractor, device=device), config
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -202,7 +202,7 @@ def test_run(
     atomic_write_text(out_dir / "curves.json", json.dumps(curves))
     samples = split.samples
     names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in samples]
-    _write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],
+    write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],
                [(str(s.image), s.defect_type, s.label, f"{float(v):.6g}") for s, v in zip(samples, score)])
     if metrics["threshold"] is not None:
         atomic_write_text(run.root / "threshold.json", json.dumps(
@@ -264,7 +264,8 @@ def sweep(
         detector = Detector(unet, det_cfg, config.schedule, device=device)
         recon = reconstruct_split(detector, run, config, split, progress=progress)
         pix = score_split(detector, split, recon).pixel_distance
-        for ext_name in (list(feature_extractors) if need_features else ["-"]):
+        ext_names = list(feature_extractors) if feature_extractors else ["-"]
+        for ext_index, ext_name in enumerate(ext_names):
             d_f = None
             if ext_name != "-":
                 fdet = Detector(unet, with_overrides(base, w=float(w), mode="feature"), config.schedule,
@@ -273,7 +274,7 @@ def sweep(
             for mode in modes:
                 if mode != "pixel" and d_f is None:
                     continue
-                if mode == "pixel" and ext_name not in ("-", list(feature_extractors)[0]):
+                if mode == "pixel" and ext_index > 0:
                     continue  # pixel-only does not depend on the extractor
                 for v in (vs if mode == "combined" else [None]):
                     scoring = replace(base.scoring, mode=mode, v=float(v) if v is not None else base.scoring.v)
@@ -339,7 +340,7 @@ def predict(
         bar.update(len(chunk))
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "scores.csv", ["image", "score", "decision"],
+    write_csv(out_dir / "scores.csv", ["image", "score", "decision"],
                [(r["image"], f"{r['score']:.6g}", r["decision"] or "") for r in rows])
     if save_images and results:
         all_maps = torch.stack([r[3] for r in results])
