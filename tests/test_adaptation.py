@@ -9,6 +9,7 @@ from ddad.adaptation import AdaptConfig, adaptation_loss, adapted_checkpoints, f
 from ddad.backbones import create_backbone
 from ddad.cli import main
 from ddad.presets import PRESETS, get_setting
+from ddad.training import TrainConfig
 from ddad.runs import RunDir
 
 from .conftest import MOBILENET
@@ -80,6 +81,33 @@ def test_preset_flag_sets_the_run_and_flags_override(tmp_path, synth_root):
     config, _ = _train_config(args)
     assert config.detect.sampler.w == 3 and config.train.epochs == 7 and config.model.base_channels == 64
     assert config.adapt.lambda_dl == 0.1 and config.train.batch_size == 32 and config.data.image_size == 256
+    # the paper's tables come with the paper's training recipe
+    assert config.train == TrainConfig.recipe("paper", epochs=7)
+
+
+def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
+    import yaml
+
+    from ddad.cli import _train_config, build_parser
+    from ddad.config import RunConfig
+
+    def parse(*extra):
+        return _train_config(build_parser().parse_args(["train", "--data-root", "x", "--category", "c", *extra]))[0]
+
+    assert parse().train == TrainConfig()
+    assert parse("--recipe", "paper").train == TrainConfig.recipe("paper")
+    assert parse("--recipe", "paper", "--lr", "1e-4").train == TrainConfig.recipe("paper", lr=1e-4)
+    assert parse("--max-timestep", "-1").train.max_timestep is None
+    assert parse("--max-timestep", "300", "--minutes", "25").train.max_minutes == 25
+    # a run directory written before recipes existed was trained with the paper's recipe
+    run = RunDir(tmp_path / "old")
+    data = RunConfig().to_dict()
+    data["train"] = {k: v for k, v in data["train"].items() if k in ("epochs", "batch_size", "lr", "weight_decay",
+                                                                      "seed", "checkpoint_every")}
+    data["train"].update(lr=3e-4, weight_decay=0.05)
+    run.root.mkdir()
+    run.config_path.write_text(yaml.safe_dump(data))
+    assert run.load_config().train == TrainConfig.recipe("paper", batch_size=data["train"]["batch_size"])
 
 
 @pytest.fixture(scope="module")

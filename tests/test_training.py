@@ -12,12 +12,12 @@ from ddad.runs import RunDir
 from ddad.training import TrainConfig, ddpm_loss, make_optimizer, train
 
 
-def tiny_config(epochs=4, every=2, dropout=0.0):
+def tiny_config(epochs=4, every=2, dropout=0.0, **train):
     model = UNetConfig(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
                        attention_resolutions=(8,), num_heads=2, dropout=dropout)
     return RunConfig(data=DataConfig(root="unused", category="x", image_size=16, channels=1), model=model,
                      train=TrainConfig(epochs=epochs, batch_size=4, checkpoint_every=every, keep_checkpoints=0,
-                                       seed=3))
+                                       seed=3, **train))
 
 
 def images(n=10):
@@ -43,13 +43,29 @@ def test_loss_decreases_on_a_fixed_batch():
     assert loss.item() < 0.5 * first
 
 
-def test_paper_hyperparameters_are_the_defaults():
-    tc = TrainConfig()
-    assert (tc.lr, tc.weight_decay) == (3e-4, 0.05)
+def test_paper_recipe_is_the_papers_hyperparameters():
+    tc = TrainConfig.recipe("paper")
+    assert (tc.lr, tc.weight_decay, tc.batch_size) == (3e-4, 0.05, 32)
+    assert tc.loss_reduction == "sum" and tc.max_timestep is None and tc.timestep_weighting == "uniform"
+    assert (tc.warmup_steps, tc.grad_clip, tc.ema_decay) == (0, None, 0.0)
     s = ScheduleConfig()
     assert (s.num_timesteps, s.beta_start, s.beta_end) == (1000, 1e-4, 0.02)
     opt = make_optimizer(torch.nn.Linear(1, 1), tc, torch.device("cpu"))
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 0.05
+    # coupled L2: torch's Adam (not AdamW) with weight decay 0.05
+    assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.05
+    # loss summed over pixels: 16 x 16 pixels give 256 times the per-pixel mean
+    model = UNet(tiny_config().model)
+    x, t = images(2), torch.tensor([10, 900])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    table = alphas_cumprod(s)
+    total = ddpm_loss(model, x, t, noise, table, tc.loss_reduction)
+    assert torch.allclose(total, 256 * ddpm_loss(model, x, t, noise, table, "mean"))
+    # the default recipe differs where the measurements said so
+    d = TrainConfig()
+    assert type(make_optimizer(torch.nn.Linear(1, 1), d, torch.device("cpu"))) is torch.optim.AdamW
+    assert d.max_timestep == 250 and d.ema_decay > 0 and d.loss_reduction == "mean"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig.recipe("fast")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -87,7 +103,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     train(run, cfg, images(4), progress=False)
     assert [e for e, _ in run.checkpoints()] == [2, 3]
     assert not list(run.checkpoint_dir.glob("*.tmp"))
-    assert "epoch 3 loss" in run.log_path.read_text()
+    assert "epoch 3 step 3 loss" in run.log_path.read_text()
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):

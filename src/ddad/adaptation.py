@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .detection import Detector
 from .diffusion.sampler import SamplerConfig
 from .runtime import autocast, resolve_device
-from .training import epoch_seed
+from .training import check_trained_timestep, epoch_seed
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -170,7 +170,9 @@ def adapt(
     device = resolve_device(detect.device)
     # The same conditioned sampler as detection, with the adaptation's T'_DA / w_DA (no extractor needed).
     recon_cfg = replace(detect, sampler=ac.sampler, scoring=replace(detect.scoring, mode="pixel"))
-    reconstructor = Detector(run.load_unet(device), recon_cfg, config.schedule, device=device)
+    check_trained_timestep(config.train, ac.sampler.start_step, detect.force_timestep, what="adapt")
+    reconstructor = Detector(run.load_unet(device, detect.checkpoint, detect.weights), recon_cfg, config.schedule,
+                             device=device)
     layers = tuple(sorted(set(ac.layers) | set(detect.scoring.feature_layers)))
     phi = create_backbone(detect.backbone, layers, detect.backbone_weights, detect.allow_download).to(device)
     phibar = frozen_copy(phi)

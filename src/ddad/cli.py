@@ -10,7 +10,8 @@ from typing import Sequence
 from .config import ConfigError, RunConfig, merge, parse_assignment
 from .data.io import DatasetError
 
-RESUMABLE_TRAIN_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "device", "precision")
+RESUMABLE_TRAIN_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "device", "precision", "max_steps",
+                          "max_minutes")
 
 
 def _add_detect_flags(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,11 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
     g.add_argument("--micro-batch", type=int,
                    help="run the UNet on chunks of this many images (0: whole batch; default: automatic)")
+    g.add_argument("--checkpoint", help="which checkpoint of the run (file name in RUN_DIR/checkpoints or a path; "
+                                        "default: the latest)")
+    g.add_argument("--weights", choices=("ema", "raw"), help="the EMA of the weights (default, where kept) or the raw ones")
+    g.add_argument("--force-timestep", action="store_true", default=None,
+                   help="allow a T' above the largest timestep the model was trained on")
     g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
@@ -60,7 +66,8 @@ def _detect_from_args(base, args):
         precision=args.precision, authors_first_step=args.authors_first_step,
         normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
         adapted_epoch=args.adapted_epoch, backend=args.backend, channels_last=args.channels_last,
-        compile=args.compile, micro_batch=args.micro_batch,
+        compile=args.compile, micro_batch=args.micro_batch, checkpoint=args.checkpoint, weights=args.weights,
+        force_timestep=args.force_timestep,
     )
 
 
@@ -94,9 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip undecodable images with a warning (counted in the run log)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--model", choices=("ddad", "ddad-s", "tiny"), help="UNet preset")
+    p.add_argument("--model", choices=("ddad", "ddad-s", "compact", "tiny"), help="UNet preset")
     p.add_argument("--preset", choices=("mvtec", "mvtec-s", "visa"),
-                   help="the paper's settings for --category (Tables 9-11); flags still override")
+                   help="the paper's settings for --category (Tables 9-11, with --recipe paper); flags still override")
+    p.add_argument("--recipe", choices=("default", "paper"),
+                   help="training recipe: ddad's default, or the paper's exactly (Sec. 5.2, App. 7)")
+    p.add_argument("--minutes", type=float, dest="max_minutes", help="stop (and save) after this much training time")
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many optimizer steps")
+    p.add_argument("--max-timestep", type=int, help="train t in [0, N] (default 250: the detector's T'); "
+                                                    "-1: the whole schedule")
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights for detection (0: none)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -192,7 +206,8 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         config = RunDir(args.run_dir).load_config()
         train_over = {k: getattr(args, k) for k in RESUMABLE_TRAIN_FIELDS if getattr(args, k, None) is not None}
         blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
-                                     "batch_size", "lr", "weight_decay", "seed", "normal_dir", "abnormal_dir",
+                                     "batch_size", "lr", "weight_decay", "seed", "recipe", "max_timestep",
+                                     "ema_decay", "normal_dir", "abnormal_dir",
                                      "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files")
                    if getattr(args, flag) is not None]
         if blocked or args.set:
@@ -203,6 +218,10 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         return RunConfig.from_dict(data), args.run_dir
 
     data = RunConfig().to_dict()
+    from .training import TrainConfig
+
+    recipe = args.recipe or ("paper" if args.preset else "default")
+    data["train"] = TrainConfig.recipe(recipe).to_dict()
     if args.preset:
         from .presets import get_setting
 
@@ -221,10 +240,13 @@ def _train_config(args) -> tuple[RunConfig, Path]:
                  "seed": args.data_seed, "skip_bad_files": args.skip_bad_files},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
-                  "device": args.device, "precision": args.precision},
+                  "device": args.device, "precision": args.precision, "max_minutes": args.max_minutes,
+                  "max_steps": args.max_steps, "ema_decay": args.ema_decay},
     }
     for section, values in flags.items():
         data[section].update({k: v for k, v in values.items() if v is not None})
+    if args.max_timestep is not None:
+        data["train"]["max_timestep"] = None if args.max_timestep < 0 else args.max_timestep
     for assignment in args.set:
         data = merge(data, parse_assignment(assignment))
     size, channels = data["data"]["image_size"], data["data"]["channels"]

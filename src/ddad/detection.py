@@ -45,6 +45,9 @@ class DetectConfig:
     # chunks of about 64 x 64 x 16 pixels, which stay in cache: at 256 px batch 16 is 1.7x slower per
     # image than batch 1; on a GPU the whole batch).
     micro_batch: int | None = None
+    checkpoint: str | None = None  # which checkpoint of the run (a file name in checkpoints/ or a path); None: latest
+    weights: str = "ema"  # ema: the moving average of the weights where training kept one | raw
+    force_timestep: bool = False  # allow a T' above the largest timestep the model was trained on
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -57,6 +60,8 @@ class DetectConfig:
             raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
         if self.backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend must be torch or onnxruntime, got {self.backend!r}")
 

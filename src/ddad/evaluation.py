@@ -31,6 +31,7 @@ from .metrics import area_up_to, f1_optimal_threshold, pixel_auroc, pro_curve, r
 PRO_LIMIT = 0.3
 from .runs import RunDir
 from .runtime import resolve_device
+from .training import check_trained_timestep
 from .scoring import crop
 from .visualize import panel, save_png
 
@@ -48,8 +49,9 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
         from .export import onnx_detector
 
         return onnx_detector(run, detect)
+    check_trained_timestep(config.train, detect.sampler.start_step, detect.force_timestep)
     device = resolve_device(detect.device)
-    unet = run.load_unet(device)
+    unet = run.load_unet(device, detect.checkpoint, detect.weights)
     extractor = None
     if detect.scoring.uses_features and detect.adapted:
         extractor = load_adapted_extractor(run, detect.backbone, detect.scoring.feature_layers, detect.adapted_epoch)
@@ -102,10 +104,10 @@ def load_test_split(run: RunDir, config: RunConfig, progress: bool = True) -> Te
 
 
 def _cache_key(run: RunDir, detect: DetectConfig, config: RunConfig, samples: list) -> str:
-    ckpt = run.latest_checkpoint()
-    stat = ckpt.stat() if ckpt else None
+    ckpt = run.resolve_checkpoint(detect.checkpoint)
+    stat = ckpt.stat()
     key = {
-        "checkpoint": [ckpt.name, stat.st_size, stat.st_mtime_ns] if stat else None,
+        "checkpoint": [ckpt.name, stat.st_size, stat.st_mtime_ns], "weights": detect.weights,
         "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
         "backend": detect.backend,
         "data": config.data.to_dict(), "images": [str(s.image) for s in samples],
@@ -244,8 +246,9 @@ def sweep(
     config = run.load_config()
     base = detect or config.detect
     split = load_test_split(run, config, progress)
+    check_trained_timestep(config.train, base.sampler.start_step, base.force_timestep)
     device = resolve_device(base.device)
-    unet = run.load_unet(device)
+    unet = run.load_unet(device, base.checkpoint, base.weights)
     need_features = any(m != "pixel" for m in modes)
     feature_extractors: dict[str, object] = {}
     if need_features:

@@ -65,7 +65,8 @@ def export_onnx(run: RunDir, out_dir: Path | None = None, detect=None) -> Path:
     x = torch.zeros(2, channels, size, size)
     t = torch.tensor([250, 25], dtype=torch.long)
     _export(unet, (x, t), out_dir / "unet.onnx", ["x", "t"], ["eps"])
-    info = {"run": str(run.root), "checkpoint": str(run.latest_checkpoint()), "image_size": size,
+    info = {"run": str(run.root), "checkpoint": str(run.resolve_checkpoint(detector.config.checkpoint)),
+            "weights": detector.config.weights, "image_size": size,
             "channels": channels, "extractor": None}
     if detector.extractor is not None:
         layers = detector.config.scoring.feature_layers

@@ -3,23 +3,27 @@
     RUN_DIR/config.yaml                    the full RunConfig
     RUN_DIR/dataset.json                   dataset statistics at training time
     RUN_DIR/train.log                      one line per epoch and per event
-    RUN_DIR/checkpoints/epoch-NNNNN.safetensors   weights + optimizer state (resumable)
+    RUN_DIR/checkpoints/epoch-NNNNN.safetensors   weights (+ EMA) + optimizer state (resumable)
+    RUN_DIR/checkpoints/epoch-NNNNN-step-SSSSSSS.safetensors   the same, taken inside epoch NNNNN + 1
+                                           (a step mark or the end of a time/step budget)
     RUN_DIR/test/                          written by ``ddad test``
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .checkpoint import Checkpoint, atomic_write_text
 from .config import RunConfig
 from .diffusion.unet import UNet
 
-_EPOCH_RE = re.compile(r"^epoch-(\d+)\.safetensors$")
+_EPOCH_RE = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.safetensors$")
 
 
 class RunDir:
@@ -53,23 +57,48 @@ class RunDir:
         return self
 
     def load_config(self) -> RunConfig:
-        return RunConfig.from_yaml(self.require().config_path)
+        config = RunConfig.from_yaml(self.require().config_path)
+        train = yaml.safe_load(self.config_path.read_text(encoding="utf-8")).get("train") or {}
+        if "optimizer" not in train:
+            # Written before ddad had recipes: such runs were trained with the paper's recipe.
+            from .training import RECIPES
+
+            old = {k: v for k, v in RECIPES["paper"].items() if k not in train}
+            config = config.replace(train=dataclasses.replace(config.train, **old))
+        return config
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write_text(self.config_path, config.to_yaml())
 
-    def checkpoint_path(self, epoch: int) -> Path:
-        return self.checkpoint_dir / f"epoch-{epoch:05d}.safetensors"
+    def checkpoint_path(self, epoch: int, step: int | None = None) -> Path:
+        """``epoch`` completed epochs; ``step`` for a checkpoint taken inside the next epoch."""
+        suffix = "" if step is None else f"-step-{step:07d}"
+        return self.checkpoint_dir / f"epoch-{epoch:05d}{suffix}.safetensors"
 
     def checkpoints(self) -> list[tuple[int, Path]]:
+        """(completed epochs, path), oldest first; a mid-epoch checkpoint sorts after the end of the epochs it completed."""
         if not self.checkpoint_dir.is_dir():
             return []
         found = []
         for p in self.checkpoint_dir.iterdir():
             m = _EPOCH_RE.match(p.name)
             if m:
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+                step = int(m.group(2)) if m.group(2) else -1
+                found.append((int(m.group(1)), step, p))
+        return [(epoch, path) for epoch, _, path in sorted(found)]
+
+    def resolve_checkpoint(self, name: str | Path | None) -> Path:
+        """``name`` as a path, or a file name in checkpoints/; None: the latest. Errors name what is missing."""
+        if name is None:
+            path = self.latest_checkpoint()
+            if path is None:
+                raise FileNotFoundError(f"run {self.root} has no checkpoint in {self.checkpoint_dir}; train it first")
+            return path
+        for path in (Path(name), self.checkpoint_dir / str(name)):
+            if path.is_file():
+                return path
+        have = ", ".join(p.name for _, p in self.checkpoints()) or "none"
+        raise FileNotFoundError(f"checkpoint {name} not found (as a path or in {self.checkpoint_dir}; there: {have})")
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -80,13 +109,17 @@ class RunDir:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
-    def load_unet(self, device: torch.device | str = "cpu", checkpoint: Path | None = None) -> UNet:
-        """The trained denoiser from ``checkpoint`` (default: the latest), in eval mode."""
+    def load_unet(self, device: torch.device | str = "cpu", checkpoint: Path | None = None,
+                  weights: str = "ema") -> UNet:
+        """The trained denoiser from ``checkpoint`` (default: the latest), in eval mode.
+
+        ``weights="ema"`` takes the exponential moving average of the weights where the run kept one
+        (``train.ema_decay > 0``), else the raw weights; ``"raw"`` always takes the raw weights."""
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
         config = self.load_config()
-        path = checkpoint or self.latest_checkpoint()
-        if path is None:
-            raise FileNotFoundError(f"run {self.root} has no checkpoint in {self.checkpoint_dir}; train it first")
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(self.resolve_checkpoint(checkpoint))
         model = UNet(config.model)
-        model.load_state_dict(ckpt.state_dict("model"))
+        prefix = "ema" if weights == "ema" and ckpt.has("ema") else "model"
+        model.load_state_dict(ckpt.state_dict(prefix))
         return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,238 @@
+"""Detection quality against training budget: ddad's default recipe vs the paper's, with PatchCore.
+
+    python benchmarks/budget.py train --dataset mtd --data-root ../shared/data/mtd --recipe default \
+        --minutes 5 10 25 --run-dir runs/budget-mtd64-default
+    python benchmarks/budget.py eval --run-dir runs/budget-mtd64-default
+    python benchmarks/budget.py patchcore --dataset mtd --data-root ../shared/data/mtd --out runs/pc-mtd64.json
+    python benchmarks/budget.py plot runs/budget-* --patchcore runs/pc-mtd64.json --out benchmarks/results/x.png
+
+A budget in minutes means "this many minutes of training on this machine with all its cores": it is
+turned into optimizer steps with the recipe's own step time, measured here (``calibrate``: a few steps
+on all cores, nothing else running). Training then stops at the largest budget and leaves a checkpoint
+at each smaller one, so one run gives the whole curve, and runs may share the machine (one thread each)
+without bending the budget. Each checkpoint is evaluated with the same detection settings, on the
+whole test split: pixel-only and combined (Eq. 9) with pretrained MobileNetV2 (real ImageNet weights).
+
+Setups (both 64 x 64 unless --image-size, grey for MTD and KolektorSDD)
+  paper:   the paper's recipe (TrainConfig.recipe("paper"), batch 16 as the issue measured it) and the
+           paper's DDAD-S UNet (attention at 32, 16, 8; dropout 0.3).
+  default: ddad's recipe (TrainConfig()) and the ``compact`` UNet.
+Detection for both: T' 250, skip 25 (10 steps), eta 1, w 3, v 1, Gaussian sigma 1 (4 scaled to 64 px),
+no crop; ddad's default takes its EMA weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ddad.api import load_train_images, train_run  # noqa: E402
+from ddad.checkpoint import Checkpoint, atomic_write_text  # noqa: E402
+from ddad.config import RunConfig  # noqa: E402
+from ddad.data.formats import DataConfig  # noqa: E402
+from ddad.detection import DetectConfig  # noqa: E402
+from ddad.diffusion.sampler import SamplerConfig  # noqa: E402
+from ddad.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from ddad.evaluation import sweep  # noqa: E402
+from ddad.runs import RunDir  # noqa: E402
+from ddad.scoring import ScoringConfig  # noqa: E402
+from ddad.training import TrainConfig, ddpm_loss, make_optimizer  # noqa: E402
+
+MOBILENET = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def setup(recipe: str, dataset: str, root: str, size: int, batch: int | None) -> RunConfig:
+    channels = 1 if dataset in ("mtd", "kolektorsdd") else 3
+    if recipe == "paper":
+        model = UNetConfig.ddad_s(size, channels)
+        train = TrainConfig.recipe("paper", batch_size=batch or 16)
+    else:
+        model = UNetConfig.compact(size, channels)
+        train = TrainConfig(batch_size=batch or 16)
+    weights = str(MOBILENET) if MOBILENET.is_file() else None
+    detect = DetectConfig(sampler=SamplerConfig(250, 25, w=3.0, eta=1.0),
+                          scoring=ScoringConfig(mode="combined", v=1.0, sigma=size / 64), backbone="mobilenet_v2",
+                          backbone_weights=weights, crop=1.0, batch_size=32)
+    data = DataConfig(dataset=dataset, root=root, image_size=size, channels=channels)
+    return RunConfig(data=data, model=model, train=replace(train, epochs=100_000, keep_checkpoints=1,
+                                                           checkpoint_every=100_000), detect=detect)
+
+
+def seconds_per_step(config: RunConfig, steps: int = 4) -> float:
+    """Wall time of one optimizer step of ``config`` on random data, on all cores (first step excluded)."""
+    torch.manual_seed(0)
+    model = UNet(config.model)
+    opt = make_optimizer(model, config.train, torch.device("cpu"))
+    from ddad.diffusion.schedule import alphas_cumprod
+
+    table = alphas_cumprod(config.schedule).float()
+    b, c, s = config.train.batch_size, config.model.in_channels, config.model.image_size
+    x = torch.rand(b, c, s, s) * 2 - 1
+    t0 = 0.0
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        t = torch.randint(0, 1000 if config.train.max_timestep is None else config.train.max_timestep + 1, (b,))
+        loss = ddpm_loss(model, x, t, torch.randn_like(x), table, config.train.loss_reduction)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / steps
+
+
+def cmd_calibrate(args) -> None:
+    out = {}
+    for recipe in ("paper", "default"):
+        cfg = setup(recipe, args.dataset, "unused", args.image_size, args.batch)
+        out[recipe] = seconds_per_step(cfg)
+        print(f"{recipe}: {out[recipe]:.3f} s/step ({torch.get_num_threads()} threads)", flush=True)
+    path = RESULTS / f"calibration-{args.image_size}.json"
+    atomic_write_text(path, json.dumps({"seconds_per_step": out, "threads": torch.get_num_threads(),
+                                        "image_size": args.image_size, "date": str(date.today())}, indent=2))
+    print(f"wrote {path}")
+
+
+def cmd_train(args) -> None:
+    cal = json.loads((RESULTS / f"calibration-{args.image_size}.json").read_text())["seconds_per_step"]
+    config = setup(args.recipe, args.dataset, args.data_root, args.image_size, args.batch)
+    marks = sorted({max(1, round(60 * m / cal[args.recipe])) for m in args.minutes})
+    config = config.replace(train=replace(config.train, checkpoint_steps=tuple(marks[:-1]), max_steps=marks[-1]))
+    run = RunDir(args.run_dir)
+    resume = run.latest_checkpoint() is not None
+    if resume:  # a larger budget continues the run
+        run.save_config(config)
+    (run.root).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.root / "budget.json", json.dumps(
+        {"recipe": args.recipe, "minutes": sorted(args.minutes), "steps": marks, "seconds_per_step": cal[args.recipe]},
+        indent=2))
+    t0 = time.perf_counter()
+    result = train_run(config, run.root, resume=resume, progress=not args.quiet)
+    print(f"trained to step {result.steps_done} in {time.perf_counter() - t0:.0f} s ({torch.get_num_threads()} threads)")
+
+
+def cmd_eval(args) -> None:
+    run = RunDir(args.run_dir)
+    budget = json.loads((run.root / "budget.json").read_text())
+    config = run.load_config()
+    out_path = run.root / "budget-results.json"
+    rows = json.loads(out_path.read_text()) if out_path.is_file() else []
+    done = {(r["checkpoint"], r["weights"]) for r in rows}
+    for _, path in run.checkpoints():
+        if (path.name, args.weights) in done or (args.steps and Checkpoint(path).info["step"] not in args.steps):
+            continue
+        info = Checkpoint(path).info
+        step = int(info["step"])
+        detect = replace(config.detect, checkpoint=path.name, weights=args.weights)
+        t0 = time.perf_counter()
+        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], ["pixel", "combined"], ["pretrained"], detect,
+                       progress=not args.quiet):
+            rows.append({"checkpoint": path.name, "step": step, "recipe": budget["recipe"],
+                         "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
+                         "weights": args.weights,
+                         "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
+                         "eval_s": time.perf_counter() - t0, "date": str(date.today())})
+            print(json.dumps(rows[-1]), flush=True)
+        atomic_write_text(out_path, json.dumps(rows, indent=2))
+
+
+def cmd_patchcore(args) -> None:
+    from patchcore import run_patchcore
+
+    from ddad.backbones import create_backbone
+    from ddad.evaluation import load_test_split, split_metrics
+
+    config = setup("default", args.dataset, args.data_root, args.image_size, None)
+    run = RunDir(Path(args.out).with_suffix(""))
+    run.save_config(config)
+    split = load_test_split(run, config, progress=False)
+    train_images = load_train_images(run, config, progress=False)
+    d = config.detect
+    extractor = create_backbone(d.backbone, d.scoring.feature_layers, d.backbone_weights)
+    rows = []
+    for fraction in args.fractions:
+        pc = run_patchcore(extractor, train_images, split.images, fraction, d.scoring.sigma, d.crop,
+                           d.scoring.feature_layers)
+        rows.append({"method": f"PatchCore-{fraction:.0%}", **split_metrics(split, pc.scores.numpy(), pc.maps, d.crop),
+                     "fit_s": pc.fit_seconds, "infer_s_per_image": pc.predict_seconds_per_image,
+                     "date": str(date.today())})
+        print(json.dumps(rows[-1]), flush=True)
+    atomic_write_text(Path(args.out), json.dumps(rows, indent=2))
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for run_dir in args.runs:
+        rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
+        for mode, style in (("combined", "-o"), ("pixel", "--s")):
+            sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["minutes"])
+            if not sel:
+                continue
+            for ax, key in zip(axes, ("image_auroc", "pixel_auroc", "pro")):
+                ax.plot([r["minutes"] for r in sel], [r[key] for r in sel], style,
+                        label=f"{sel[0]['recipe']} recipe, {mode}")
+    if args.patchcore:
+        pc = json.loads(Path(args.patchcore).read_text())
+        for r, color in zip(pc, ("k", "grey")):
+            for ax, key in zip(axes, ("image_auroc", "pixel_auroc", "pro")):
+                ax.axhline(r[key], color=color, linestyle=":", label=r["method"])
+    for ax, title in zip(axes, ("image AUROC", "pixel AUROC", "PRO")):
+        ax.set_title(title)
+        ax.set_xlabel("training minutes (2-core CPU)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(args.title)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("calibrate", "train", "patchcore"):
+        q = sub.add_parser(name)
+        q.add_argument("--dataset", default="mtd")
+        q.add_argument("--data-root", default="../shared/data/mtd")
+        q.add_argument("--image-size", type=int, default=64)
+        q.add_argument("--batch", type=int)
+        q.add_argument("--quiet", action="store_true")
+    sub.choices["train"].add_argument("--recipe", choices=("paper", "default"), required=True)
+    sub.choices["train"].add_argument("--minutes", type=float, nargs="+", required=True)
+    sub.choices["train"].add_argument("--run-dir", type=Path, required=True)
+    sub.choices["patchcore"].add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
+    sub.choices["patchcore"].add_argument("--out", required=True)
+    q = sub.add_parser("eval")
+    q.add_argument("--run-dir", type=Path, required=True)
+    q.add_argument("--steps", type=int, nargs="+", help="only the checkpoints at these optimizer steps")
+    q.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    q.add_argument("--quiet", action="store_true")
+    q = sub.add_parser("plot")
+    q.add_argument("runs", nargs="+")
+    q.add_argument("--patchcore")
+    q.add_argument("--title", default="")
+    q.add_argument("--out", required=True)
+    args = p.parse_args()
+    if getattr(args, "data_root", None) and args.cmd != "calibrate" and not Path(args.data_root).is_dir():
+        print(f"skipped: {args.data_root} does not exist")
+        return
+    {"calibrate": cmd_calibrate, "train": cmd_train, "eval": cmd_eval, "patchcore": cmd_patchcore,
+     "plot": cmd_plot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The training recipe's levers: restricted timesteps, EMA weights, weighting, budgets, mid-epoch resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ddad.training as training
+from ddad.checkpoint import Checkpoint
+from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+from ddad.diffusion.unet import UNet
+from ddad.runs import RunDir
+from ddad.training import TrainConfig, ema_update, timestep_weights, train
+
+from .test_training import images, tiny_config
+
+
+def _run(tmp_path, name, **train_kw):
+    cfg = tiny_config(epochs=train_kw.pop("epochs", 2), every=1, **train_kw)
+    run = RunDir(tmp_path / name)
+    run.save_config(cfg)
+    return run, cfg
+
+
+def test_restricted_timesteps_are_never_exceeded(tmp_path, monkeypatch):
+    seen = []
+    real = training.ddpm_loss
+
+    def spy(model, x0, t, noise, table, reduction="sum", weights=None):
+        seen.append(t.clone())
+        return real(model, x0, t, noise, table, reduction, weights)
+
+    monkeypatch.setattr(training, "ddpm_loss", spy)
+    run, cfg = _run(tmp_path, "r", epochs=6, max_timestep=7)
+    train(run, cfg, images(12), progress=False)
+    t = torch.cat(seen)
+    assert len(t) == 6 * 12 and int(t.max()) == 7 and int(t.min()) == 0  # the whole range [0, 7], nothing above
+
+    seen.clear()
+    run, cfg = _run(tmp_path, "full", epochs=1, max_timestep=None)
+    train(run, cfg, images(12), progress=False)
+    assert int(torch.cat(seen).max()) > 250  # the paper's recipe samples the whole schedule
+
+
+def test_detection_refuses_a_start_step_above_the_trained_range(tmp_path):
+    from ddad.detection import DetectConfig
+    from ddad.diffusion.sampler import SamplerConfig
+    from ddad.evaluation import load_detector
+    from ddad.scoring import ScoringConfig
+
+    run, cfg = _run(tmp_path, "r", epochs=1, max_timestep=100)
+    train(run, cfg, images(4), progress=False)
+    pixel = ScoringConfig(mode="pixel", sigma=1.0)
+    with pytest.raises(ValueError, match=r"T' = 250 is above .*max_timestep = 100"):
+        load_detector(run, DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel))
+    load_detector(run, DetectConfig(sampler=SamplerConfig(100, 25), scoring=pixel))  # inside: fine
+    detector, _ = load_detector(run, DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel, force_timestep=True))
+    assert detector.reconstruct(images(1)).shape == (1, 1, 16, 16)
+
+
+def test_ema_weights_differ_from_raw_and_equal_them_with_decay_zero(tmp_path):
+    run, cfg = _run(tmp_path, "ema", epochs=3, ema_decay=0.99)
+    train(run, cfg, images(8), progress=False)
+    ckpt = Checkpoint(run.latest_checkpoint())
+    raw, ema = ckpt.state_dict("model"), ckpt.state_dict("ema")
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    # detection takes the EMA weights unless asked for the raw ones
+    assert torch.equal(run.load_unet().state_dict()["out.2.weight"], ema["out.2.weight"])
+    assert torch.equal(run.load_unet(weights="raw").state_dict()["out.2.weight"], raw["out.2.weight"])
+
+    # decay 0: the average is the current weights, exactly
+    a, b = UNet(cfg.model), UNet(cfg.model)
+    ema_update(a, b, 0.0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # ... and so is a whole training run with a vanishing decay
+    run0, cfg0 = _run(tmp_path, "ema0", epochs=2, ema_decay=1e-12)
+    train(run0, cfg0, images(8), progress=False)
+    c0 = Checkpoint(run0.latest_checkpoint())
+    assert all(torch.equal(c0.state_dict("model")[k], v) for k, v in c0.state_dict("ema").items())
+
+
+def test_min_snr_weights():
+    table = alphas_cumprod(ScheduleConfig()).float()
+    t = torch.arange(0, 1000, 37)
+    w = timestep_weights(t, table, "min-snr", 5.0)
+    snr = table[t] / (1 - table[t])
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w.max() <= 1 and w[0] < 0.01 and w[-1] == 1  # low noise (huge SNR) is down-weighted
+    assert torch.equal(timestep_weights(t, table, "uniform"), torch.ones(len(t)))
+
+
+def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
+    data = images(10)  # batch 4: 3 steps per epoch
+    full, cfg = _run(tmp_path, "full", epochs=3, ema_decay=0.9, checkpoint_steps=(4,))
+    train(full, cfg, data, progress=False)
+    assert any("-step-0000004" in p.name for _, p in full.checkpoints())  # a step mark inside epoch 2
+
+    part, cfg_part = _run(tmp_path, "part", epochs=3, ema_decay=0.9, max_steps=5)
+    result = train(part, cfg_part, data, progress=False)
+    assert (result.steps_done, result.stopped_by) == (5, "max_steps")
+    assert Checkpoint(part.latest_checkpoint()).info["step"] == 5
+    cfg_more = cfg_part.replace(train=dataclasses.replace(cfg_part.train, max_steps=None))
+    part.save_config(cfg_more)
+    result = train(part, cfg_more, data, resume=True, progress=False)
+    assert (result.steps_done, result.stopped_by) == (9, "epochs")
+    a, b = Checkpoint(full.latest_checkpoint()), Checkpoint(part.latest_checkpoint())
+    for k, v in a.tensors.items():
+        assert torch.equal(v, b.tensors[k]), k  # weights, EMA and optimizer state identical
+
+
+def test_time_budget_stops_and_saves(tmp_path):
+    run, cfg = _run(tmp_path, "t", epochs=1000, max_minutes=1e-6)
+    result = train(run, cfg, images(8), progress=False)
+    assert result.stopped_by == "max_minutes" and result.steps_done == 1
+    info = Checkpoint(run.latest_checkpoint()).info
+    assert info["step"] == 1 and info["train_seconds"] > 0
