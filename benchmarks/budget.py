@@ -126,19 +126,22 @@ def cmd_eval(args) -> None:
     config = run.load_config()
     out_path = run.root / "budget-results.json"
     rows = json.loads(out_path.read_text()) if out_path.is_file() else []
-    done = {(r["checkpoint"], r["weights"]) for r in rows}
+    done = {(r["checkpoint"], r["weights"], r.get("feature_size")) for r in rows}
+    modes = ["pixel", "combined"] if args.feature_size is None else ["combined"]
     for _, path in run.checkpoints():
-        if (path.name, args.weights) in done or (args.steps and Checkpoint(path).info["step"] not in args.steps):
+        if ((path.name, args.weights, args.feature_size) in done
+                or (args.steps and Checkpoint(path).info["step"] not in args.steps)):
             continue
         info = Checkpoint(path).info
         step = int(info["step"])
-        detect = replace(config.detect, checkpoint=path.name, weights=args.weights)
+        detect = replace(config.detect, checkpoint=path.name, weights=args.weights,
+                         scoring=replace(config.detect.scoring, feature_size=args.feature_size))
         t0 = time.perf_counter()
-        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], ["pixel", "combined"], ["pretrained"], detect,
+        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, ["pretrained"], detect,
                        progress=not args.quiet):
             rows.append({"checkpoint": path.name, "step": step, "recipe": budget["recipe"],
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
-                         "weights": args.weights,
+                         "weights": args.weights, "feature_size": args.feature_size,
                          "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
                          "eval_s": time.perf_counter() - t0, "date": str(date.today())})
             print(json.dumps(rows[-1]), flush=True)
@@ -161,8 +164,9 @@ def cmd_patchcore(args) -> None:
     rows = []
     for fraction in args.fractions:
         pc = run_patchcore(extractor, train_images, split.images, fraction, d.scoring.sigma, d.crop,
-                           d.scoring.feature_layers)
-        rows.append({"method": f"PatchCore-{fraction:.0%}", **split_metrics(split, pc.scores.numpy(), pc.maps, d.crop),
+                           d.scoring.feature_layers, args.input_size)
+        rows.append({"method": f"PatchCore-{fraction:.0%}", "input_size": args.input_size,
+                     **split_metrics(split, pc.scores.numpy(), pc.maps, d.crop),
                      "fit_s": pc.fit_seconds, "infer_s_per_image": pc.predict_seconds_per_image,
                      "date": str(date.today())})
         print(json.dumps(rows[-1]), flush=True)
@@ -216,10 +220,12 @@ def main() -> None:
     sub.choices["train"].add_argument("--run-dir", type=Path, required=True)
     sub.choices["patchcore"].add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     sub.choices["patchcore"].add_argument("--out", required=True)
+    sub.choices["patchcore"].add_argument("--input-size", type=int, help="backbone input size (as --feature-size)")
     q = sub.add_parser("eval")
     q.add_argument("--run-dir", type=Path, required=True)
     q.add_argument("--steps", type=int, nargs="+", help="only the checkpoints at these optimizer steps")
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
     q.add_argument("--quiet", action="store_true")
     q = sub.add_parser("plot")
     q.add_argument("runs", nargs="+")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ddad.backbones import FeatureExtractor
-from ddad.scoring import gaussian_blur, image_scores, local_average
+from ddad.scoring import gaussian_blur, image_scores, local_average, resize_for_features
 
 
 @dataclass
@@ -66,14 +66,15 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 
 
 def run_patchcore(extractor: FeatureExtractor, train: torch.Tensor, test: torch.Tensor, fraction: float = 0.1,
-                  sigma: float = 4.0, crop: float = 1.0, layers=(2, 3)) -> PatchCoreResult:
+                  sigma: float = 4.0, crop: float = 1.0, layers=(2, 3), input_size: int | None = None) -> PatchCoreResult:
+    """``input_size``: the backbone sees the images resized to this size (as ddad's ``feature_size``)."""
     t0 = time.perf_counter()
-    feats = patch_features(extractor, train, layers)
+    feats = patch_features(extractor, resize_for_features(train, input_size), layers)
     bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
     bank = bank[greedy_coreset(bank, fraction)]
     fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tf = patch_features(extractor, test, layers)
+    tf = patch_features(extractor, resize_for_features(test, input_size), layers)
     n, d, h, w = tf.shape
     dist = nearest_distance(tf.permute(0, 2, 3, 1).reshape(-1, d), bank).view(n, 1, h, w)
     maps = gaussian_blur(F.interpolate(dist, size=test.shape[-2:], mode="bilinear", align_corners=False), sigma)

@@ -61,21 +61,27 @@ class Oracle(torch.nn.Module):
         return (xt - a.sqrt() * self.clean) / (1 - a).sqrt()
 
 
-@pytest.mark.parametrize("mode", ["pixel", "combined"])
-def test_defect_gets_the_highest_score(mode):
+@pytest.mark.parametrize("mode,feature_size", [("pixel", None), ("combined", None), ("combined", 96)])
+def test_defect_gets_the_highest_score(mode, feature_size):
     g = torch.Generator().manual_seed(0)
     clean = (torch.rand(1, 3, 32, 32, generator=g) * 0.2 - 0.1) + torch.linspace(-0.5, 0.5, 32)
     defective = clean.clone()
     defective[..., 20:25, 6:11] = torch.tensor([0.9, -0.8, -0.8]).view(1, 3, 1, 1)  # a red spot
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[20:25, 6:11] = True
-    cfg = DetectConfig(sampler=SamplerConfig(250, 25, w=0, eta=0), scoring=ScoringConfig(mode=mode, sigma=1),
+    cfg = DetectConfig(sampler=SamplerConfig(250, 25, w=0, eta=0),
+                       scoring=ScoringConfig(mode=mode, sigma=1, feature_size=feature_size),
                        backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
     torch.manual_seed(0)
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random") if mode != "pixel" else None
     det = Detector(UNet(UNetConfig.tiny(32)), cfg, extractor=extractor)
     det.unet = Oracle(clean)
     res = det(defective)
+    if feature_size is not None:  # the backbone saw 96 px images; D_f is back at 32 px and differs
+        assert res.feature_distance.shape == (1, 1, 32, 32)
+        plain = Detector(det.unet, DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(mode=mode, sigma=1)}),
+                         extractor=extractor)
+        assert not torch.allclose(plain.score(defective, res.reconstruction).feature_distance, res.feature_distance)
     assert torch.allclose(res.reconstruction, clean, atol=1e-4)
     amap = res.anomaly_map[0, 0]
     peak = divmod(int(amap.argmax()), 32)

@@ -18,7 +18,8 @@ from .diffusion.sampler import SamplerConfig, conditioned_denoise
 from .diffusion.schedule import ScheduleConfig, alphas_cumprod
 from .diffusion.unet import UNet
 from .runtime import PRECISIONS, autocast
-from .scoring import ScoringConfig, anomaly_map, crop, feature_distance, image_scores, pixel_distance
+from .scoring import (ScoringConfig, anomaly_map, crop, feature_distance, image_scores, pixel_distance,
+                      resize_for_features)
 
 
 CPU_CHUNK_PIXELS = 64 * 64 * 16
@@ -155,7 +156,7 @@ class Detector:
             d_f = None
             if self.extractor is not None:
                 # Both images go through phi in one batch.
-                feats = self.features(torch.cat([x0, y]))
+                feats = self.features(resize_for_features(torch.cat([x0, y]), self.config.scoring.feature_size))
                 n = y.shape[0]
                 d_f = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], tuple(y.shape[-2:]),
                                        self.config.scoring.patch_size)

@@ -29,6 +29,9 @@ class ScoringConfig:
     patch_size: int = 3
     sigma: float = 4.0
     normalize_over_batch: bool = False  # authors' behaviour, for comparison only
+    # The backbone sees x0 and y resized to this many pixels a side (None: as they are). Small images
+    # (64 px) give ImageNet backbones too coarse a grid; D_f comes back at the image size either way.
+    feature_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in SCORING_MODES:
@@ -39,6 +42,8 @@ class ScoringConfig:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd and >= 1, got {self.patch_size}")
+        if self.feature_size is not None and self.feature_size < 16:
+            raise ValueError(f"feature_size must be >= 16 (or null), got {self.feature_size}")
         if not self.feature_layers or min(self.feature_layers) < 1 or max(self.feature_layers) > 4:
             raise ValueError(f"feature_layers must be within 1..4, got {self.feature_layers}")
 
@@ -60,6 +65,13 @@ def local_average(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
     if patch_size == 1:
         return feature
     return F.avg_pool2d(feature, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+
+
+def resize_for_features(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` bilinearly resized to ``size`` x ``size`` for the backbone (unchanged for None)."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def feature_distance(
