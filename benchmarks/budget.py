@@ -105,6 +105,11 @@ def cmd_calibrate(args) -> None:
 def cmd_train(args) -> None:
     cal = json.loads((RESULTS / f"calibration-{args.image_size}.json").read_text())["seconds_per_step"]
     config = setup(args.recipe, args.dataset, args.data_root, args.image_size, args.batch)
+    if args.train_set:  # ablations: one lever changed, e.g. --train-set timestep_weighting=min-snr
+        import yaml
+
+        changes = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.train_set)}
+        config = config.replace(train=replace(config.train, **changes))
     marks = sorted({max(1, round(60 * m / cal[args.recipe])) for m in args.minutes})
     config = config.replace(train=replace(config.train, checkpoint_steps=tuple(marks[:-1]), max_steps=marks[-1]))
     run = RunDir(args.run_dir)
@@ -113,7 +118,7 @@ def cmd_train(args) -> None:
         run.save_config(config)
     (run.root).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.root / "budget.json", json.dumps(
-        {"recipe": args.recipe, "minutes": sorted(args.minutes), "steps": marks, "seconds_per_step": cal[args.recipe]},
+        {"recipe": args.recipe + "".join(f" {a}" for a in args.train_set), "minutes": sorted(args.minutes), "steps": marks, "seconds_per_step": cal[args.recipe]},
         indent=2))
     t0 = time.perf_counter()
     result = train_run(config, run.root, resume=resume, progress=not args.quiet)
@@ -173,6 +178,26 @@ def cmd_patchcore(args) -> None:
     atomic_write_text(Path(args.out), json.dumps(rows, indent=2))
 
 
+def cmd_table(args) -> None:
+    """Markdown rows: one per run, checkpoint, weights, feature size and scoring mode; PatchCore after."""
+    def f(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    print("| recipe | minutes (steps) | weights | scoring | backbone input | image AUROC | pixel AUROC | PRO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run_dir in args.runs:
+        rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
+        for r in sorted(rows, key=lambda r: (r["minutes"], r["weights"], r.get("feature_size") or 0, r["mode"])):
+            size = r.get("feature_size") or "image size"
+            print(f"| {r['recipe']} | {r['minutes']:.1f} ({r['step']}) | {r['weights']} | {r['mode']} | "
+                  f"{size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
+                  f"{f(r['pro'])} |")
+    for path in args.patchcore or []:
+        for r in json.loads(Path(path).read_text()):
+            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | {r.get('input_size') or 'image size'} | "
+                  f"{f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pro'])} |")
+
+
 def cmd_plot(args) -> None:
     import matplotlib
 
@@ -183,7 +208,8 @@ def cmd_plot(args) -> None:
     for run_dir in args.runs:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
         for mode, style in (("combined", "-o"), ("pixel", "--s")):
-            sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["minutes"])
+            sel = sorted((r for r in rows if r["mode"] == mode and r["weights"] == "ema"
+                          and r.get("feature_size") == args.feature_size), key=lambda r: r["minutes"])
             if not sel:
                 continue
             for ax, key in zip(axes, ("image_auroc", "pixel_auroc", "pro")):
@@ -218,6 +244,8 @@ def main() -> None:
     sub.choices["train"].add_argument("--recipe", choices=("paper", "default"), required=True)
     sub.choices["train"].add_argument("--minutes", type=float, nargs="+", required=True)
     sub.choices["train"].add_argument("--run-dir", type=Path, required=True)
+    sub.choices["train"].add_argument("--train-set", nargs="+", default=[], metavar="KEY=VALUE",
+                                      help="change TrainConfig fields (ablations)")
     sub.choices["patchcore"].add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     sub.choices["patchcore"].add_argument("--out", required=True)
     sub.choices["patchcore"].add_argument("--input-size", type=int, help="backbone input size (as --feature-size)")
@@ -227,9 +255,13 @@ def main() -> None:
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
     q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
     q.add_argument("--quiet", action="store_true")
+    q = sub.add_parser("table")
+    q.add_argument("runs", nargs="+")
+    q.add_argument("--patchcore", nargs="+")
     q = sub.add_parser("plot")
     q.add_argument("runs", nargs="+")
     q.add_argument("--patchcore")
+    q.add_argument("--feature-size", type=int, help="plot the rows scored with this backbone input size")
     q.add_argument("--title", default="")
     q.add_argument("--out", required=True)
     args = p.parse_args()
@@ -237,7 +269,7 @@ def main() -> None:
         print(f"skipped: {args.data_root} does not exist")
         return
     {"calibrate": cmd_calibrate, "train": cmd_train, "eval": cmd_eval, "patchcore": cmd_patchcore,
-     "plot": cmd_plot}[args.cmd](args)
+     "table": cmd_table, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone-weights", help="weights file or folder; 'random' for random weights")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing backbone weights")
     g.add_argument("--sigma", type=float, help="Gaussian smoothing of the map")
+    g.add_argument("--feature-size", type=int, help="the backbone sees input and reconstruction resized to this size")
     g.add_argument("--crop", type=float, help="centre-crop fraction for evaluation (0.875 = 224/256)")
     g.add_argument("--batch-size", type=int, help="images per batch")
     g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
@@ -62,7 +63,8 @@ def _detect_from_args(base, args):
     return with_overrides(
         base, w=args.w, v=args.v, eta=args.eta, start_step=args.start_step, skip=skip, mode=mode,
         backbone=args.backbone, backbone_weights=args.backbone_weights, allow_download=args.allow_download,
-        sigma=args.sigma, crop=args.crop, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        sigma=args.sigma, feature_size=args.feature_size, crop=args.crop, batch_size=args.batch_size,
+        seed=args.seed, device=args.device,
         precision=args.precision, authors_first_step=args.authors_first_step,
         normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
         adapted_epoch=args.adapted_epoch, backend=args.backend, channels_last=args.channels_last,

@@ -365,7 +365,7 @@ def with_overrides(detect: DetectConfig, **changes) -> DetectConfig:
     """``detect`` with sampler/scoring/top-level fields replaced (None values ignored)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     sampler_fields = {"start_step", "skip", "w", "eta", "authors_first_step"}
-    scoring_fields = {"mode", "v", "sigma", "feature_layers", "normalize_over_batch", "patch_size"}
+    scoring_fields = {"mode", "v", "sigma", "feature_layers", "normalize_over_batch", "patch_size", "feature_size"}
     sampler = replace(detect.sampler, **{k: v for k, v in changes.items() if k in sampler_fields})
     scoring = replace(detect.scoring, **{k: v for k, v in changes.items() if k in scoring_fields})
     top = {k: v for k, v in changes.items() if k not in sampler_fields | scoring_fields}
