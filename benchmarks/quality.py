@@ -10,8 +10,9 @@ domain-adapt the extractor and evaluate feature-only / combined again (the paper
 then PatchCore with the same backbone, image size, split, smoothing and metrics code.
 Prints a Markdown table and writes RUN_DIR/quality.json.
 
-Profiles
-  cpu:   64 x 64, DDAD-S UNet (the paper's small model), --epochs (default 8), batch 16, mobilenet_v2
+Profiles (with --recipe default, ddad's training recipe, or --recipe paper; --minutes caps training time)
+  cpu:   64 x 64, --recipe paper: DDAD-S UNet (the paper's small model); --recipe default: the compact
+         UNet; --epochs (default 8), batch 16, mobilenet_v2
          (real ImageNet weights), T' 250, skip 25, eta 1, w 3, v 1, Gaussian sigma 1 (4 scaled to 64 px),
          no crop, 2 adaptation epochs (lambda 0.1). Fits in under an hour per dataset on 2 CPU cores.
   paper: 256 x 256, DDAD UNet, the paper's settings (wide_resnet101_2, sigma 4, crop 224); for a GPU.
@@ -56,9 +57,11 @@ def profile_config(args) -> RunConfig:
                       image_size=64 if args.profile == "cpu" else 256, channels=channels)
     if args.profile == "cpu":
         weights = args.backbone_weights or (str(MOBILENET) if MOBILENET.is_file() else None)
+        model = UNetConfig.ddad_s(64, channels) if args.recipe == "paper" else UNetConfig.compact(64, channels)
         return RunConfig(
-            data=data, model=UNetConfig.ddad_s(64, channels),
-            train=TrainConfig(epochs=args.epochs or 8, batch_size=16, checkpoint_every=1),
+            data=data, model=model,
+            train=TrainConfig.recipe(args.recipe, epochs=args.epochs or 8, batch_size=16, checkpoint_every=1,
+                                     max_minutes=args.minutes),
             detect=DetectConfig(sampler=SamplerConfig(250, 25, w=3.0, eta=1.0),
                                 scoring=ScoringConfig(mode="combined", v=1.0, sigma=1.0), backbone="mobilenet_v2",
                                 backbone_weights=weights, crop=1.0, batch_size=32),
@@ -66,7 +69,8 @@ def profile_config(args) -> RunConfig:
         )
     return RunConfig(
         data=data, model=UNetConfig.ddad(256, channels),
-        train=TrainConfig(epochs=args.epochs or 1000, batch_size=32, checkpoint_every=50),
+        train=TrainConfig.recipe(args.recipe, epochs=args.epochs or 1000, batch_size=32, checkpoint_every=50,
+                                 max_minutes=args.minutes),
         detect=DetectConfig(backbone_weights=args.backbone_weights, batch_size=16),
         adapt=AdaptConfig(epochs=args.adapt_epochs, batch_size=16, lambda_dl=0.1),
     )
@@ -80,6 +84,8 @@ def main() -> None:
     p.add_argument("--profile", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--run-dir", type=Path)
     p.add_argument("--epochs", type=int, help="denoiser training epochs (profile default otherwise)")
+    p.add_argument("--recipe", choices=("default", "paper"), default="default", help="training recipe")
+    p.add_argument("--minutes", type=float, help="training time budget (stops early, resumable)")
     p.add_argument("--adapt-epochs", type=int, default=2)
     p.add_argument("--backbone-weights", help="backbone weights file (default: the profile's)")
     p.add_argument("--patchcore-fraction", type=float, nargs="+", default=[0.1, 0.01])
@@ -99,7 +105,7 @@ def main() -> None:
     if resume:
         config = replace(run.load_config(), train=replace(run.load_config().train, epochs=config.train.epochs))
     done = max((e for e, _ in run.checkpoints()), default=0)
-    if done < config.train.epochs:
+    if done < config.train.epochs and not (resume and config.train.max_minutes):
         train_run(config, run.root, resume=resume, progress=progress)
         timings["train_s"] = time.perf_counter() - t0
     config = run.load_config()

@@ -120,3 +120,15 @@ def test_onnx_export_matches_pytorch(trained, tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # stated tolerance: 1e-4 relative
         assert b[k] == pytest.approx(a[k], rel=1e-4), k
+
+
+def test_test_picks_a_checkpoint_and_names_a_missing_one(trained, capsys):
+    _, run = trained
+    first = RunDir(run).checkpoints()[0][1].name
+    assert main(["test", str(run), "--quiet", "--no-images", "--checkpoint", first]) == 0
+    assert main(["test", str(run), "--quiet", "--no-images", "--checkpoint", "epoch-09999.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "epoch-09999.safetensors" in err and first in err  # names the missing file and what there is
+    # a T' above the trained range (the run trained t <= 250) is refused with the reason
+    assert main(["test", str(run), "--quiet", "--no-images", "--start-step", "400"]) == 2
+    assert "max_timestep = 250" in capsys.readouterr().err
