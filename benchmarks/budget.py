@@ -131,25 +131,34 @@ def cmd_eval(args) -> None:
     config = run.load_config()
     out_path = run.root / "budget-results.json"
     rows = json.loads(out_path.read_text()) if out_path.is_file() else []
-    done = {(r["checkpoint"], r["weights"], r.get("feature_size")) for r in rows}
+    w = config.detect.sampler.w if args.w is None else args.w
+    done = {(r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0)) for r in rows}
     modes = ["pixel", "combined"] if args.feature_size is None else ["combined"]
     for _, path in run.checkpoints():
-        if ((path.name, args.weights, args.feature_size) in done
+        if ((path.name, args.weights, args.feature_size, w) in done
                 or (args.steps and Checkpoint(path).info["step"] not in args.steps)):
             continue
         info = Checkpoint(path).info
         step = int(info["step"])
         detect = replace(config.detect, checkpoint=path.name, weights=args.weights,
+                         sampler=replace(config.detect.sampler, w=w),
                          scoring=replace(config.detect.scoring, feature_size=args.feature_size))
         t0 = time.perf_counter()
         for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, ["pretrained"], detect,
                        progress=not args.quiet):
             rows.append({"checkpoint": path.name, "step": step, "recipe": budget["recipe"],
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
-                         "weights": args.weights, "feature_size": args.feature_size,
+                         "weights": args.weights, "feature_size": args.feature_size, "w": w,
+                         "weights_used": args.weights if Checkpoint(path).has("ema") else "raw",
                          "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
                          "eval_s": time.perf_counter() - t0, "date": str(date.today())})
             print(json.dumps(rows[-1]), flush=True)
+        # merge with what other processes wrote meanwhile (runs of this script may share a run)
+        theirs = json.loads(out_path.read_text()) if out_path.is_file() else []
+        key = lambda r: (r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"])  # noqa: E731
+        merged = {key(r): r for r in theirs}
+        merged.update({key(r): r for r in rows})
+        rows = list(merged.values())
         atomic_write_text(out_path, json.dumps(rows, indent=2))
 
 
@@ -183,18 +192,20 @@ def cmd_table(args) -> None:
     def f(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
 
-    print("| recipe | minutes (steps) | weights | scoring | backbone input | image AUROC | pixel AUROC | PRO |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| recipe | minutes (steps) | weights | w | scoring | backbone input | image AUROC | pixel AUROC | PRO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir in args.runs:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
-        for r in sorted(rows, key=lambda r: (r["minutes"], r["weights"], r.get("feature_size") or 0, r["mode"])):
+        for r in sorted(rows, key=lambda r: (r["minutes"], r["weights"], r.get("w", 3.0), r.get("feature_size") or 0,
+                                             r["mode"])):
             size = r.get("feature_size") or "image size"
-            print(f"| {r['recipe']} | {r['minutes']:.1f} ({r['step']}) | {r['weights']} | {r['mode']} | "
+            used = r.get("weights_used") or ("raw" if r["recipe"].startswith("paper") else r["weights"])
+            print(f"| {r['recipe']} | {r['minutes']:.1f} ({r['step']}) | {used} | {r.get('w', 3.0):g} | {r['mode']} | "
                   f"{size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
                   f"{f(r['pro'])} |")
     for path in args.patchcore or []:
         for r in json.loads(Path(path).read_text()):
-            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | {r.get('input_size') or 'image size'} | "
+            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | - | {r.get('input_size') or 'image size'} | "
                   f"{f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pro'])} |")
 
 
@@ -208,7 +219,7 @@ def cmd_plot(args) -> None:
     for run_dir in args.runs:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
         for mode, style in (("combined", "-o"), ("pixel", "--s")):
-            sel = sorted((r for r in rows if r["mode"] == mode and r["weights"] == "ema"
+            sel = sorted((r for r in rows if r["mode"] == mode and r["weights"] == "ema" and r.get("w", 3.0) == 3.0
                           and r.get("feature_size") == args.feature_size), key=lambda r: r["minutes"])
             if not sel:
                 continue
@@ -254,6 +265,7 @@ def main() -> None:
     q.add_argument("--steps", type=int, nargs="+", help="only the checkpoints at these optimizer steps")
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
     q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
+    q.add_argument("--w", type=float, help="conditioning w (default: the setup's 3)")
     q.add_argument("--quiet", action="store_true")
     q = sub.add_parser("table")
     q.add_argument("runs", nargs="+")

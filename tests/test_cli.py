@@ -50,6 +50,9 @@ def test_test_writes_metrics_scores_and_images(trained, capsys):
     assert len(rows) == 6 and {r["defect_type"] for r in rows} == {"good", "scratch", "spot", "missing"}
     assert len(list((run / "test" / "images").glob("*.png"))) == 6
     assert (run / "threshold.json").is_file()
+    # scores are written exactly: the F1-optimal threshold is one of them, bit for bit
+    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
+    assert threshold in {float(r["score"]) for r in rows}
     assert "image AUROC" in capsys.readouterr().out
 
 

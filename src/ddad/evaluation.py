@@ -59,6 +59,7 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Scores go in as repr(float): exact, so comparing them with threshold.json gives the same decisions."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -205,7 +206,7 @@ def test_run(
     samples = split.samples
     names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in samples]
     write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],
-               [(str(s.image), s.defect_type, s.label, f"{float(v):.6g}") for s, v in zip(samples, score)])
+               [(str(s.image), s.defect_type, s.label, repr(float(v))) for s, v in zip(samples, score)])
     if metrics["threshold"] is not None:
         atomic_write_text(run.root / "threshold.json", json.dumps(
             {"threshold": metrics["threshold"], "source": "F1-optimal on the test split", "detect": detect.to_dict()},
@@ -344,7 +345,7 @@ def predict(
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "scores.csv", ["image", "score", "decision"],
-               [(r["image"], f"{r['score']:.6g}", r["decision"] or "") for r in rows])
+               [(r["image"], repr(float(r["score"])), r["decision"] or "") for r in rows])
     if save_images and results:
         all_maps = torch.stack([r[3] for r in results])
         vmin, vmax = float(all_maps.min()), float(all_maps.max())
