@@ -105,7 +105,7 @@ def main() -> None:
     if resume:
         config = replace(run.load_config(), train=replace(run.load_config().train, epochs=config.train.epochs))
     done = max((e for e, _ in run.checkpoints()), default=0)
-    if done < config.train.epochs and not (resume and config.train.max_minutes):
+    if done < config.train.epochs:
         train_run(config, run.root, resume=resume, progress=progress)
         timings["train_s"] = time.perf_counter() - t0
     config = run.load_config()

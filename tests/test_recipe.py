@@ -89,7 +89,7 @@ def test_min_snr_weights():
     snr = table[t] / (1 - table[t])
     assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
     assert w.max() <= 1 and w[0] < 0.01 and w[-1] == 1  # low noise (huge SNR) is down-weighted
-    assert torch.equal(timestep_weights(t, table, "uniform"), torch.ones(len(t)))
+    assert timestep_weights(t, table, "uniform") is None  # uniform: no weighting at all
 
 
 def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
@@ -117,3 +117,7 @@ def test_time_budget_stops_and_saves(tmp_path):
     assert result.stopped_by == "max_minutes" and result.steps_done == 1
     info = Checkpoint(run.latest_checkpoint()).info
     assert info["step"] == 1 and info["train_seconds"] > 0
+    # resuming with the budget spent trains nothing and keeps the checkpoint
+    before = run.latest_checkpoint()
+    again = train(run, cfg, images(8), resume=True, progress=False)
+    assert again.stopped_by == "max_minutes" and again.steps_done == 1 and run.latest_checkpoint() == before

@@ -99,22 +99,32 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> "RunConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        return cls.from_mapping(read_yaml_mapping(path), path)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: Path | str) -> "RunConfig":
+        """:meth:`from_dict` with errors prefixed by ``source`` (the file the mapping came from)."""
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise ConfigError(f"{source}: {exc}") from None
 
     def replace(self, **sections: Any) -> "RunConfig":
         return dataclasses.replace(self, **sections)
+
+
+def read_yaml_mapping(path: Path | str) -> dict:
+    """The mapping stored in YAML file ``path``; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:

@@ -45,11 +45,11 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
 
     config = run.load_config()
     detect = detect or config.detect
+    check_trained_timestep(config.train, detect.sampler.start_step, detect.force_timestep)
     if detect.backend == "onnxruntime":
         from .export import onnx_detector
 
         return onnx_detector(run, detect)
-    check_trained_timestep(config.train, detect.sampler.start_step, detect.force_timestep)
     device = resolve_device(detect.device)
     unet = run.load_unet(device, detect.checkpoint, detect.weights)
     extractor = None
@@ -59,7 +59,8 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Dete
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """Scores go in as repr(float): exact, so comparing them with threshold.json gives the same decisions."""
+    """Pass scores as floats: csv writes them exactly (repr), so comparing them with threshold.json gives
+    the same decisions as the run made."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -206,7 +207,7 @@ def test_run(
     samples = split.samples
     names = [f"{_safe_name(s.defect_type)}_{_safe_name(s.image.stem)}" for s in samples]
     write_csv(out_dir / "scores.csv", ["image", "defect_type", "label", "score"],
-               [(str(s.image), s.defect_type, s.label, repr(float(v))) for s, v in zip(samples, score)])
+               [(str(s.image), s.defect_type, s.label, float(v)) for s, v in zip(samples, score)])
     if metrics["threshold"] is not None:
         atomic_write_text(run.root / "threshold.json", json.dumps(
             {"threshold": metrics["threshold"], "source": "F1-optimal on the test split", "detect": detect.to_dict()},
@@ -345,7 +346,7 @@ def predict(
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "scores.csv", ["image", "score", "decision"],
-               [(r["image"], repr(float(r["score"])), r["decision"] or "") for r in rows])
+               [(r["image"], float(r["score"]), r["decision"] or "") for r in rows])
     if save_images and results:
         all_maps = torch.stack([r[3] for r in results])
         vmin, vmax = float(all_maps.min()), float(all_maps.max())

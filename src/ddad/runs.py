@@ -11,16 +11,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoint import Checkpoint, atomic_write_text
-from .config import RunConfig
+from .config import RunConfig, read_yaml_mapping
 from .diffusion.unet import UNet
 
 _EPOCH_RE = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.safetensors$")
@@ -57,15 +55,14 @@ class RunDir:
         return self
 
     def load_config(self) -> RunConfig:
-        config = RunConfig.from_yaml(self.require().config_path)
-        train = yaml.safe_load(self.config_path.read_text(encoding="utf-8")).get("train") or {}
+        data = read_yaml_mapping(self.require().config_path)
+        train = data.get("train") or {}
         if "optimizer" not in train:
             # Written before ddad had recipes: such runs were trained with the paper's recipe.
             from .training import RECIPES
 
-            old = {k: v for k, v in RECIPES["paper"].items() if k not in train}
-            config = config.replace(train=dataclasses.replace(config.train, **old))
-        return config
+            data["train"] = {**RECIPES["paper"], **train}
+        return RunConfig.from_mapping(data, self.config_path)
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write_text(self.config_path, config.to_yaml())

@@ -140,11 +140,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
 
 
-def timestep_weights(t: torch.Tensor, table: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample loss weight: 1 (uniform), or min(SNR_t, gamma) / SNR_t for epsilon prediction
-    (min-SNR-gamma, Hang et al. 2023), with SNR_t = alpha_t / (1 - alpha_t)."""
+def timestep_weights(t: torch.Tensor, table: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor | None:
+    """Per-sample loss weight: None for uniform (every sample counts 1), or min(SNR_t, gamma) / SNR_t for
+    epsilon prediction (min-SNR-gamma, Hang et al. 2023), with SNR_t = alpha_t / (1 - alpha_t)."""
     if weighting == "uniform":
-        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        return None
     a = table[t].float()
     snr = a / (1.0 - a)
     return snr.clamp(max=gamma) / snr
@@ -192,9 +192,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over parameters and floating-point buffers."""
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         if b.dtype.is_floating_point:
             b_ema.lerp_(b, 1.0 - decay)
@@ -286,6 +284,10 @@ def train(
         total_steps = min(total_steps, tc.max_steps)
     marks = set(tc.checkpoint_steps)
     stop: str | None = None  # why training ends early: max_steps | max_minutes
+    if tc.max_minutes is not None and trained_s >= 60 * tc.max_minutes:
+        stop = "max_minutes"  # resumed with its time budget already spent: nothing to train
+    elif step >= total_steps and step < tc.epochs * steps_per_epoch:
+        stop = "max_steps"
 
     def save(epoch_done: int, mid_epoch: bool) -> Path:
         # Step marks and budget ends carry their step in the name, so pruning never removes them.
@@ -302,7 +304,7 @@ def train(
     t_start, seen = time.perf_counter(), 0
     try:
         for epoch in range(start_epoch, tc.epochs):
-            if step >= total_steps:
+            if stop or step >= total_steps:
                 break
             gen = torch.Generator().manual_seed(epoch_seed(tc.seed, epoch))
             torch.manual_seed(epoch_seed(tc.seed, epoch) + 1)  # dropout
