@@ -102,15 +102,26 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {path}")
 
 
+def parse_changes(pairs: list[str]) -> dict:
+    """``["key=value", ...]`` -> {key: YAML value}."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in pairs)}
+
+
 def cmd_train(args) -> None:
     cal = json.loads((RESULTS / f"calibration-{args.image_size}.json").read_text())["seconds_per_step"]
     config = setup(args.recipe, args.dataset, args.data_root, args.image_size, args.batch)
     if args.train_set:  # ablations: one lever changed, e.g. --train-set timestep_weighting=min-snr
-        import yaml
-
-        changes = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.train_set)}
-        config = config.replace(train=replace(config.train, **changes))
-    marks = sorted({max(1, round(60 * m / cal[args.recipe])) for m in args.minutes})
+        config = config.replace(train=replace(config.train, **parse_changes(args.train_set)))
+    seconds_per_step = cal[args.recipe]
+    if args.unet:  # ablations: the other recipe's UNet (its step time is that recipe's calibration)
+        other = "paper" if args.unet == "ddad-s" else "default"
+        config = config.replace(model=setup(other, args.dataset, args.data_root, args.image_size, args.batch).model)
+        seconds_per_step = cal[other]
+    if args.model_set:
+        config = config.replace(model=replace(config.model, **parse_changes(args.model_set)))
+    marks = sorted({max(1, round(60 * m / seconds_per_step)) for m in args.minutes})
     config = config.replace(train=replace(config.train, checkpoint_steps=tuple(marks[:-1]), max_steps=marks[-1]))
     run = RunDir(args.run_dir)
     resume = run.latest_checkpoint() is not None
@@ -118,7 +129,9 @@ def cmd_train(args) -> None:
         run.save_config(config)
     (run.root).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.root / "budget.json", json.dumps(
-        {"recipe": args.recipe + "".join(f" {a}" for a in args.train_set), "minutes": sorted(args.minutes), "steps": marks, "seconds_per_step": cal[args.recipe]},
+        {"recipe": args.recipe + (f" unet={args.unet}" if args.unet else "")
+         + "".join(f" {a}" for a in args.train_set + args.model_set),
+         "minutes": sorted(args.minutes), "steps": marks, "seconds_per_step": seconds_per_step},
         indent=2))
     t0 = time.perf_counter()
     result = train_run(config, run.root, resume=resume, progress=not args.quiet)
@@ -132,10 +145,16 @@ def cmd_eval(args) -> None:
     out_path = run.root / "budget-results.json"
     rows = json.loads(out_path.read_text()) if out_path.is_file() else []
     w = config.detect.sampler.w if args.w is None else args.w
-    done = {(r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0)) for r in rows}
-    modes = ["pixel", "combined"] if args.feature_size is None else ["combined"]
+    done = {(r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r.get("extractor", "pretrained"))
+            for r in rows}
+    if args.extractor == "adapted":
+        from ddad.adaptation import adapted_checkpoints
+
+        if not adapted_checkpoints(run):
+            raise SystemExit(f"{run.root} has no adapted extractor: run `ddad adapt {run.root}` first")
+    modes = ["pixel", "combined"] if args.feature_size is None and args.extractor == "pretrained" else ["combined"]
     for _, path in run.checkpoints():
-        if ((path.name, args.weights, args.feature_size, w) in done
+        if ((path.name, args.weights, args.feature_size, w, args.extractor) in done
                 or (args.steps and Checkpoint(path).info["step"] not in args.steps)):
             continue
         info = Checkpoint(path).info
@@ -144,18 +163,20 @@ def cmd_eval(args) -> None:
                          sampler=replace(config.detect.sampler, w=w),
                          scoring=replace(config.detect.scoring, feature_size=args.feature_size))
         t0 = time.perf_counter()
-        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, ["pretrained"], detect,
+        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, [args.extractor], detect,
                        progress=not args.quiet):
             rows.append({"checkpoint": path.name, "step": step, "recipe": budget["recipe"],
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
                          "weights": args.weights, "feature_size": args.feature_size, "w": w,
+                         "extractor": r["extractor"] if r["mode"] != "pixel" else "-",
                          "weights_used": args.weights if Checkpoint(path).has("ema") else "raw",
                          "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
                          "eval_s": time.perf_counter() - t0, "date": str(date.today())})
             print(json.dumps(rows[-1]), flush=True)
         # merge with what other processes wrote meanwhile (runs of this script may share a run)
         theirs = json.loads(out_path.read_text()) if out_path.is_file() else []
-        key = lambda r: (r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"])  # noqa: E731
+        key = lambda r: (r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"],  # noqa: E731
+                         r.get("extractor", "pretrained" if r["mode"] != "pixel" else "-"))
         merged = {key(r): r for r in theirs}
         merged.update({key(r): r for r in rows})
         rows = list(merged.values())
@@ -192,20 +213,21 @@ def cmd_table(args) -> None:
     def f(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
 
-    print("| recipe | minutes (steps) | weights | w | scoring | backbone input | image AUROC | pixel AUROC | PRO |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| recipe | minutes (steps) | weights | w | scoring | features | backbone input | image AUROC | pixel AUROC | PRO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir in args.runs:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
         for r in sorted(rows, key=lambda r: (r["minutes"], r["weights"], r.get("w", 3.0), r.get("feature_size") or 0,
                                              r["mode"])):
             size = r.get("feature_size") or "image size"
             used = r.get("weights_used") or ("raw" if r["recipe"].startswith("paper") else r["weights"])
+            ext = r.get("extractor", "pretrained") if r["mode"] != "pixel" else "-"
             print(f"| {r['recipe']} | {r['minutes']:.1f} ({r['step']}) | {used} | {r.get('w', 3.0):g} | {r['mode']} | "
-                  f"{size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
+                  f"{ext} | {size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
                   f"{f(r['pro'])} |")
     for path in args.patchcore or []:
         for r in json.loads(Path(path).read_text()):
-            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | - | {r.get('input_size') or 'image size'} | "
+            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | - | pretrained | {r.get('input_size') or 'image size'} | "
                   f"{f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pro'])} |")
 
 
@@ -257,6 +279,10 @@ def main() -> None:
     sub.choices["train"].add_argument("--run-dir", type=Path, required=True)
     sub.choices["train"].add_argument("--train-set", nargs="+", default=[], metavar="KEY=VALUE",
                                       help="change TrainConfig fields (ablations)")
+    sub.choices["train"].add_argument("--unet", choices=("compact", "ddad-s"),
+                                      help="the UNet (default: the recipe's: ddad-s for paper, compact for default)")
+    sub.choices["train"].add_argument("--model-set", nargs="+", default=[], metavar="KEY=VALUE",
+                                      help="change UNetConfig fields (ablations), e.g. dropout=0")
     sub.choices["patchcore"].add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     sub.choices["patchcore"].add_argument("--out", required=True)
     sub.choices["patchcore"].add_argument("--input-size", type=int, help="backbone input size (as --feature-size)")
@@ -266,6 +292,8 @@ def main() -> None:
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
     q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
     q.add_argument("--w", type=float, help="conditioning w (default: the setup's 3)")
+    q.add_argument("--extractor", choices=("pretrained", "adapted"), default="pretrained",
+                   help="features for D_f: the pretrained backbone or the run's domain-adapted one (ddad adapt)")
     q.add_argument("--quiet", action="store_true")
     q = sub.add_parser("table")
     q.add_argument("runs", nargs="+")

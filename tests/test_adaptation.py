@@ -82,7 +82,7 @@ def test_preset_flag_sets_the_run_and_flags_override(tmp_path, synth_root):
     assert config.detect.sampler.w == 3 and config.train.epochs == 7 and config.model.base_channels == 64
     assert config.adapt.lambda_dl == 0.1 and config.train.batch_size == 32 and config.data.image_size == 256
     # the paper's tables come with the paper's training recipe
-    assert config.train == TrainConfig.recipe("paper", epochs=7)
+    assert config.train == TrainConfig.recipe("paper", epochs=7) and config.adapt.train_batchnorm is True
 
 
 def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
@@ -96,6 +96,8 @@ def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
 
     assert parse().train == TrainConfig()
     assert parse("--recipe", "paper").train == TrainConfig.recipe("paper")
+    # adaptation: BatchNorm statistics frozen by default, following the data in the paper's recipe
+    assert parse().adapt.train_batchnorm is False and parse("--recipe", "paper").adapt.train_batchnorm is True
     assert parse("--recipe", "paper", "--lr", "1e-4").train == TrainConfig.recipe("paper", lr=1e-4)
     assert parse("--max-timestep", "-1").train.max_timestep is None
     assert parse("--max-timestep", "300", "--minutes", "25").train.max_minutes == 25
@@ -133,6 +135,27 @@ def test_adapt_writes_resumable_epochs_and_test_uses_them(adapted_run):
     assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "adapted"
     assert main(["test", str(adapted_run), "--quiet", "--no-images", "--pretrained"]) == 0
     assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "pretrained"
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
+def test_batchnorm_statistics_stay_frozen_unless_asked(adapted_run, tmp_path, batchnorm):
+    """ddad's default keeps the backbone's BatchNorm running statistics; --batchnorm train (the authors'
+    code, and --recipe paper) lets them follow the adaptation batches."""
+    import shutil
+
+    from ddad.checkpoint import Checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(adapted_run, run, ignore=shutil.ignore_patterns("adapted"))
+    assert main(["adapt", str(run), "--epochs", "1", "--batch-size", "4", "--start-step", "50", "--quiet",
+                 "--batchnorm", batchnorm]) == 0
+    state = Checkpoint(adapted_checkpoints(RunDir(run))[-1][1]).state_dict("extractor")
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    assert means  # MobileNetV2 has BatchNorm layers
+    # random weights: fresh BatchNorm statistics are exactly 0 (mean); only training them moves them
+    moved = any(bool(m.abs().max() > 0) for m in means)
+    assert moved == (batchnorm == "train")
+    assert RunDir(run).load_config().adapt.train_batchnorm == (batchnorm == "train")
 
 
 def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkeypatch):

@@ -104,6 +104,9 @@ def test_import_official_checkpoint_then_test(trained, tmp_path):
     ckpt = Checkpoint(RunDir(run).latest_checkpoint())
     assert ckpt.info["epoch"] == 1000
     assert torch.equal(ckpt.state_dict("model")["out.2.weight"], model.state_dict()["out.2.weight"])
+    # the authors trained on every timestep: an imported model takes any T' (and adapts as they did)
+    stored = RunDir(run).load_config()
+    assert stored.train.max_timestep is None and stored.adapt.train_batchnorm is True
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     assert (run / "test" / "metrics.json").is_file()
 

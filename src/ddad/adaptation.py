@@ -10,7 +10,8 @@ the frozen pretrained copy phibar:
          + lambda_DL sum_j (1 - cos(phi_j(x0), phibar_j(x0)))                        (Eq. 10)
 
 with j over stages J = {1, 2, 3}; each cosine compares a sample's whole flattened feature map, and
-is averaged over the batch. phibar is a deep copy taken before adaptation: ``requires_grad`` off,
+is averaged over the batch. BatchNorm layers keep their ImageNet running statistics unless
+``train_batchnorm`` (the authors' choice, kept by ``--recipe paper``). phibar is a deep copy taken before adaptation: ``requires_grad`` off,
 evaluated under ``torch.no_grad``, never given to the optimizer, so it stores no gradient and costs no
 optimizer state. AdamW, lr 1e-4. A checkpoint of the adapted extractor is written atomically after
 every epoch, and adaptation resumes from the last one.
@@ -50,7 +51,11 @@ class AdaptConfig:
     skip: int = 25
     eta: float = 1.0
     layers: tuple[int, ...] = (1, 2, 3)  # J
-    train_batchnorm: bool = True  # BatchNorm statistics follow the new domain, as in the authors' code
+    # BatchNorm running statistics: frozen at ImageNet's (ddad's default), or following the adaptation
+    # batches as in the authors' code (``--recipe paper``). On MTD and KolektorSDD at 64 px, following them
+    # moved the features far from ImageNet's and lowered every metric; frozen, adaptation helped
+    # (BENCHMARKS.md, "Sample-efficient training").
+    train_batchnorm: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

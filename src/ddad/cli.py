@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w", type=float, help="conditioning w_DA")
     p.add_argument("--start-step", type=int, help="T'_DA")
     p.add_argument("--lr", type=float)
+    p.add_argument("--batchnorm", choices=("frozen", "train"),
+                   help="BatchNorm running statistics: frozen at ImageNet's (default) or following the training "
+                        "images (the authors' code; --recipe paper runs)")
     p.add_argument("--fresh", action="store_true", help="discard earlier adaptation epochs and start again")
     p.add_argument("--quiet", action="store_true")
 
@@ -224,6 +227,8 @@ def _train_config(args) -> tuple[RunConfig, Path]:
 
     recipe = args.recipe or ("paper" if args.preset else "default")
     data["train"] = TrainConfig.recipe(recipe).to_dict()
+    if recipe == "paper":  # the authors' adaptation lets BatchNorm statistics follow the new domain
+        data["adapt"]["train_batchnorm"] = True
     if args.preset:
         from .presets import get_setting
 
@@ -297,7 +302,8 @@ def cmd_adapt(args) -> int:
     if args.fresh and adapted_dir(run).is_dir():
         shutil.rmtree(adapted_dir(run))
     records = adapt_run(run.root, {"epochs": args.epochs, "batch_size": args.batch_size, "lambda_dl": args.lambda_dl,
-                                   "w": args.w, "start_step": args.start_step, "lr": args.lr},
+                                   "w": args.w, "start_step": args.start_step, "lr": args.lr,
+                                   "train_batchnorm": None if args.batchnorm is None else args.batchnorm == "train"},
                         progress=not args.quiet)
     for r in records:
         print("epoch {epoch}: loss {total:.5f} (similarity {similarity:.5f}, distill y {distill_target:.5f}, "

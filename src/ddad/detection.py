@@ -104,7 +104,10 @@ class Detector:
         if isinstance(unet, torch.nn.Module):
             unet = unet.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
             if config.compile:
-                unet = torch.compile(unet, dynamic=False)
+                # On the CPU, freezing lets inductor fold the (frozen) weights into the graph and prepack
+                # them for oneDNN's convolutions.
+                options = {"freezing": True} if self.device.type == "cpu" else None
+                unet = torch.compile(unet, dynamic=False, options=options)
         self.unet = unet
         self.table = alphas_cumprod(schedule).to(self.device, torch.float32)
         if config.sampler.start_step >= schedule.num_timesteps:
