@@ -242,7 +242,8 @@ def cmd_plot(args) -> None:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
         for mode, style in (("combined", "-o"), ("pixel", "--s")):
             sel = sorted((r for r in rows if r["mode"] == mode and r["weights"] == "ema" and r.get("w", 3.0) == 3.0
-                          and r.get("feature_size") == args.feature_size), key=lambda r: r["minutes"])
+                          and r.get("feature_size") == args.feature_size
+                          and r.get("extractor", "pretrained") in ("pretrained", "-")), key=lambda r: r["minutes"])
             if not sel:
                 continue
             for ax, key in zip(axes, ("image_auroc", "pixel_auroc", "pro")):

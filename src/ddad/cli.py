@@ -36,7 +36,7 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
     g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet and the feature extractor")
     g.add_argument("--micro-batch", type=int,
                    help="run the UNet on chunks of this many images (0: whole batch; default: automatic)")
     g.add_argument("--checkpoint", help="which checkpoint of the run (file name in RUN_DIR/checkpoints or a path; "
