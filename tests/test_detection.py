@@ -127,7 +127,7 @@ def test_real_mobilenet_weights_load_from_a_path():
     assert torch.equal(ext.stages[0][0][0].weight, ref.features[0][0].weight)
 
 
-@pytest.mark.parametrize("option", ["channels_last", "bf16", "micro_batch", "compile"])
+@pytest.mark.parametrize("option", ["channels_last", "bf16", "micro_batch", "compile", "compile_channels_last"])
 def test_speed_options_keep_the_scores(option):
     """channels_last, micro-batches and torch.compile (with weight freezing on the CPU) must not change a
     score beyond float noise; bf16 autocast stays within 2%."""
@@ -136,7 +136,8 @@ def test_speed_options_keep_the_scores(option):
     x = mixed_batch()[:4]
     ref = Detector(random_unet(), cfg)(x)
     change = {"channels_last": {"channels_last": True}, "bf16": {"precision": "bf16"},
-              "micro_batch": {"micro_batch": 3}, "compile": {"compile": True}}[option]
+              "micro_batch": {"micro_batch": 3}, "compile": {"compile": True},
+              "compile_channels_last": {"compile": True, "channels_last": True, "micro_batch": 1}}[option]
     fast = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, **change}))(x)
     tol = 2e-2 if option == "bf16" else 1e-4
     assert torch.allclose(fast.score, ref.score, rtol=tol)
