@@ -138,6 +138,13 @@ def cmd_train(args) -> None:
     print(f"trained to step {result.steps_done} in {time.perf_counter() - t0:.0f} s ({torch.get_num_threads()} threads)")
 
 
+def row_key(r: dict) -> tuple:
+    """What identifies a result row (rows written before w and extractor were recorded had w 3 and the
+    pretrained extractor; pixel-only rows use no extractor)."""
+    extractor = "-" if r["mode"] == "pixel" else r.get("extractor", "pretrained")
+    return r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"], extractor
+
+
 def cmd_eval(args) -> None:
     run = RunDir(args.run_dir)
     budget = json.loads((run.root / "budget.json").read_text())
@@ -145,8 +152,7 @@ def cmd_eval(args) -> None:
     out_path = run.root / "budget-results.json"
     rows = json.loads(out_path.read_text()) if out_path.is_file() else []
     w = config.detect.sampler.w if args.w is None else args.w
-    done = {(r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r.get("extractor", "pretrained"))
-            for r in rows}
+    done = {row_key(r) for r in rows}
     if args.extractor == "adapted":
         from ddad.adaptation import adapted_checkpoints
 
@@ -154,11 +160,12 @@ def cmd_eval(args) -> None:
             raise SystemExit(f"{run.root} has no adapted extractor: run `ddad adapt {run.root}` first")
     modes = ["pixel", "combined"] if args.feature_size is None and args.extractor == "pretrained" else ["combined"]
     for _, path in run.checkpoints():
-        if ((path.name, args.weights, args.feature_size, w, args.extractor) in done
-                or (args.steps and Checkpoint(path).info["step"] not in args.steps)):
+        ckpt = Checkpoint(path)
+        step = int(ckpt.info["step"])
+        wanted = {row_key({"checkpoint": path.name, "weights": args.weights, "feature_size": args.feature_size,
+                           "w": w, "mode": m, "extractor": args.extractor}) for m in modes}
+        if wanted <= done or (args.steps and step not in args.steps):
             continue
-        info = Checkpoint(path).info
-        step = int(info["step"])
         detect = replace(config.detect, checkpoint=path.name, weights=args.weights,
                          sampler=replace(config.detect.sampler, w=w),
                          scoring=replace(config.detect.scoring, feature_size=args.feature_size))
@@ -169,16 +176,14 @@ def cmd_eval(args) -> None:
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
                          "weights": args.weights, "feature_size": args.feature_size, "w": w,
                          "extractor": r["extractor"] if r["mode"] != "pixel" else "-",
-                         "weights_used": args.weights if Checkpoint(path).has("ema") else "raw",
+                         "weights_used": args.weights if ckpt.has("ema") else "raw",
                          "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
                          "eval_s": time.perf_counter() - t0, "date": str(date.today())})
             print(json.dumps(rows[-1]), flush=True)
         # merge with what other processes wrote meanwhile (runs of this script may share a run)
         theirs = json.loads(out_path.read_text()) if out_path.is_file() else []
-        key = lambda r: (r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"],  # noqa: E731
-                         r.get("extractor", "pretrained" if r["mode"] != "pixel" else "-"))
-        merged = {key(r): r for r in theirs}
-        merged.update({key(r): r for r in rows})
+        merged = {row_key(r): r for r in theirs}
+        merged.update({row_key(r): r for r in rows})
         rows = list(merged.values())
         atomic_write_text(out_path, json.dumps(rows, indent=2))
 

@@ -103,7 +103,8 @@ def main() -> None:
     t0 = time.perf_counter()
     resume = run.latest_checkpoint() is not None
     if resume:
-        config = replace(run.load_config(), train=replace(run.load_config().train, epochs=config.train.epochs))
+        stored = run.load_config()
+        config = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
     done = max((e for e, _ in run.checkpoints()), default=0)
     if done < config.train.epochs:
         train_run(config, run.root, resume=resume, progress=progress)

@@ -11,9 +11,9 @@ the frozen pretrained copy phibar:
 
 with j over stages J = {1, 2, 3}; each cosine compares a sample's whole flattened feature map, and
 is averaged over the batch. BatchNorm layers keep their ImageNet running statistics unless
-``train_batchnorm`` (the authors' choice, kept by ``--recipe paper``). phibar is a deep copy taken before adaptation: ``requires_grad`` off,
-evaluated under ``torch.no_grad``, never given to the optimizer, so it stores no gradient and costs no
-optimizer state. AdamW, lr 1e-4. A checkpoint of the adapted extractor is written atomically after
+``train_batchnorm`` (the authors' choice, kept by ``--recipe paper``). phibar is a deep copy taken
+before adaptation: ``requires_grad`` off, evaluated under ``torch.no_grad``, never given to the
+optimizer, so it stores no gradient and costs no optimizer state. AdamW, lr 1e-4. A checkpoint of the adapted extractor is written atomically after
 every epoch, and adaptation resumes from the last one.
 """
 

@@ -82,7 +82,6 @@ def import_official(checkpoint: Path | str, run_dir: Path | str, config: RunConf
 
     from .checkpoint import save_checkpoint
     from .diffusion.unet import UNet, UNetConfig, load_official_state_dict
-    from .training import TrainConfig
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -93,11 +92,9 @@ def import_official(checkpoint: Path | str, run_dir: Path | str, config: RunConf
         raise ValueError(f"cannot read {checkpoint} as a torch state_dict: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    # The authors trained with the paper's recipe (every timestep, so any T' is in range) and adapt with
-    # BatchNorm statistics following the data.
-    config = replace(config, model=UNetConfig.preset(preset, config.data.image_size, config.data.channels),
-                     train=TrainConfig.recipe("paper", **{k: getattr(config.train, k) for k in ("seed", "device")}),
-                     adapt=replace(config.adapt, train_batchnorm=True))
+    # The authors trained with the paper's recipe (every timestep, so any T' is in range).
+    config = config.with_recipe("paper", seed=config.train.seed, device=config.train.device)
+    config = replace(config, model=UNetConfig.preset(preset, config.data.image_size, config.data.channels))
     model = UNet(config.model)
     load_official_state_dict(model, state)
     run = RunDir(run_dir)

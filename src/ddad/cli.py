@@ -222,13 +222,7 @@ def _train_config(args) -> tuple[RunConfig, Path]:
         data["train"].update(train_over)
         return RunConfig.from_dict(data), args.run_dir
 
-    data = RunConfig().to_dict()
-    from .training import TrainConfig
-
-    recipe = args.recipe or ("paper" if args.preset else "default")
-    data["train"] = TrainConfig.recipe(recipe).to_dict()
-    if recipe == "paper":  # the authors' adaptation lets BatchNorm statistics follow the new domain
-        data["adapt"]["train_batchnorm"] = True
+    data = RunConfig().with_recipe(args.recipe or ("paper" if args.preset else "default")).to_dict()
     if args.preset:
         from .presets import get_setting
 

@@ -112,6 +112,12 @@ class RunConfig:
     def replace(self, **sections: Any) -> "RunConfig":
         return dataclasses.replace(self, **sections)
 
+    def with_recipe(self, name: str, **train_overrides: Any) -> "RunConfig":
+        """This config trained with recipe ``name`` (:data:`ddad.training.RECIPES`). The paper's recipe
+        also adapts the extractor as the authors' code does, with BatchNorm statistics following the data."""
+        return self.replace(train=TrainConfig.recipe(name, **train_overrides),
+                            adapt=dataclasses.replace(self.adapt, train_batchnorm=name == "paper"))
+
 
 def read_yaml_mapping(path: Path | str) -> dict:
     """The mapping stored in YAML file ``path``; errors name the file."""
