@@ -142,7 +142,13 @@ def row_key(r: dict) -> tuple:
     """What identifies a result row (rows written before w and extractor were recorded had w 3 and the
     pretrained extractor; pixel-only rows use no extractor)."""
     extractor = "-" if r["mode"] == "pixel" else r.get("extractor", "pretrained")
-    return r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"], extractor
+    return (r["checkpoint"], r["weights"], r.get("feature_size"), r.get("w", 3.0), r["mode"], extractor,
+            normalization_of(r))
+
+
+def normalization_of(r: dict) -> str:
+    """Eq. 9's maxima of a combined row (rows written before it was recorded: per image); '-' otherwise."""
+    return r.get("normalization", "image") if r["mode"] == "combined" else "-"
 
 
 def cmd_eval(args) -> None:
@@ -163,12 +169,14 @@ def cmd_eval(args) -> None:
         ckpt = Checkpoint(path)
         step = int(ckpt.info["step"])
         wanted = {row_key({"checkpoint": path.name, "weights": args.weights, "feature_size": args.feature_size,
-                           "w": w, "mode": m, "extractor": args.extractor}) for m in modes}
+                           "w": w, "mode": m, "extractor": args.extractor, "normalization": args.normalization})
+                  for m in modes}
         if wanted <= done or (args.steps and step not in args.steps):
             continue
         detect = replace(config.detect, checkpoint=path.name, weights=args.weights,
                          sampler=replace(config.detect.sampler, w=w),
-                         scoring=replace(config.detect.scoring, feature_size=args.feature_size))
+                         scoring=replace(config.detect.scoring, feature_size=args.feature_size,
+                                         normalization=args.normalization))
         t0 = time.perf_counter()
         for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, [args.extractor], detect,
                        progress=not args.quiet):
@@ -176,6 +184,7 @@ def cmd_eval(args) -> None:
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
                          "weights": args.weights, "feature_size": args.feature_size, "w": w,
                          "extractor": r["extractor"] if r["mode"] != "pixel" else "-",
+                         "normalization": args.normalization if r["mode"] == "combined" else "-",
                          "weights_used": args.weights if ckpt.has("ema") else "raw",
                          "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "pro": r["pro"],
                          "eval_s": time.perf_counter() - t0, "date": str(date.today())})
@@ -218,8 +227,9 @@ def cmd_table(args) -> None:
     def f(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
 
-    print("| recipe | minutes (steps) | weights | w | scoring | features | backbone input | image AUROC | pixel AUROC | PRO |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| recipe | minutes (steps) | weights | w | scoring | Eq. 9 maxima | features | backbone input | image AUROC | "
+          "pixel AUROC | PRO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run_dir in args.runs:
         rows = json.loads((Path(run_dir) / "budget-results.json").read_text())
         for r in sorted(rows, key=lambda r: (r["minutes"], r["weights"], r.get("w", 3.0), r.get("feature_size") or 0,
@@ -228,11 +238,11 @@ def cmd_table(args) -> None:
             used = r.get("weights_used") or ("raw" if r["recipe"].startswith("paper") else r["weights"])
             ext = r.get("extractor", "pretrained") if r["mode"] != "pixel" else "-"
             print(f"| {r['recipe']} | {r['minutes']:.1f} ({r['step']}) | {used} | {r.get('w', 3.0):g} | {r['mode']} | "
-                  f"{ext} | {size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
+                  f"{normalization_of(r)} | {ext} | {size if r['mode'] != 'pixel' else '-'} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
                   f"{f(r['pro'])} |")
     for path in args.patchcore or []:
         for r in json.loads(Path(path).read_text()):
-            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | - | pretrained | {r.get('input_size') or 'image size'} | "
+            print(f"| {r['method']} | fit {r['fit_s']:.0f} s | - | - | - | - | pretrained | {r.get('input_size') or 'image size'} | "
                   f"{f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pro'])} |")
 
 
@@ -248,6 +258,7 @@ def cmd_plot(args) -> None:
         for mode, style in (("combined", "-o"), ("pixel", "--s")):
             sel = sorted((r for r in rows if r["mode"] == mode and r["weights"] == "ema" and r.get("w", 3.0) == 3.0
                           and r.get("feature_size") == args.feature_size
+                          and normalization_of(r) in (args.normalization, "-")
                           and r.get("extractor", "pretrained") in ("pretrained", "-")), key=lambda r: r["minutes"])
             if not sel:
                 continue
@@ -297,6 +308,8 @@ def main() -> None:
     q.add_argument("--steps", type=int, nargs="+", help="only the checkpoints at these optimizer steps")
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
     q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
+    q.add_argument("--normalization", choices=("calibrated", "image", "batch"), default="calibrated",
+                   help="where Eq. 9's maxima come from (rows before 2026-11-24: image)")
     q.add_argument("--w", type=float, help="conditioning w (default: the setup's 3)")
     q.add_argument("--extractor", choices=("pretrained", "adapted"), default="pretrained",
                    help="features for D_f: the pretrained backbone or the run's domain-adapted one (ddad adapt)")
@@ -308,6 +321,7 @@ def main() -> None:
     q.add_argument("runs", nargs="+")
     q.add_argument("--patchcore")
     q.add_argument("--feature-size", type=int, help="plot the rows scored with this backbone input size")
+    q.add_argument("--normalization", default="calibrated", help="plot combined rows with these Eq. 9 maxima")
     q.add_argument("--title", default="")
     q.add_argument("--out", required=True)
     args = p.parse_args()

@@ -114,7 +114,9 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     device = resolve_device(device_name)
     unet = UNet(UNetConfig.preset(preset, size, 3)).eval()
     cfg = DetectConfig(sampler=SamplerConfig(250, skip_for_steps(250, steps), w=3, eta=1),
-                       scoring=ScoringConfig(mode="combined"), backbone=backbone, backbone_weights=weights,
+                       # per-image maxima: the same work per image as calibrated ones, no calibration pass
+                       scoring=ScoringConfig(mode="combined", normalization="image"), backbone=backbone,
+                       backbone_weights=weights,
                        precision=precision, batch_size=batch, compile=backend == "compiled",
                        channels_last=channels_last, micro_batch=micro_batch)
     extractor = None

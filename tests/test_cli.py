@@ -138,3 +138,50 @@ def test_test_picks_a_checkpoint_and_names_a_missing_one(trained, capsys):
     # a T' above the trained range (the run trained t <= 250) is refused with the reason
     assert main(["test", str(run), "--quiet", "--no-images", "--start-step", "400"]) == 2
     assert "max_timestep = 250" in capsys.readouterr().err
+
+
+def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
+    """Calibrated scoring (Eq. 9's maxima from good training images) runs once per setting, is kept in the
+    run and reused, also where the training images are gone (a deployment machine)."""
+    root, run = trained
+    for old in (run / "calibration").glob("*.json"):
+        old.unlink()
+    args = ["test", str(run), "--quiet", "--no-images", "--scoring", "combined", "--backbone", "mobilenet_v2",
+            "--backbone-weights", "random"]
+    assert main(args) == 0
+    files = list((run / "calibration").glob("scale-*.json"))
+    assert len(files) == 1
+    stored = json.loads(files[0].read_text())
+    assert stored["scale"]["n_images"] == 6  # all six training images (fewer than calibration_images)
+    assert stored["scale"]["max_pixel"] > 0 and stored["scale"]["max_feature"] > 0
+    first = json.loads((run / "test" / "metrics.json").read_text())
+
+    def boom(*a, **k):
+        raise AssertionError("a stored calibration must be reused")
+
+    with monkeypatch.context() as m:
+        m.setattr("ddad.detection.Detector.calibrate", boom)
+        assert main(args) == 0
+        train_dir = root / "data" / "washer" / "train"
+        train_dir.rename(tmp_path / "train")  # predict needs the training images no more
+        try:
+            assert main(["predict", str(run), str(root / "data" / "washer" / "test"), "--out",
+                         str(tmp_path / "p"), "--quiet", "--no-images", "--scoring", "combined", "--backbone",
+                         "mobilenet_v2", "--backbone-weights", "random"]) == 0
+        finally:
+            (tmp_path / "train").rename(train_dir)
+        assert json.loads((run / "test" / "metrics.json").read_text())["image_auroc"] == first["image_auroc"]
+        # per-image normalisation needs no calibration
+        assert main(args + ["--normalization", "image"]) == 0
+    assert main(args + ["--w", "5"]) == 0  # another setting, another calibration
+    assert len(list((run / "calibration").glob("scale-*.json"))) == 2
+
+
+def test_old_configs_keep_their_normalisation(tmp_path):
+    from ddad.config import RunConfig
+
+    for flag, expected in (("true", "batch"), ("false", "image")):
+        path = tmp_path / f"{flag}.yaml"
+        path.write_text(f"detect:\n  scoring:\n    normalize_over_batch: {flag}\n")
+        assert RunConfig.from_yaml(path).detect.scoring.normalization == expected
+    assert RunConfig().detect.scoring.normalization == "calibrated"

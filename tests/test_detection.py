@@ -8,7 +8,7 @@ from ddad.detection import DetectConfig, Detector
 from ddad.diffusion.sampler import SamplerConfig
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ddad.diffusion.unet import UNet, UNetConfig
-from ddad.scoring import ScoringConfig
+from ddad.scoring import ScoringConfig, combine
 
 from .conftest import MOBILENET
 
@@ -31,13 +31,17 @@ def mixed_batch(n=8, size=32):
     return x
 
 
-def test_score_and_map_do_not_depend_on_the_batch():
-    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1), scoring=ScoringConfig(mode="combined", sigma=1),
+@pytest.mark.parametrize("normalization", ["calibrated", "image"])
+def test_score_and_map_do_not_depend_on_the_batch(normalization):
+    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
+                       scoring=ScoringConfig(mode="combined", sigma=1, normalization=normalization),
                        backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
     torch.manual_seed(0)
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random")
     det = Detector(random_unet(), cfg, extractor=extractor)
     x = mixed_batch()
+    if normalization == "calibrated":
+        det.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7)) * 2 - 1)
     batch = det(x)
     for i in (0, 3, 5):
         alone = det(x[i:i + 1])
@@ -45,8 +49,32 @@ def test_score_and_map_do_not_depend_on_the_batch():
         assert torch.allclose(alone.anomaly_map, batch.anomaly_map[i:i + 1], rtol=1e-4, atol=1e-5)
     # The authors' batch normalisation of Eq. 9 does couple images: this test would catch it.
     authors = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(
-        mode="combined", sigma=1, normalize_over_batch=True)}), extractor=extractor)
+        mode="combined", sigma=1, normalization="batch")}), extractor=extractor)
     assert not torch.allclose(authors(x[:1]).score, authors(x).score[:1], rtol=1e-3)
+
+
+def test_calibration_sets_eq9_maxima_from_good_images():
+    """calibrate() stores the maxima of D_p and D_f over the good images (brute force here), and calibrated
+    scoring is then Eq. 9 with those constants; scoring before calibrating is a clear error."""
+    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1), scoring=ScoringConfig(mode="combined", sigma=0),
+                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0, batch_size=3)
+    torch.manual_seed(0)
+    det = Detector(random_unet(), cfg, extractor=create_backbone("mobilenet_v2", (2, 3), weights="random"))
+    x = mixed_batch()
+    with pytest.raises(RuntimeError, match=r"Detector\.calibrate"):
+        det(x[:1])
+    good = x[:5]
+    scale = det.calibrate(good)  # batches of 3: the maxima must cover both batches
+    d_p, d_f = zip(*(det.distances(det.reconstruct(good[i:i + 1]), good[i:i + 1]) for i in range(5)))
+    assert scale.n_images == 5
+    assert scale.max_pixel == pytest.approx(max(float(d.max()) for d in d_p), rel=1e-5)
+    assert scale.max_feature == pytest.approx(max(float(d.max()) for d in d_f), rel=1e-5)
+    res = det(x[5:6])
+    expected = 1.0 * scale.max_feature / scale.max_pixel * res.pixel_distance + res.feature_distance
+    assert torch.allclose(res.anomaly_map, expected, rtol=1e-5, atol=1e-6)
+    # per-image normalisation would stretch this image's own D_p to its own D_f peak: a different map
+    per_image = combine(res.pixel_distance, res.feature_distance, 1.0, "image")
+    assert not torch.allclose(per_image, expected, rtol=1e-3)
 
 
 class Oracle(torch.nn.Module):
@@ -76,11 +104,13 @@ def test_defect_gets_the_highest_score(mode, feature_size):
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random") if mode != "pixel" else None
     det = Detector(UNet(UNetConfig.tiny(32)), cfg, extractor=extractor)
     det.unet = Oracle(clean)
+    if mode == "combined":  # good images vary a little around the clean one; the oracle returns clean
+        det.calibrate(clean + 0.02 * torch.randn(4, 3, 32, 32, generator=g))
     res = det(defective)
     if feature_size is not None:  # the backbone saw 96 px images; D_f is back at 32 px and differs
         assert res.feature_distance.shape == (1, 1, 32, 32)
         plain = Detector(det.unet, DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(mode=mode, sigma=1)}),
-                         extractor=extractor)
+                         extractor=extractor, score_scale=det.score_scale)
         assert not torch.allclose(plain.score(defective, res.reconstruction).feature_distance, res.feature_distance)
     assert torch.allclose(res.reconstruction, clean, atol=1e-4)
     amap = res.anomaly_map[0, 0]
@@ -131,7 +161,8 @@ def test_real_mobilenet_weights_load_from_a_path():
 def test_speed_options_keep_the_scores(option):
     """channels_last, micro-batches and torch.compile (with weight freezing on the CPU) must not change a
     score beyond float noise; bf16 autocast stays within 2%."""
-    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1), scoring=ScoringConfig(mode="combined", sigma=1),
+    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
+                       scoring=ScoringConfig(mode="combined", sigma=1, normalization="image"),
                        backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
     x = mixed_batch()[:4]
     ref = Detector(random_unet(), cfg)(x)

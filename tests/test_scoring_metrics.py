@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from ddad.metrics import f1_optimal_threshold, pixel_auroc, pro_auc, roc_auc
-from ddad.scoring import ScoringConfig, anomaly_map, combine, feature_distance, gaussian_blur, image_scores, pixel_distance
+from ddad.scoring import ScoreScale, ScoringConfig, anomaly_map, combine, feature_distance, gaussian_blur, image_scores, pixel_distance
 
 
 def brute_auroc(s, y):
@@ -91,16 +91,30 @@ def test_gaussian_blur_matches_scipy():
     assert np.allclose(gaussian_blur(small, 4.0)[0, 0].numpy(), ref_small, atol=1e-5)
 
 
-def test_eq9_is_per_image_unless_asked():
+def test_eq9_normalisations():
+    """calibrated and image maxima never couple the images of a batch; the authors' batch maxima do.
+    Calibrated: D = v * max_f / max_p * D_p + D_f with the stored constants."""
     torch.manual_seed(0)
     dp, df = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
     dp[3] *= 10  # one image with a much larger pixel distance
-    batch = combine(dp, df, v=1.0)
-    alone = combine(dp[:1], df[:1], v=1.0)
+    batch = combine(dp, df, v=1.0, normalization="image")
+    alone = combine(dp[:1], df[:1], v=1.0, normalization="image")
     assert torch.allclose(batch[:1], alone)
     assert torch.allclose((batch - df)[0].amax(), df[0].amax())  # v max(Df)/max(Dp) Dp peaks at max(Df)
-    authors = combine(dp, df, v=1.0, over_batch=True)
+    authors = combine(dp, df, v=1.0, normalization="batch")
     assert not torch.allclose(authors[:1], alone, atol=1e-3)
+    scale = ScoreScale(max_pixel=2.0, max_feature=0.5, n_images=10)
+    cal = combine(dp, df, v=2.0, normalization="calibrated", scale=scale)
+    assert torch.allclose(cal, 2.0 * 0.5 / 2.0 * dp + df)
+    assert torch.allclose(cal[:1], combine(dp[:1], df[:1], v=2.0, normalization="calibrated", scale=scale))
+    # the large residual of image 3 stays large (per image it would be squashed to image 3's own D_f peak)
+    assert (cal[3] - df[3]).amax() > 3 * (batch[3] - df[3]).amax()
+    with pytest.raises(ValueError, match="ScoreScale"):
+        combine(dp, df, 1.0, normalization="calibrated")
+    with pytest.raises(ValueError, match="positive"):
+        ScoreScale(0.0, 1.0, 3)
+    with pytest.raises(ValueError, match="normalization"):
+        ScoringConfig(normalization="dataset")
 
 
 def test_distances():

@@ -20,6 +20,7 @@ every epoch, and adaptation resumes from the last one.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -130,9 +131,8 @@ def adapted_checkpoints(run: "RunDir") -> list[tuple[int, "object"]]:
     return sorted(found)
 
 
-def load_adapted_extractor(run: "RunDir", backbone: str, layers: Sequence[int], epoch: int | None = None,
-                           weights: str | None = None) -> FeatureExtractor | None:
-    """The run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
+def adapted_checkpoint(run: "RunDir", epoch: int | None = None) -> Path | None:
+    """The file of the run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
     found = dict(adapted_checkpoints(run))
     if not found:
         if epoch is not None:
@@ -142,9 +142,18 @@ def load_adapted_extractor(run: "RunDir", backbone: str, layers: Sequence[int], 
     if chosen not in found:
         raise FileNotFoundError(f"run {run.root} has no adapted extractor of epoch {chosen}; "
                                 f"available: {sorted(found)}")
-    ckpt = Checkpoint(found[chosen])
+    return found[chosen]
+
+
+def load_adapted_extractor(run: "RunDir", backbone: str, layers: Sequence[int], epoch: int | None = None,
+                           weights: str | None = None) -> FeatureExtractor | None:
+    """The run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
+    path = adapted_checkpoint(run, epoch)
+    if path is None:
+        return None
+    ckpt = Checkpoint(path)
     if ckpt.info.get("backbone") != backbone:
-        raise ValueError(f"{found[chosen]} adapts {ckpt.info.get('backbone')!r}, but detection asks for {backbone!r}")
+        raise ValueError(f"{path} adapts {ckpt.info.get('backbone')!r}, but detection asks for {backbone!r}")
     ext = create_backbone(backbone, layers, weights="random")
     state = ckpt.state_dict("extractor")
     own = ext.state_dict()

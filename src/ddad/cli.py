@@ -48,8 +48,11 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
                    help="compatibility: first network call at T'-skip, as the authors' code")
-    g.add_argument("--normalize-over-batch", action="store_true", default=None,
-                   help="compatibility: Eq. 9 maxima over the batch, as the authors' code")
+    g.add_argument("--normalization", choices=("calibrated", "image", "batch"),
+                   help="where Eq. 9's maxima come from: defect-free calibration images (default), each image, "
+                        "or the batch (the authors' code)")
+    g.add_argument("--normalize-over-batch", action="store_const", const="batch", dest="normalization",
+                   help="same as --normalization batch")
 
 
 def _detect_from_args(base, args):
@@ -66,7 +69,7 @@ def _detect_from_args(base, args):
         sigma=args.sigma, feature_size=args.feature_size, crop=args.crop, batch_size=args.batch_size,
         seed=args.seed, device=args.device,
         precision=args.precision, authors_first_step=args.authors_first_step,
-        normalize_over_batch=args.normalize_over_batch, adapted=False if args.pretrained else None,
+        normalization=args.normalization, adapted=False if args.pretrained else None,
         adapted_epoch=args.adapted_epoch, backend=args.backend, channels_last=args.channels_last,
         compile=args.compile, micro_batch=args.micro_batch, checkpoint=args.checkpoint, weights=args.weights,
         force_timestep=args.force_timestep,

@@ -89,7 +89,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
-        return dataclass_from_dict(cls, data)
+        return dataclass_from_dict(cls, _upgrade(data))
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -117,6 +117,18 @@ class RunConfig:
         also adapts the extractor as the authors' code does, with BatchNorm statistics following the data."""
         return self.replace(train=TrainConfig.recipe(name, **train_overrides),
                             adapt=dataclasses.replace(self.adapt, train_batchnorm=name == "paper"))
+
+
+def _upgrade(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Configs written by earlier versions: ``detect.scoring.normalize_over_batch`` (a bool) became
+    ``normalization``; such a run keeps the normalisation it was evaluated with."""
+    scoring = (data.get("detect") or {}).get("scoring") if isinstance(data.get("detect"), Mapping) else None
+    if not isinstance(scoring, Mapping) or "normalize_over_batch" not in scoring:
+        return data
+    scoring = dict(scoring)
+    over_batch = scoring.pop("normalize_over_batch")
+    scoring.setdefault("normalization", "batch" if over_batch else "image")
+    return {**data, "detect": {**data["detect"], "scoring": scoring}}
 
 
 def read_yaml_mapping(path: Path | str) -> dict:

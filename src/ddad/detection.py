@@ -18,8 +18,8 @@ from .diffusion.sampler import SamplerConfig, conditioned_denoise
 from .diffusion.schedule import ScheduleConfig, alphas_cumprod
 from .diffusion.unet import UNet
 from .runtime import PRECISIONS, autocast
-from .scoring import (ScoringConfig, anomaly_map, crop, feature_distance, image_scores, pixel_distance,
-                      resize_for_features)
+from .scoring import (ScoreScale, ScoringConfig, anomaly_map, crop, feature_distance, image_scores,
+                      pixel_distance, resize_for_features)
 
 
 CPU_CHUNK_PIXELS = 64 * 64 * 16
@@ -97,9 +97,12 @@ class Detector:
         schedule: ScheduleConfig = ScheduleConfig(),
         extractor: FeatureExtractor | None = None,
         device: torch.device | str = "cpu",
+        score_scale: ScoreScale | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.config = config
+        # Eq. 9's maxima for calibrated normalisation (set by calibrate(), or given).
+        self.score_scale = score_scale
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         if isinstance(unet, torch.nn.Module):
             unet = unet.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
@@ -170,15 +173,40 @@ class Detector:
                                        self.config.scoring.patch_size)
         return d_p, d_f
 
+    def calibrate(self, good_images: torch.Tensor, reconstructions: torch.Tensor | None = None,
+                  batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> ScoreScale:
+        """Set Eq. 9's maxima from defect-free images (reconstructed here unless ``reconstructions`` are
+        given) and return them. Needed once before combined scoring with calibrated normalisation."""
+        if self.extractor is None:
+            raise ValueError("calibration needs feature-wise distances; this detector scores pixel-wise only")
+        bs = batch_size or self.config.batch_size
+        max_p = max_f = None
+        for i in range(0, len(good_images), bs):
+            y = good_images[i:i + bs]
+            x0 = self.reconstruct(y) if reconstructions is None else reconstructions[i:i + bs]
+            d_p, d_f = self.distances(x0, y)
+            max_p = d_p.amax() if max_p is None else torch.maximum(max_p, d_p.amax())
+            max_f = d_f.amax() if max_f is None else torch.maximum(max_f, d_f.amax())
+            if progress is not None:
+                progress(len(y))
+        if max_p is None:
+            raise ValueError("calibration needs at least one defect-free image")
+        self.score_scale = ScoreScale(float(max_p), float(max_f), len(good_images))
+        return self.score_scale
+
     def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> DetectionResult:
         return self.score(images, self.reconstruct(images, seeds))
 
     def score(self, images: torch.Tensor, reconstruction: torch.Tensor) -> DetectionResult:
         """Compare images with given reconstructions (Eq. 8-9): no diffusion is run."""
+        if self.config.scoring.needs_calibration and self.score_scale is None:
+            raise RuntimeError("combined scoring with calibrated normalisation needs Eq. 9's maxima from defect-free "
+                               "images: call Detector.calibrate(good_images) first (ddad's run commands do it from "
+                               "the training images), or set scoring.normalization to 'image'")
         x0 = reconstruction.to(self.device, torch.float32)
         d_p, d_f = self.distances(x0, images)
         with torch.inference_mode():
-            maps = anomaly_map(d_p, d_f, self.config.scoring)
+            maps = anomaly_map(d_p, d_f, self.config.scoring, self.score_scale)
             scores = image_scores(maps, self.config.crop)
         return DetectionResult(
             score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),

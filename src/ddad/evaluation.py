@@ -27,35 +27,97 @@ from .data.formats import build_index
 from .data.io import DatasetError, is_image_file, read_image
 from .detection import DetectConfig, DetectionResult, Detector
 from .metrics import area_up_to, f1_optimal_threshold, pixel_auroc, pro_curve, roc_auc
-
-PRO_LIMIT = 0.3
 from .runs import RunDir
 from .runtime import resolve_device
+from .scoring import ScoreScale, crop
 from .training import check_trained_timestep
-from .scoring import crop
 from .visualize import panel, save_png
 
+PRO_LIMIT = 0.3
 
-def load_detector(run: RunDir, detect: DetectConfig | None = None) -> tuple[Detector, RunConfig]:
+
+def load_detector(run: RunDir, detect: DetectConfig | None = None, calibrate: bool = True,
+                  progress: bool = True) -> tuple[Detector, RunConfig]:
     """The run's trained UNet wrapped in a :class:`Detector` with ``detect`` (default: the run's).
 
     Feature-wise scoring uses the run's domain-adapted extractor when it has one and ``detect.adapted``
-    is set (``detect.adapted_epoch`` picks the epoch), else the pretrained backbone."""
-    from .adaptation import load_adapted_extractor
+    is set (``detect.adapted_epoch`` picks the epoch), else the pretrained backbone. With ``calibrate``,
+    a detector whose scoring needs Eq. 9's calibrated maxima gets them (:func:`run_score_scale`)."""
+    from .adaptation import adapted_checkpoint, load_adapted_extractor
 
     config = run.load_config()
     detect = detect or config.detect
     check_trained_timestep(config.train, detect.sampler.start_step, detect.force_timestep)
+    adapted_file = None
     if detect.backend == "onnxruntime":
         from .export import onnx_detector
 
-        return onnx_detector(run, detect)
-    device = resolve_device(detect.device)
-    unet = run.load_unet(device, detect.checkpoint, detect.weights)
-    extractor = None
-    if detect.scoring.uses_features and detect.adapted:
-        extractor = load_adapted_extractor(run, detect.backbone, detect.scoring.feature_layers, detect.adapted_epoch)
-    return Detector(unet, detect, config.schedule, extractor=extractor, device=device), config
+        detector, config = onnx_detector(run, detect)
+    else:
+        device = resolve_device(detect.device)
+        unet = run.load_unet(device, detect.checkpoint, detect.weights)
+        extractor = None
+        if detect.scoring.uses_features and detect.adapted:
+            adapted_file = adapted_checkpoint(run, detect.adapted_epoch)
+            extractor = load_adapted_extractor(run, detect.backbone, detect.scoring.feature_layers, detect.adapted_epoch)
+        detector = Detector(unet, detect, config.schedule, extractor=extractor, device=device)
+    if calibrate and detect.scoring.needs_calibration:
+        run_score_scale(detector, run, config, adapted_file, progress=progress)
+    return detector, config
+
+
+def _file_id(path: Path) -> list:
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_file: Path | None = None,
+                    progress: bool = True) -> ScoreScale:
+    """Calibrate ``detector`` (Eq. 9's maxima) on a seeded subset of the run's defect-free training images
+    and return the scale. The result is kept in RUN_DIR/calibration/, keyed by everything it depends on
+    (checkpoint, sampler, seed, extractor, feature settings, data), so later tests and predictions, also on
+    a machine without the training data, reuse it."""
+    detect = detector.config
+    scoring = detect.scoring
+    extractor = ["adapted", *_file_id(adapted_file)] if adapted_file is not None else \
+        ["pretrained", detect.backbone, detect.backbone_weights]
+    key = {
+        "checkpoint": _file_id(run.resolve_checkpoint(detect.checkpoint)), "weights": detect.weights,
+        "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
+        "backend": detect.backend, "extractor": extractor, "feature_layers": list(scoring.feature_layers),
+        "patch_size": scoring.patch_size, "feature_size": scoring.feature_size,
+        "images": scoring.calibration_images, "data": config.data.to_dict(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = run.root / "calibration" / f"scale-{digest}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())["scale"]
+        detector.score_scale = ScoreScale(**stored)
+        return detector.score_scale
+    index = build_index(config.data)
+    if not index.train:
+        raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
+                           "set detect.scoring.normalization to 'image'")
+    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(detect.seed)).tolist()
+    dataset = ImageSet(tuple(index.train[i] for i in order), config.data.image_size, config.data.channels)
+    picked = []
+    for i in range(len(dataset)):
+        if len(picked) == scoring.calibration_images:
+            break
+        try:
+            picked.append(dataset[i]["image"])
+        except DatasetError:
+            if not config.data.skip_bad_files:
+                raise
+    if not picked:
+        raise DatasetError(f"no readable training image in {index.name} to calibrate scoring with")
+    images = torch.stack(picked)
+    n = len(images)
+    bar = tqdm(total=n, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+    scale = detector.calibrate(images, progress=bar.update)
+    bar.close()
+    atomic_write_text(path, json.dumps({"scale": scale.to_dict(), "key": key}, indent=2, default=str))
+    return scale
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -182,7 +244,7 @@ def test_run(
 ) -> dict:
     """Evaluate the run on its dataset's test split; returns the metrics dict it writes."""
     t0 = time.perf_counter()
-    detector, config = load_detector(run, detect)
+    detector, config = load_detector(run, detect, progress=progress)
     detect = detector.config
     out_dir = Path(out_dir) if out_dir else run.test_dir
     split = load_test_split(run, config, progress)
@@ -200,6 +262,7 @@ def test_run(
             "adapted" if detect.adapted and _has_adapted(run) else "pretrained"),
         "seconds": time.perf_counter() - t0,
         "detect": detect.to_dict(),
+        "score_scale": None if detector.score_scale is None else detector.score_scale.to_dict(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -240,8 +303,9 @@ def sweep(
     progress: bool = True,
 ) -> list[dict]:
     """Metrics over a grid of w, v, scoring mode and extractor. The diffusion runs once per w
-    (cached), the backbone once per (w, extractor); v and the mode only rescore stored distances."""
-    from .adaptation import load_adapted_extractor
+    (cached), the backbone once per (w, extractor); v and the mode only rescore stored distances.
+    Combined scoring with calibrated normalisation is calibrated once per (w, extractor) (cached too)."""
+    from .adaptation import adapted_checkpoint, load_adapted_extractor
     from .backbones import create_backbone
     from .scoring import anomaly_map, image_scores
 
@@ -276,6 +340,9 @@ def sweep(
                 fdet = Detector(unet, with_overrides(base, w=float(w), mode="feature"), config.schedule,
                                 extractor=feature_extractors[ext_name], device=device)
                 d_f = score_split(fdet, split, recon).feature_distance
+                if "combined" in modes and base.scoring.normalization == "calibrated":
+                    run_score_scale(fdet, run, config, adapted_checkpoint(run, base.adapted_epoch)
+                                    if ext_name == "adapted" else None, progress=progress)
             for mode in modes:
                 if mode != "pixel" and d_f is None:
                     continue
@@ -283,7 +350,7 @@ def sweep(
                     continue  # pixel-only does not depend on the extractor
                 for v in (vs if mode == "combined" else [None]):
                     scoring = replace(base.scoring, mode=mode, v=float(v) if v is not None else base.scoring.v)
-                    maps = anomaly_map(pix, d_f, scoring)
+                    maps = anomaly_map(pix, d_f, scoring, fdet.score_scale if d_f is not None else None)
                     scores = image_scores(maps, base.crop).numpy()
                     rows.append({"w": float(w), "mode": mode, "v": v,
                                  "extractor": ext_name if mode != "pixel" else "-",
@@ -324,7 +391,7 @@ def predict(
 ) -> list[dict]:
     """Score unlabelled images; writes OUT/scores.csv and heatmap PNGs. Returns one dict per image."""
     files = collect_images(paths)
-    detector, config = load_detector(run, detect)
+    detector, config = load_detector(run, detect, progress=progress)
     if threshold is None:
         threshold = stored_threshold(run)
     size, channels = config.data.image_size, config.data.channels
@@ -367,7 +434,7 @@ def with_overrides(detect: DetectConfig, **changes) -> DetectConfig:
     """``detect`` with sampler/scoring/top-level fields replaced (None values ignored)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     sampler_fields = {"start_step", "skip", "w", "eta", "authors_first_step"}
-    scoring_fields = {"mode", "v", "sigma", "feature_layers", "normalize_over_batch", "patch_size", "feature_size"}
+    scoring_fields = {"mode", "v", "sigma", "feature_layers", "normalization", "patch_size", "feature_size"}
     sampler = replace(detect.sampler, **{k: v for k, v in changes.items() if k in sampler_fields})
     scoring = replace(detect.scoring, **{k: v for k, v in changes.items() if k in scoring_fields})
     top = {k: v for k, v in changes.items() if k not in sampler_fields | scoring_fields}

@@ -58,7 +58,7 @@ def export_onnx(run: RunDir, out_dir: Path | None = None, detect=None) -> Path:
     _require_onnx()
     from .evaluation import load_detector
 
-    detector, config = load_detector(run, detect)
+    detector, config = load_detector(run, detect, calibrate=False)
     out_dir = Path(out_dir) if out_dir else run.root / "export"
     size, channels = config.data.image_size, config.data.channels
     unet = detector.unet.float().cpu().eval()

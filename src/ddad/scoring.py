@@ -5,9 +5,17 @@
     D   = v * max(D_f) / max(D_p) * D_p + D_f                                        (Eq. 9)
 
 phi_j are backbone stages with each feature map locally averaged (3 x 3, as PatchCore); J = {2, 3}.
-The maxima of Eq. 9 are taken per image, so an image's map never depends on the rest of its batch
-(the authors take them over the batch; ``normalize_over_batch`` reproduces that). Finally the map is
-smoothed with a Gaussian of sigma 4 (App. 7).
+Eq. 9 gives D_p "the same upper bound" as D_f. Where the maxima come from (``normalization``):
+
+- ``calibrated`` (default): over defect-free calibration images, once (:class:`ScoreScale`). Fixed
+  constants, so an image's map never depends on the rest of its batch, and the pixel term keeps its
+  magnitude from image to image.
+- ``image``: per image. Also batch-independent, but every image's D_p is stretched to the same peak, so
+  the pixel term no longer says how large an image's residual is.
+- ``batch``: over the batch being scored, as the authors' code does (a score then depends on the other
+  images in its batch); for comparison only.
+
+Finally the map is smoothed with a Gaussian of sigma 4 (App. 7).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 SCORING_MODES = ("combined", "pixel", "feature")
+NORMALIZATIONS = ("calibrated", "image", "batch")
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,8 @@ class ScoringConfig:
     feature_layers: tuple[int, ...] = (2, 3)
     patch_size: int = 3
     sigma: float = 4.0
-    normalize_over_batch: bool = False  # authors' behaviour, for comparison only
+    normalization: str = "calibrated"  # where Eq. 9's maxima come from: calibrated | image | batch
+    calibration_images: int = 64  # defect-free training images that set the calibrated maxima
     # The backbone sees x0 and y resized to this many pixels a side (None: as they are). Small images
     # (64 px) give ImageNet backbones too coarse a grid; D_f comes back at the image size either way.
     feature_size: int | None = None
@@ -36,6 +46,10 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.mode not in SCORING_MODES:
             raise ValueError(f"scoring mode must be one of {SCORING_MODES}, got {self.mode!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.calibration_images < 1:
+            raise ValueError(f"calibration_images must be >= 1, got {self.calibration_images}")
         if self.v < 0:
             raise ValueError(f"v must be >= 0, got {self.v}")
         if self.sigma < 0:
@@ -50,6 +64,31 @@ class ScoringConfig:
     @property
     def uses_features(self) -> bool:
         return self.mode != "pixel"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Combined scoring with calibrated maxima needs a :class:`ScoreScale` before it can score."""
+        return self.mode == "combined" and self.normalization == "calibrated"
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """The maxima of D_p and D_f over defect-free calibration images: Eq. 9's normalisation constants."""
+
+    max_pixel: float
+    max_feature: float
+    n_images: int
+
+    def __post_init__(self) -> None:
+        if not (self.max_pixel > 0 and self.max_feature > 0):
+            raise ValueError(f"calibration maxima must be positive, got D_p {self.max_pixel}, D_f {self.max_feature}")
+
+    @classmethod
+    def from_distances(cls, d_pixel: torch.Tensor, d_feature: torch.Tensor) -> "ScoreScale":
+        return cls(float(d_pixel.amax()), float(d_feature.amax()), int(d_pixel.shape[0]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,15 +126,24 @@ def feature_distance(
     return total
 
 
-def combine(d_pixel: torch.Tensor, d_feature: torch.Tensor, v: float, over_batch: bool = False) -> torch.Tensor:
-    """Eq. 9: D = v * max(D_f) / max(D_p) * D_p + D_f, maxima per image (or over the batch)."""
-    if over_batch:
+def combine(d_pixel: torch.Tensor, d_feature: torch.Tensor, v: float, normalization: str = "image",
+            scale: ScoreScale | None = None) -> torch.Tensor:
+    """Eq. 9: D = v * max(D_f) / max(D_p) * D_p + D_f, the maxima from ``scale`` (calibrated), per image
+    (image) or over the batch (batch)."""
+    if normalization == "calibrated":
+        if scale is None:
+            raise ValueError("calibrated normalisation (Eq. 9) needs a ScoreScale: the maxima of D_p and D_f on "
+                             "defect-free images (Detector.calibrate)")
+        return (v * scale.max_feature / scale.max_pixel) * d_pixel + d_feature
+    if normalization == "batch":
         max_f, max_p = d_feature.amax(), d_pixel.amax()
-    else:
+    elif normalization == "image":
         max_f = d_feature.amax(dim=(1, 2, 3), keepdim=True)
         max_p = d_pixel.amax(dim=(1, 2, 3), keepdim=True)
-    scale = v * max_f / max_p.clamp(min=torch.finfo(d_pixel.dtype).tiny)
-    return scale * d_pixel + d_feature
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    factor = v * max_f / max_p.clamp(min=torch.finfo(d_pixel.dtype).tiny)
+    return factor * d_pixel + d_feature
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -132,9 +180,11 @@ def _pad_symmetric(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
 
 
 def anomaly_map(
-    d_pixel: torch.Tensor | None, d_feature: torch.Tensor | None, config: ScoringConfig
+    d_pixel: torch.Tensor | None, d_feature: torch.Tensor | None, config: ScoringConfig,
+    scale: ScoreScale | None = None,
 ) -> torch.Tensor:
-    """The smoothed anomaly map for ``config.mode`` from precomputed distances."""
+    """The smoothed anomaly map for ``config.mode`` from precomputed distances (``scale``: the calibrated
+    maxima, needed for combined scoring with calibrated normalisation)."""
     if config.mode == "pixel":
         assert d_pixel is not None
         raw = d_pixel
@@ -143,7 +193,7 @@ def anomaly_map(
         raw = d_feature
     else:
         assert d_pixel is not None and d_feature is not None
-        raw = combine(d_pixel, d_feature, config.v, config.normalize_over_batch)
+        raw = combine(d_pixel, d_feature, config.v, config.normalization, scale)
     return gaussian_blur(raw, config.sigma)
 
 
