@@ -79,12 +79,16 @@ def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_
     a machine without the training data, reuse it."""
     detect = detector.config
     scoring = detect.scoring
-    extractor = ["adapted", *_file_id(adapted_file)] if adapted_file is not None else \
-        ["pretrained", detect.backbone, detect.backbone_weights]
+    if detect.backend == "onnxruntime":  # the exported graphs are the networks
+        networks = [_file_id(run.root / "export" / name) for name in ("unet.onnx", "extractor.onnx")]
+    else:
+        networks = [_file_id(run.resolve_checkpoint(detect.checkpoint)),
+                    ["adapted", *_file_id(adapted_file)] if adapted_file is not None
+                    else ["pretrained", detect.backbone, detect.backbone_weights]]
     key = {
-        "checkpoint": _file_id(run.resolve_checkpoint(detect.checkpoint)), "weights": detect.weights,
+        "networks": networks, "weights": detect.weights,
         "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
-        "backend": detect.backend, "extractor": extractor, "feature_layers": list(scoring.feature_layers),
+        "backend": detect.backend, "feature_layers": list(scoring.feature_layers),
         "patch_size": scoring.patch_size, "feature_size": scoring.feature_size,
         "images": scoring.calibration_images, "data": config.data.to_dict(),
     }
