@@ -83,10 +83,6 @@ class ScoreScale:
         if not (self.max_pixel > 0 and self.max_feature > 0):
             raise ValueError(f"calibration maxima must be positive, got D_p {self.max_pixel}, D_f {self.max_feature}")
 
-    @classmethod
-    def from_distances(cls, d_pixel: torch.Tensor, d_feature: torch.Tensor) -> "ScoreScale":
-        return cls(float(d_pixel.amax()), float(d_feature.amax()), int(d_pixel.shape[0]))
-
     def to_dict(self) -> dict:
         return asdict(self)
 
