@@ -13,16 +13,16 @@ with j over stages J = {1, 2, 3}; each cosine compares a sample's whole flattene
 is averaged over the batch. BatchNorm layers keep their ImageNet running statistics unless
 ``train_batchnorm`` (the authors' choice, kept by ``--recipe paper``). phibar is a deep copy taken
 before adaptation: ``requires_grad`` off, evaluated under ``torch.no_grad``, never given to the
-optimizer, so it stores no gradient and costs no optimizer state. AdamW, lr 1e-4. A checkpoint of the adapted extractor is written atomically after
-every epoch, and adaptation resumes from the last one.
+optimizer, so it stores no gradient and costs no optimizer state. AdamW, lr 1e-4. A checkpoint of the
+adapted extractor is written atomically after every epoch, and adaptation resumes from the last one.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -145,12 +145,8 @@ def adapted_checkpoint(run: "RunDir", epoch: int | None = None) -> Path | None:
     return found[chosen]
 
 
-def load_adapted_extractor(run: "RunDir", backbone: str, layers: Sequence[int], epoch: int | None = None,
-                           weights: str | None = None) -> FeatureExtractor | None:
-    """The run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
-    path = adapted_checkpoint(run, epoch)
-    if path is None:
-        return None
+def load_adapted_extractor(path: Path, backbone: str, layers: Sequence[int]) -> FeatureExtractor:
+    """The adapted extractor stored in ``path`` (see :func:`adapted_checkpoint`)."""
     ckpt = Checkpoint(path)
     if ckpt.info.get("backbone") != backbone:
         raise ValueError(f"{path} adapts {ckpt.info.get('backbone')!r}, but detection asks for {backbone!r}")

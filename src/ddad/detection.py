@@ -173,18 +173,16 @@ class Detector:
                                        self.config.scoring.patch_size)
         return d_p, d_f
 
-    def calibrate(self, good_images: torch.Tensor, reconstructions: torch.Tensor | None = None,
-                  batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> ScoreScale:
-        """Set Eq. 9's maxima from defect-free images (reconstructed here unless ``reconstructions`` are
-        given) and return them. Needed once before combined scoring with calibrated normalisation."""
+    def calibrate(self, good_images: torch.Tensor, progress: Callable[[int], None] | None = None) -> ScoreScale:
+        """Set Eq. 9's maxima from defect-free images, batch by batch, and return them. Needed once before
+        combined scoring with calibrated normalisation."""
         if self.extractor is None:
             raise ValueError("calibration needs feature-wise distances; this detector scores pixel-wise only")
-        bs = batch_size or self.config.batch_size
+        bs = self.config.batch_size
         max_p = max_f = None
         for i in range(0, len(good_images), bs):
             y = good_images[i:i + bs]
-            x0 = self.reconstruct(y) if reconstructions is None else reconstructions[i:i + bs]
-            d_p, d_f = self.distances(x0, y)
+            d_p, d_f = self.distances(self.reconstruct(y), y)
             max_p = d_p.amax() if max_p is None else torch.maximum(max_p, d_p.amax())
             max_f = d_f.amax() if max_f is None else torch.maximum(max_f, d_f.amax())
             if progress is not None:

@@ -59,7 +59,8 @@ def load_detector(run: RunDir, detect: DetectConfig | None = None, calibrate: bo
         extractor = None
         if detect.scoring.uses_features and detect.adapted:
             adapted_file = adapted_checkpoint(run, detect.adapted_epoch)
-            extractor = load_adapted_extractor(run, detect.backbone, detect.scoring.feature_layers, detect.adapted_epoch)
+        if adapted_file is not None:
+            extractor = load_adapted_extractor(adapted_file, detect.backbone, detect.scoring.feature_layers)
         detector = Detector(unet, detect, config.schedule, extractor=extractor, device=device)
     if calibrate and detect.scoring.needs_calibration:
         run_score_scale(detector, run, config, adapted_file, progress=progress)
@@ -172,10 +173,8 @@ def load_test_split(run: RunDir, config: RunConfig, progress: bool = True) -> Te
 
 
 def _cache_key(run: RunDir, detect: DetectConfig, config: RunConfig, samples: list) -> str:
-    ckpt = run.resolve_checkpoint(detect.checkpoint)
-    stat = ckpt.stat()
     key = {
-        "checkpoint": [ckpt.name, stat.st_size, stat.st_mtime_ns], "weights": detect.weights,
+        "checkpoint": _file_id(run.resolve_checkpoint(detect.checkpoint)), "weights": detect.weights,
         "sampler": detect.sampler.to_dict(), "seed": detect.seed, "precision": detect.precision,
         "backend": detect.backend,
         "data": config.data.to_dict(), "images": [str(s.image) for s in samples],
@@ -320,17 +319,17 @@ def sweep(
     device = resolve_device(base.device)
     unet = run.load_unet(device, base.checkpoint, base.weights)
     need_features = any(m != "pixel" for m in modes)
-    feature_extractors: dict[str, object] = {}
+    feature_extractors: dict[str, tuple[object, Path | None]] = {}  # name -> (extractor, adapted file)
     if need_features:
         for name in extractors:
             if name == "adapted":
-                ext = load_adapted_extractor(run, base.backbone, base.scoring.feature_layers, base.adapted_epoch)
-                if ext is None:
+                path = adapted_checkpoint(run, base.adapted_epoch)
+                if path is None:
                     continue
+                feature_extractors[name] = (load_adapted_extractor(path, base.backbone, base.scoring.feature_layers), path)
             else:
-                ext = create_backbone(base.backbone, base.scoring.feature_layers, base.backbone_weights,
-                                      base.allow_download)
-            feature_extractors[name] = ext
+                feature_extractors[name] = (create_backbone(base.backbone, base.scoring.feature_layers,
+                                                            base.backbone_weights, base.allow_download), None)
     rows = []
     for w in ws:
         det_cfg = with_overrides(base, w=float(w), mode="pixel")
@@ -339,14 +338,14 @@ def sweep(
         pix = score_split(detector, split, recon).pixel_distance
         ext_names = list(feature_extractors) if feature_extractors else ["-"]
         for ext_index, ext_name in enumerate(ext_names):
-            d_f = None
+            d_f = scale = None
             if ext_name != "-":
+                extractor, adapted_file = feature_extractors[ext_name]
                 fdet = Detector(unet, with_overrides(base, w=float(w), mode="feature"), config.schedule,
-                                extractor=feature_extractors[ext_name], device=device)
+                                extractor=extractor, device=device)
                 d_f = score_split(fdet, split, recon).feature_distance
                 if "combined" in modes and base.scoring.normalization == "calibrated":
-                    run_score_scale(fdet, run, config, adapted_checkpoint(run, base.adapted_epoch)
-                                    if ext_name == "adapted" else None, progress=progress)
+                    scale = run_score_scale(fdet, run, config, adapted_file, progress=progress)
             for mode in modes:
                 if mode != "pixel" and d_f is None:
                     continue
@@ -354,7 +353,7 @@ def sweep(
                     continue  # pixel-only does not depend on the extractor
                 for v in (vs if mode == "combined" else [None]):
                     scoring = replace(base.scoring, mode=mode, v=float(v) if v is not None else base.scoring.v)
-                    maps = anomaly_map(pix, d_f, scoring, fdet.score_scale if d_f is not None else None)
+                    maps = anomaly_map(pix, d_f, scoring, scale)
                     scores = image_scores(maps, base.crop).numpy()
                     rows.append({"w": float(w), "mode": mode, "v": v,
                                  "extractor": ext_name if mode != "pixel" else "-",

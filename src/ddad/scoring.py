@@ -70,6 +70,9 @@ class ScoringConfig:
         """Combined scoring with calibrated maxima needs a :class:`ScoreScale` before it can score."""
         return self.mode == "combined" and self.normalization == "calibrated"
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class ScoreScale:
@@ -82,9 +85,6 @@ class ScoreScale:
     def __post_init__(self) -> None:
         if not (self.max_pixel > 0 and self.max_feature > 0):
             raise ValueError(f"calibration maxima must be positive, got D_p {self.max_pixel}, D_f {self.max_feature}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
