@@ -308,7 +308,7 @@ def main() -> None:
     q.add_argument("--steps", type=int, nargs="+", help="only the checkpoints at these optimizer steps")
     q.add_argument("--weights", choices=("ema", "raw"), default="ema")
     q.add_argument("--feature-size", type=int, help="backbone input size for D_f (default: the image size)")
-    q.add_argument("--normalization", choices=("calibrated", "image", "batch"), default="calibrated",
+    q.add_argument("--normalization", choices=("positional", "calibrated", "image", "batch"), default="positional",
                    help="where Eq. 9's maxima come from (rows before 2026-11-24: image)")
     q.add_argument("--w", type=float, help="conditioning w (default: the setup's 3)")
     q.add_argument("--extractor", choices=("pretrained", "adapted"), default="pretrained",

@@ -144,7 +144,7 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
     """Calibrated scoring (Eq. 9's maxima from good training images) runs once per setting, is kept in the
     run and reused, also where the training images are gone (a deployment machine)."""
     root, run = trained
-    for old in (run / "calibration").glob("*.json"):
+    for old in (run / "calibration").glob("scale-*"):
         old.unlink()
     args = ["test", str(run), "--quiet", "--no-images", "--scoring", "combined", "--backbone", "mobilenet_v2",
             "--backbone-weights", "random"]
@@ -175,6 +175,14 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
         assert main(args + ["--normalization", "image"]) == 0
     assert main(args + ["--w", "5"]) == 0  # another setting, another calibration
     assert len(list((run / "calibration").glob("scale-*.json"))) == 2
+    # the default (positional) keeps its per-pixel means beside the JSON; plain calibrated maxima need none
+    maps = list((run / "calibration").glob("scale-*.safetensors"))
+    assert len(maps) == 2 and all(m.with_suffix(".json").is_file() for m in maps)
+    assert first["score_scale"]["positional"] is True
+    assert main(args + ["--normalization", "calibrated"]) == 0
+    assert len(list((run / "calibration").glob("scale-*.json"))) == 3
+    assert len(list((run / "calibration").glob("scale-*.safetensors"))) == 2
+    assert json.loads((run / "test" / "metrics.json").read_text())["score_scale"]["positional"] is False
 
 
 def test_old_configs_keep_their_normalisation(tmp_path):
@@ -184,4 +192,4 @@ def test_old_configs_keep_their_normalisation(tmp_path):
         path = tmp_path / f"{flag}.yaml"
         path.write_text(f"detect:\n  scoring:\n    normalize_over_batch: {flag}\n")
         assert RunConfig.from_yaml(path).detect.scoring.normalization == expected
-    assert RunConfig().detect.scoring.normalization == "calibrated"
+    assert RunConfig().detect.scoring.normalization == "positional"

@@ -31,7 +31,7 @@ def mixed_batch(n=8, size=32):
     return x
 
 
-@pytest.mark.parametrize("normalization", ["calibrated", "image"])
+@pytest.mark.parametrize("normalization", ["positional", "calibrated", "image"])
 def test_score_and_map_do_not_depend_on_the_batch(normalization):
     cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
                        scoring=ScoringConfig(mode="combined", sigma=1, normalization=normalization),
@@ -40,7 +40,7 @@ def test_score_and_map_do_not_depend_on_the_batch(normalization):
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random")
     det = Detector(random_unet(), cfg, extractor=extractor)
     x = mixed_batch()
-    if normalization == "calibrated":
+    if normalization in ("positional", "calibrated"):
         det.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7)) * 2 - 1)
     batch = det(x)
     for i in (0, 3, 5):
@@ -53,13 +53,19 @@ def test_score_and_map_do_not_depend_on_the_batch(normalization):
     assert not torch.allclose(authors(x[:1]).score, authors(x).score[:1], rtol=1e-3)
 
 
+def calibration_detector(normalization: str) -> Detector:
+    """A random UNet and backbone scoring combined maps (no smoothing), batches of 3."""
+    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
+                       scoring=ScoringConfig(mode="combined", sigma=0, normalization=normalization),
+                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0, batch_size=3)
+    torch.manual_seed(0)
+    return Detector(random_unet(), cfg, extractor=create_backbone("mobilenet_v2", (2, 3), weights="random"))
+
+
 def test_calibration_sets_eq9_maxima_from_good_images():
     """calibrate() stores the maxima of D_p and D_f over the good images (brute force here), and calibrated
     scoring is then Eq. 9 with those constants; scoring before calibrating is a clear error."""
-    cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1), scoring=ScoringConfig(mode="combined", sigma=0),
-                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0, batch_size=3)
-    torch.manual_seed(0)
-    det = Detector(random_unet(), cfg, extractor=create_backbone("mobilenet_v2", (2, 3), weights="random"))
+    det = calibration_detector("calibrated")
     x = mixed_batch()
     with pytest.raises(RuntimeError, match=r"Detector\.calibrate"):
         det(x[:1])
@@ -78,6 +84,27 @@ def test_calibration_sets_eq9_maxima_from_good_images():
     # per-image normalisation would stretch this image's own D_p to its own D_f peak: a different map
     per_image = combine(res.pixel_distance, res.feature_distance, 1.0, "image")
     assert not torch.allclose(per_image, expected, rtol=1e-3)
+
+
+def test_positional_calibration_takes_per_pixel_means_of_good_images():
+    """With positional normalisation calibrate() stores the per-pixel means of D_p and D_f over the good
+    images (brute force here) whatever the batch order, and scoring divides by them."""
+    det = calibration_detector("positional")
+    x = mixed_batch()
+    good = x[:5]
+    d_p, d_f = (torch.cat(d) for d in zip(*(det.distances(det.reconstruct(good[i:i + 1]), good[i:i + 1])
+                                            for i in range(5))))
+    for shift in (0, 2):
+        scale = det.calibrate(good.roll(shift, dims=0))
+        assert scale.positional and scale.n_images == 5
+        assert torch.allclose(scale.mean_pixel, d_p.mean(0, keepdim=True).clamp(min=0.1 * float(d_p.mean())),
+                              rtol=1e-5, atol=1e-7)
+        assert torch.allclose(scale.mean_feature, d_f.mean(0, keepdim=True).clamp(min=0.1 * float(d_f.mean())),
+                              rtol=1e-5, atol=1e-7)
+    res = det(x[5:6])
+    expected = (scale.max_feature / scale.max_pixel * res.pixel_distance / scale.mean_pixel
+                + res.feature_distance / scale.mean_feature)
+    assert torch.allclose(res.anomaly_map, expected, rtol=1e-5, atol=1e-6)
 
 
 class Oracle(torch.nn.Module):

@@ -117,6 +117,39 @@ def test_eq9_normalisations():
         ScoringConfig(normalization="dataset")
 
 
+def test_positional_normalisation_divides_by_good_means():
+    """positional: D_p and D_f divided at each pixel by their mean over good images (floored), then Eq. 9
+    with the maxima of the divided good maps; a border that every good image has high stops dominating."""
+    torch.manual_seed(0)
+    good_p, good_f = torch.rand(6, 1, 8, 8) * 0.1, torch.rand(6, 1, 8, 8)
+    good_p[..., 0, :] += 1.0  # a bad top row in every good image
+    good_p[..., 3, 3] = 0.0  # a pixel where good images never differ: the floor keeps the division finite
+    scale = ScoreScale.from_distances(good_p, good_f, positional=True)
+    mean_p, mean_f = good_p.mean(0, keepdim=True), good_f.mean(0, keepdim=True)
+    floor_p = 0.1 * mean_p.mean()
+    assert torch.allclose(scale.mean_pixel, mean_p.clamp(min=floor_p))
+    assert scale.mean_pixel[0, 0, 3, 3] == pytest.approx(float(floor_p))
+    assert torch.allclose(scale.mean_feature, mean_f.clamp(min=0.1 * mean_f.mean()))
+    assert scale.max_pixel == pytest.approx(float((good_p / scale.mean_pixel).max()))
+    assert scale.max_feature == pytest.approx(float((good_f / scale.mean_feature).max()))
+    dp, df = good_p[:2].clone(), good_f[:2].clone()
+    dp[1, 0, 5, 5] += 0.5  # a defect inside, smaller than the border's residual
+    d = combine(dp, df, v=1.0, normalization="positional", scale=scale)
+    brute = (scale.max_feature / scale.max_pixel) * dp / scale.mean_pixel + df / scale.mean_feature
+    assert torch.allclose(d, brute)
+    assert torch.allclose(d[1:], combine(dp[1:], df[1:], v=1.0, normalization="positional", scale=scale))
+    assert dp[1].argmax() // 8 == 0  # the raw residual peaks on the top row,
+    assert (d[1] - df[1] / scale.mean_feature[0]).argmax() == 5 * 8 + 5  # the positional one at the defect
+    plain = ScoreScale.from_distances(good_p, good_f)
+    assert not plain.positional and plain.max_pixel == pytest.approx(float(good_p.max()))
+    with pytest.raises(ValueError, match="calibrate again"):
+        combine(dp, df, 1.0, normalization="positional", scale=plain)
+    with pytest.raises(ValueError, match="calibrate again"):
+        combine(dp, df, 1.0, normalization="calibrated", scale=scale)
+    with pytest.raises(ValueError, match="image size"):
+        combine(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), 1.0, normalization="positional", scale=scale)
+
+
 def test_distances():
     x0 = torch.zeros(1, 3, 4, 4)
     y = torch.zeros(1, 3, 4, 4)

@@ -48,9 +48,10 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
     g.add_argument("--authors-first-step", action="store_true", default=None,
                    help="compatibility: first network call at T'-skip, as the authors' code")
-    g.add_argument("--normalization", choices=("calibrated", "image", "batch"),
-                   help="where Eq. 9's maxima come from: defect-free calibration images (default), each image, "
-                        "or the batch (the authors' code)")
+    g.add_argument("--normalization", choices=("positional", "calibrated", "image", "batch"),
+                   help="where Eq. 9's maxima come from: defect-free calibration images after dividing by their "
+                        "per-pixel mean distances (positional, the default), the same without that division "
+                        "(calibrated), each image, or the batch (the authors' code)")
     g.add_argument("--normalize-over-batch", action="store_const", const="batch", dest="normalization",
                    help="same as --normalization batch")
 

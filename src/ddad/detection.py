@@ -101,7 +101,7 @@ class Detector:
     ) -> None:
         self.device = torch.device(device)
         self.config = config
-        # Eq. 9's maxima for calibrated normalisation (set by calibrate(), or given).
+        # Eq. 9's constants for calibrated or positional normalisation (set by calibrate(), or given).
         self.score_scale = score_scale
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         if isinstance(unet, torch.nn.Module):
@@ -174,22 +174,24 @@ class Detector:
         return d_p, d_f
 
     def calibrate(self, good_images: torch.Tensor, progress: Callable[[int], None] | None = None) -> ScoreScale:
-        """Set Eq. 9's maxima from defect-free images, batch by batch, and return them. Needed once before
-        combined scoring with calibrated normalisation."""
+        """Set Eq. 9's maxima (and, for positional normalisation, the per-pixel mean distances) from
+        defect-free images, batch by batch, and return them. Needed once before combined scoring with
+        calibrated or positional normalisation."""
         if self.extractor is None:
             raise ValueError("calibration needs feature-wise distances; this detector scores pixel-wise only")
         bs = self.config.batch_size
-        max_p = max_f = None
+        d_ps, d_fs = [], []
         for i in range(0, len(good_images), bs):
             y = good_images[i:i + bs]
             d_p, d_f = self.distances(self.reconstruct(y), y)
-            max_p = d_p.amax() if max_p is None else torch.maximum(max_p, d_p.amax())
-            max_f = d_f.amax() if max_f is None else torch.maximum(max_f, d_f.amax())
+            d_ps.append(d_p.cpu())
+            d_fs.append(d_f.cpu())
             if progress is not None:
                 progress(len(y))
-        if max_p is None:
+        if not d_ps:
             raise ValueError("calibration needs at least one defect-free image")
-        self.score_scale = ScoreScale(float(max_p), float(max_f), len(good_images))
+        self.score_scale = ScoreScale.from_distances(torch.cat(d_ps), torch.cat(d_fs),
+                                                     positional=self.config.scoring.normalization == "positional")
         return self.score_scale
 
     def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> DetectionResult:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write, atomic_write_text
 from .config import RunConfig
 from .data.dataset import ImageSet
 from .data.formats import build_index
@@ -29,7 +29,7 @@ from .detection import DetectConfig, DetectionResult, Detector
 from .metrics import area_up_to, f1_optimal_threshold, pixel_auroc, pro_curve, roc_auc
 from .runs import RunDir
 from .runtime import resolve_device
-from .scoring import ScoreScale, crop
+from .scoring import CALIBRATED_NORMALIZATIONS, ScoreScale, crop
 from .training import check_trained_timestep
 from .visualize import panel, save_png
 
@@ -93,12 +93,19 @@ def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_
         "patch_size": scoring.patch_size, "feature_size": scoring.feature_size,
         "images": scoring.calibration_images, "data": config.data.to_dict(),
     }
+    if scoring.normalization == "positional":
+        key["normalization"] = "positional"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = run.root / "calibration" / f"scale-{digest}.json"
+    maps_path = path.with_suffix(".safetensors")  # positional: the per-pixel means, written before the JSON
     if path.is_file():
         stored = json.loads(path.read_text())["scale"]
-        detector.score_scale = ScoreScale(**stored)
-        return detector.score_scale
+        if not stored.pop("positional", False):
+            detector.score_scale = ScoreScale(**stored)
+            return detector.score_scale
+        if maps_path.is_file():
+            detector.score_scale = ScoreScale(**stored, **load_file(str(maps_path)))
+            return detector.score_scale
     index = build_index(config.data)
     if not index.train:
         raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
@@ -121,6 +128,8 @@ def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_
     bar = tqdm(total=n, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
     scale = detector.calibrate(images, progress=bar.update)
     bar.close()
+    if scale.positional:
+        atomic_write(maps_path, lambda tmp: save_file({k: v.contiguous() for k, v in scale.maps().items()}, tmp))
     atomic_write_text(path, json.dumps({"scale": scale.to_dict(), "key": key}, indent=2, default=str))
     return scale
 
@@ -198,8 +207,6 @@ def reconstruct_split(detector: Detector, run: RunDir, config: RunConfig, split:
     bar.close()
     recon = torch.cat(out)
     if cache:
-        from .checkpoint import atomic_write
-
         atomic_write(path, lambda tmp: save_file({"reconstruction": recon.contiguous()}, tmp))
     return recon
 
@@ -344,7 +351,7 @@ def sweep(
                 fdet = Detector(unet, with_overrides(base, w=float(w), mode="feature"), config.schedule,
                                 extractor=extractor, device=device)
                 d_f = score_split(fdet, split, recon).feature_distance
-                if "combined" in modes and base.scoring.normalization == "calibrated":
+                if "combined" in modes and base.scoring.normalization in CALIBRATED_NORMALIZATIONS:
                     scale = run_score_scale(fdet, run, config, adapted_file, progress=progress)
             for mode in modes:
                 if mode != "pixel" and d_f is None:

@@ -7,11 +7,16 @@
 phi_j are backbone stages with each feature map locally averaged (3 x 3, as PatchCore); J = {2, 3}.
 Eq. 9 gives D_p "the same upper bound" as D_f. Where the maxima come from (``normalization``):
 
-- ``calibrated`` (default): over defect-free calibration images, once (:class:`ScoreScale`). Fixed
+- ``calibrated``: over defect-free calibration images, once (:class:`ScoreScale`). Fixed
   constants, so an image's map never depends on the rest of its batch, and the pixel term keeps its
   magnitude from image to image.
 - ``image``: per image. Also batch-independent, but every image's D_p is stretched to the same peak, so
   the pixel term no longer says how large an image's residual is.
+- ``positional`` (default): as ``calibrated``, after dividing D_p and D_f at each pixel by their mean over the
+  calibration images there (floored at a tenth of the map's mean). The map then says how much larger
+  than a defect-free image's a residual is *at that place*: borders, where every reconstruction is
+  worse, stop producing the highest scores of good images, and fixed-camera data gets a per-position
+  background model (BENCHMARKS.md, issue 8 fourth round, has what it changes).
 - ``batch``: over the batch being scored, as the authors' code does (a score then depends on the other
   images in its batch); for comparison only.
 
@@ -27,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 SCORING_MODES = ("combined", "pixel", "feature")
-NORMALIZATIONS = ("calibrated", "image", "batch")
+NORMALIZATIONS = ("calibrated", "positional", "image", "batch")
+CALIBRATED_NORMALIZATIONS = ("calibrated", "positional")  # those that need a ScoreScale
+MEAN_FLOOR = 0.1  # positional: the per-pixel means are at least this fraction of their average
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class ScoringConfig:
     feature_layers: tuple[int, ...] = (2, 3)
     patch_size: int = 3
     sigma: float = 4.0
-    normalization: str = "calibrated"  # where Eq. 9's maxima come from: calibrated | image | batch
+    normalization: str = "positional"  # where Eq. 9's maxima come from: positional | calibrated | image | batch
     calibration_images: int = 64  # defect-free training images that set the calibrated maxima
     # The backbone sees x0 and y resized to this many pixels a side (None: as they are). Small images
     # (64 px) give ImageNet backbones too coarse a grid; D_f comes back at the image size either way.
@@ -67,8 +74,8 @@ class ScoringConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Combined scoring with calibrated maxima needs a :class:`ScoreScale` before it can score."""
-        return self.mode == "combined" and self.normalization == "calibrated"
+        """Combined scoring with calibrated (or positional) maxima needs a :class:`ScoreScale` first."""
+        return self.mode == "combined" and self.normalization in CALIBRATED_NORMALIZATIONS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,18 +83,48 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class ScoreScale:
-    """The maxima of D_p and D_f over defect-free calibration images: Eq. 9's normalisation constants."""
+    """Eq. 9's normalisation constants from defect-free calibration images: the maxima of D_p and D_f,
+    and for ``positional`` normalisation the per-pixel means (1, 1, H, W) they were divided by first (the
+    maxima are then those of the divided maps)."""
 
     max_pixel: float
     max_feature: float
     n_images: int
+    mean_pixel: torch.Tensor | None = None
+    mean_feature: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not (self.max_pixel > 0 and self.max_feature > 0):
             raise ValueError(f"calibration maxima must be positive, got D_p {self.max_pixel}, D_f {self.max_feature}")
+        if (self.mean_pixel is None) != (self.mean_feature is None):
+            raise ValueError("positional calibration needs both mean maps (D_p and D_f)")
+
+    @property
+    def positional(self) -> bool:
+        return self.mean_pixel is not None
+
+    @classmethod
+    def from_distances(cls, d_pixel: torch.Tensor, d_feature: torch.Tensor, positional: bool = False) -> "ScoreScale":
+        """The scale of defect-free images' D_p and D_f, (N, 1, H, W) each."""
+        if not positional:
+            return cls(float(d_pixel.amax()), float(d_feature.amax()), len(d_pixel))
+        mean_p, mean_f = floored_mean(d_pixel), floored_mean(d_feature)
+        return cls(float((d_pixel / mean_p).amax()), float((d_feature / mean_f).amax()), len(d_pixel),
+                   mean_p.cpu(), mean_f.cpu())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The scalars (the mean maps are stored apart, see :meth:`maps`)."""
+        return {"max_pixel": self.max_pixel, "max_feature": self.max_feature, "n_images": self.n_images,
+                "positional": self.positional}
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        return {} if not self.positional else {"mean_pixel": self.mean_pixel, "mean_feature": self.mean_feature}
+
+
+def floored_mean(maps: torch.Tensor) -> torch.Tensor:
+    """Per-pixel mean of (N, 1, H, W) maps, floored at MEAN_FLOOR times its average (no division by ~0)."""
+    mean = maps.float().mean(dim=0, keepdim=True)
+    return mean.clamp(min=MEAN_FLOOR * float(mean.mean()) + torch.finfo(torch.float32).tiny)
 
 
 def pixel_distance(x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -124,12 +161,21 @@ def feature_distance(
 
 def combine(d_pixel: torch.Tensor, d_feature: torch.Tensor, v: float, normalization: str = "image",
             scale: ScoreScale | None = None) -> torch.Tensor:
-    """Eq. 9: D = v * max(D_f) / max(D_p) * D_p + D_f, the maxima from ``scale`` (calibrated), per image
-    (image) or over the batch (batch)."""
-    if normalization == "calibrated":
+    """Eq. 9: D = v * max(D_f) / max(D_p) * D_p + D_f, the maxima from ``scale`` (calibrated; positional
+    divides D_p and D_f by the scale's per-pixel means first), per image (image) or over the batch (batch)."""
+    if normalization in CALIBRATED_NORMALIZATIONS:
         if scale is None:
-            raise ValueError("calibrated normalisation (Eq. 9) needs a ScoreScale: the maxima of D_p and D_f on "
-                             "defect-free images (Detector.calibrate)")
+            raise ValueError(f"{normalization} normalisation (Eq. 9) needs a ScoreScale: the maxima of D_p and D_f "
+                             "on defect-free images (Detector.calibrate)")
+        if (normalization == "positional") != scale.positional:
+            raise ValueError(f"{normalization} normalisation needs a scale calibrated for it; this one is "
+                             f"{'positional' if scale.positional else 'calibrated'}: calibrate again")
+        if scale.positional:
+            if scale.mean_pixel.shape[-2:] != d_pixel.shape[-2:]:
+                raise ValueError(f"positional calibration was made at {tuple(scale.mean_pixel.shape[-2:])} pixels, "
+                                 f"the maps are {tuple(d_pixel.shape[-2:])}: calibrate at this image size")
+            d_pixel = d_pixel / scale.mean_pixel.to(d_pixel.device)
+            d_feature = d_feature / scale.mean_feature.to(d_feature.device)
         return (v * scale.max_feature / scale.max_pixel) * d_pixel + d_feature
     if normalization == "batch":
         max_f, max_p = d_feature.amax(), d_pixel.amax()
