@@ -12,8 +12,8 @@ combined, pixel-only and feature-only maps:
                   0..K-1; eta = 1 makes them differ) before Eq. 9; rows for K = 1..K
   --border B      also rows whose image score (max of the map) ignores B pixels at each edge; the maps, and
                   so pixel AUROC and PRO, are unchanged
-  --positional    also rows that divide D_p and D_f by their mean over the calibration images at each pixel (a map, not a
-                  scalar) before Eq. 9: "how much larger than a good image's residual here"
+  --positional    also rows with ddad's positional normalisation: D_p and D_f divided by their (floored) mean
+                  over the calibration images at each pixel before Eq. 9 (ddad.scoring.ScoreScale)
   --pad P         reflect-pad each image by P pixels before the diffusion and crop the reconstruction
                   back (border context for the UNet); not cached
 
@@ -32,18 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddad.data.dataset import ImageSet
-from ddad.data.formats import build_index
-from ddad.evaluation import load_detector, load_test_split, reconstruct_split, split_metrics
+from ddad.evaluation import calibration_images, load_detector, load_test_split, reconstruct_split, split_metrics
 from ddad.runs import RunDir
 from ddad.scoring import ScoreScale, anomaly_map
-
-
-def calibration_images(config, n: int, seed: int) -> torch.Tensor:
-    index = build_index(config.data)
-    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(seed)).tolist()
-    images = ImageSet(tuple(index.train[i] for i in order[:n]), config.data.image_size, config.data.channels)
-    return torch.stack([images[i]["image"] for i in range(len(images))])
 
 
 def distances(detector, images: torch.Tensor, recon: torch.Tensor, bs: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,24 +78,27 @@ def main() -> None:
         detector.config = replace(base, seed=seed)
         recon = (reconstruct(detector, split.images, args.pad) if args.pad
                  else reconstruct_split(detector, run, config, split, progress=False))
-        for (d_p, d_f), (tp, tf) in ((distances(detector, split.images, recon), (test_p, test_f)),
-                                     (distances(detector, good, reconstruct(detector, good, args.pad)),
-                                      (good_p, good_f))):
-            tp.append(d_p)
-            tf.append(d_f)
+        d_p, d_f = distances(detector, split.images, recon)
+        test_p.append(d_p)
+        test_f.append(d_f)
+        d_p, d_f = distances(detector, good, reconstruct(detector, good, args.pad))
+        good_p.append(d_p)
+        good_f.append(d_f)
         print(f"reconstructions with seed {seed}: done", flush=True)
 
     size = split.images.shape[-1]
     for k in range(1, args.samples + 1):
         for positional in sorted({False, args.positional}):
             d_p, d_f = torch.stack(test_p[:k]).mean(0), torch.stack(test_f[:k]).mean(0)
-            g_p, g_f = torch.stack(good_p[:k]).mean(0), torch.stack(good_f[:k]).mean(0)
-            if positional:
-                mean_p, mean_f = g_p.mean(0, keepdim=True), g_f.mean(0, keepdim=True)
-                d_p, d_f, g_p, g_f = d_p / mean_p, d_f / mean_f, g_p / mean_p, g_f / mean_f
-            scale = ScoreScale(float(g_p.amax()), float(g_f.amax()), len(good))
+            scale = ScoreScale.from_distances(torch.stack(good_p[:k]).mean(0), torch.stack(good_f[:k]).mean(0),
+                                              positional=positional)
+            normalization = "positional" if positional else "calibrated"
             for mode in ("combined", "pixel", "feature"):
-                maps = anomaly_map(d_p, d_f, replace(base.scoring, mode=mode), scale)
+                if mode == "combined" or not positional:
+                    maps = anomaly_map(d_p, d_f, replace(base.scoring, mode=mode, normalization=normalization), scale)
+                else:  # the single terms divided by the same per-pixel means
+                    maps = anomaly_map(d_p / scale.mean_pixel, d_f / scale.mean_feature,
+                                       replace(base.scoring, mode=mode), None)
                 for b in sorted({0, args.border}):
                     inner = maps[..., b:size - b, b:size - b] if b else maps
                     m = split_metrics(split, inner.flatten(1).amax(1).numpy(), maps, 1.0)
@@ -115,6 +109,7 @@ def main() -> None:
                           + " / ".join(f"{100 * v:.1f}" for v in m.values()), flush=True)
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
+
 
 if __name__ == "__main__":
     main()

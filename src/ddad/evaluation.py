@@ -72,6 +72,28 @@ def _file_id(path: Path) -> list:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
+def calibration_images(config: RunConfig, count: int, seed: int) -> torch.Tensor:
+    """Up to ``count`` defect-free training images in a seeded order: the images Eq. 9 is calibrated on."""
+    index = build_index(config.data)
+    if not index.train:
+        raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
+                           "set detect.scoring.normalization to 'image'")
+    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    dataset = ImageSet(tuple(index.train[i] for i in order), config.data.image_size, config.data.channels)
+    picked = []
+    for i in range(len(dataset)):
+        if len(picked) == count:
+            break
+        try:
+            picked.append(dataset[i]["image"])
+        except DatasetError:
+            if not config.data.skip_bad_files:
+                raise
+    if not picked:
+        raise DatasetError(f"no readable training image in {index.name} to calibrate scoring with")
+    return torch.stack(picked)
+
+
 def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_file: Path | None = None,
                     progress: bool = True) -> ScoreScale:
     """Calibrate ``detector`` (Eq. 9's maxima) on a seeded subset of the run's defect-free training images
@@ -93,7 +115,7 @@ def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_
         "patch_size": scoring.patch_size, "feature_size": scoring.feature_size,
         "images": scoring.calibration_images, "data": config.data.to_dict(),
     }
-    if scoring.normalization == "positional":
+    if scoring.normalization == "positional":  # only then, so scales stored before positional keep their key
         key["normalization"] = "positional"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = run.root / "calibration" / f"scale-{digest}.json"
@@ -106,24 +128,7 @@ def run_score_scale(detector: Detector, run: RunDir, config: RunConfig, adapted_
         if maps_path.is_file():
             detector.score_scale = ScoreScale(**stored, **load_file(str(maps_path)))
             return detector.score_scale
-    index = build_index(config.data)
-    if not index.train:
-        raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
-                           "set detect.scoring.normalization to 'image'")
-    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(detect.seed)).tolist()
-    dataset = ImageSet(tuple(index.train[i] for i in order), config.data.image_size, config.data.channels)
-    picked = []
-    for i in range(len(dataset)):
-        if len(picked) == scoring.calibration_images:
-            break
-        try:
-            picked.append(dataset[i]["image"])
-        except DatasetError:
-            if not config.data.skip_bad_files:
-                raise
-    if not picked:
-        raise DatasetError(f"no readable training image in {index.name} to calibrate scoring with")
-    images = torch.stack(picked)
+    images = calibration_images(config, scoring.calibration_images, detect.seed)
     n = len(images)
     bar = tqdm(total=n, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
     scale = detector.calibrate(images, progress=bar.update)
