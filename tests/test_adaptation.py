@@ -133,8 +133,38 @@ def test_adapt_writes_resumable_epochs_and_test_uses_them(adapted_run):
     assert "adaptation resumed from epoch 1" in r.log_path.read_text()
     assert main(["test", str(adapted_run), "--quiet", "--no-images"]) == 0
     assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "adapted"
+    adapted_scores = (r.test_dir / "scores.csv").read_text()
     assert main(["test", str(adapted_run), "--quiet", "--no-images", "--pretrained"]) == 0
     assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "pretrained"
+    assert (r.test_dir / "scores.csv").read_text() != adapted_scores  # the adapted extractor changed the scores
+    # the detector's extractor holds exactly the weights of the last adapted epoch
+    from ddad import load_detector
+    from ddad.checkpoint import Checkpoint
+
+    detector, _ = load_detector(r, calibrate=False, progress=False)
+    stored = Checkpoint(adapted_checkpoints(r)[-1][1]).state_dict("extractor")
+    loaded = detector.extractor.state_dict()
+    assert loaded and all(torch.equal(v, stored[k]) for k, v in loaded.items())
+
+
+def test_resumed_adaptation_equals_an_uninterrupted_one(adapted_run, tmp_path):
+    import shutil
+
+    from ddad.checkpoint import Checkpoint
+
+    runs = {}
+    for name in ("resumed", "whole"):
+        runs[name] = tmp_path / name
+        shutil.copytree(adapted_run, runs[name], ignore=shutil.ignore_patterns("adapted", "calibration", "cache"))
+    args = ["--batch-size", "4", "--start-step", "50", "--quiet"]
+    assert main(["adapt", str(runs["resumed"]), "--epochs", "1", *args]) == 0
+    assert main(["adapt", str(runs["resumed"]), "--epochs", "2", "--quiet"]) == 0
+    assert main(["adapt", str(runs["whole"]), "--epochs", "2", *args]) == 0
+    a = Checkpoint(adapted_checkpoints(RunDir(runs["resumed"]))[-1][1]).tensors
+    b = Checkpoint(adapted_checkpoints(RunDir(runs["whole"]))[-1][1]).tensors
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 @pytest.mark.parametrize("batchnorm", ["frozen", "train"])

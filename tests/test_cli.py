@@ -47,6 +47,22 @@ def test_test_writes_metrics_scores_and_images(trained, capsys):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["n_images"] == 6 and metrics["n_defective"] == 3
     rows = list(csv.DictReader(open(run / "test" / "scores.csv")))
+    # recomputed from scores.csv: image AUROC as the Mann-Whitney U statistic, the threshold by brute force
+    from scipy.stats import mannwhitneyu
+
+    scores = [float(r["score"]) for r in rows]
+    labels = [int(r["label"]) for r in rows]
+    bad = [s for s, y in zip(scores, labels) if y]
+    good = [s for s, y in zip(scores, labels) if not y]
+    u = mannwhitneyu(bad, good, alternative="two-sided").statistic
+    assert metrics["image_auroc"] == pytest.approx(u / (len(bad) * len(good)), abs=1e-12)
+
+    def f1(threshold):
+        tp = sum(s >= threshold and y for s, y in zip(scores, labels))
+        fp = sum(s >= threshold and not y for s, y in zip(scores, labels))
+        return 2 * tp / (2 * tp + fp + (sum(labels) - tp))
+
+    assert f1(metrics["threshold"]) == pytest.approx(max(f1(s) for s in scores), abs=1e-12)
     assert len(rows) == 6 and {r["defect_type"] for r in rows} == {"good", "scratch", "spot", "missing"}
     assert len(list((run / "test" / "images").glob("*.png"))) == 6
     assert (run / "threshold.json").is_file()
@@ -103,12 +119,27 @@ def test_import_official_checkpoint_then_test(trained, tmp_path):
                  "--set", "detect.sampler.skip=50"]) == 0
     ckpt = Checkpoint(RunDir(run).latest_checkpoint())
     assert ckpt.info["epoch"] == 1000
-    assert torch.equal(ckpt.state_dict("model")["out.2.weight"], model.state_dict()["out.2.weight"])
+    stored, expected = ckpt.state_dict("model"), model.state_dict()
+    assert stored.keys() == expected.keys()
+    for name, tensor in expected.items():  # every tensor, bit for bit
+        assert torch.equal(stored[name], tensor), name
     # the authors trained on every timestep: an imported model takes any T' (and adapts as they did)
     stored = RunDir(run).load_config()
     assert stored.train.max_timestep is None and stored.adapt.train_batchnorm is True
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     assert (run / "test" / "metrics.json").is_file()
+    # the run's detector reconstructs exactly as Algorithm 1 with the authors' network does
+    from ddad import load_detector
+    from ddad.diffusion.sampler import conditioned_denoise
+    from ddad.diffusion.schedule import alphas_cumprod
+
+    detector, config = load_detector(RunDir(run), calibrate=False, progress=False)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model.eval()
+    with torch.no_grad():
+        direct = conditioned_denoise(model, images, images, alphas_cumprod(config.schedule),
+                                     config.detect.sampler, detector.seeds_for(images))
+    assert torch.allclose(detector.reconstruct(images), direct, atol=1e-5)
 
 
 def test_onnx_export_matches_pytorch(trained, tmp_path):

@@ -51,16 +51,24 @@ def test_images_scaled_to_minus_one_one_and_resized(synth_root):
 
 
 def test_mask_resized_nearest_and_binary(tmp_path):
-    mask = np.zeros((10, 10), dtype=np.uint8)
-    mask[:, 5:] = 255
-    mask[0, 0] = 100  # below threshold: background
+    """Masks are resized exactly as PIL's NEAREST does, on a mask where bilinear resizing plus a threshold
+    gives another answer (thin lines and single pixels)."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    mask = np.where(rng.random((23, 23)) < 0.3, 255, 0).astype(np.uint8)
+    mask[:, 7] = 255  # a one-pixel line
+    mask[0, 0] = 100  # below the threshold: background
     Image.fromarray(mask).save(tmp_path / "m.png")
-    m = read_mask(tmp_path / "m.png", size=7)
-    assert set(torch.unique(m).tolist()) <= {0.0, 1.0}
-    # Nearest sampling of a half/half mask keeps a hard edge: column 3 of 7 samples source column 5.
-    assert m[0, :, :3].sum() == 0 and m[0, :, 4:].min() == 1
-    bilinear_would_be_soft = m[0, 3, 3].item() in (0.0, 1.0)
-    assert bilinear_would_be_soft
+    for size in (9, 16, 40):
+        m = read_mask(tmp_path / "m.png", size=size)
+        assert m.shape == (1, size, size) and set(torch.unique(m).tolist()) <= {0.0, 1.0}
+        binary = Image.fromarray(np.where(mask > 127, 255, 0).astype(np.uint8))
+        reference = np.asarray(binary.resize((size, size), Image.NEAREST)) > 127
+        assert np.array_equal(m[0].numpy() > 0.5, reference), size
+        soft = F.interpolate(torch.from_numpy(mask > 127).float()[None, None], size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)[0, 0] > 0.5
+        assert not np.array_equal(soft.numpy(), reference), f"the mask does not tell the two apart at {size}"
 
 
 def test_grey_and_rgb_channels_and_modes(tmp_path):

@@ -111,13 +111,76 @@ def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
         assert torch.equal(v, b.tensors[k]), k  # weights, EMA and optimizer state identical
 
 
-def test_time_budget_stops_and_saves(tmp_path):
-    run, cfg = _run(tmp_path, "t", epochs=1000, max_minutes=1e-6)
-    result = train(run, cfg, images(8), progress=False)
-    assert result.stopped_by == "max_minutes" and result.steps_done == 1
+def test_time_budget_stops_and_saves(tmp_path, monkeypatch):
+    """The clock is patched: every optimizer step takes 20 s, so a 1-minute budget ends after step 3."""
+    now = [1000.0]
+    monkeypatch.setattr(training, "clock", lambda: now[0])
+
+    def tick(epoch, step, loss):
+        now[0] += 20.0
+
+    run, cfg = _run(tmp_path, "t", epochs=1000, max_minutes=1.0)
+    result = train(run, cfg, images(8), progress=False, on_step=tick)
+    assert result.stopped_by == "max_minutes" and result.steps_done == 3
     info = Checkpoint(run.latest_checkpoint()).info
-    assert info["step"] == 1 and info["train_seconds"] > 0
+    assert info["step"] == 3 and info["train_seconds"] == 60.0
     # resuming with the budget spent trains nothing and keeps the checkpoint
     before = run.latest_checkpoint()
-    again = train(run, cfg, images(8), resume=True, progress=False)
-    assert again.stopped_by == "max_minutes" and again.steps_done == 1 and run.latest_checkpoint() == before
+    again = train(run, cfg, images(8), resume=True, progress=False, on_step=tick)
+    assert again.stopped_by == "max_minutes" and again.steps_done == 3 and run.latest_checkpoint() == before
+    # a larger budget continues the time already spent: 1.5 minutes end after 90 s in all, at step 5
+    more = cfg.replace(train=dataclasses.replace(cfg.train, max_minutes=1.5))
+    run.save_config(more)
+    result = train(run, more, images(8), resume=True, progress=False, on_step=tick)
+    assert result.steps_done == 5 and Checkpoint(run.latest_checkpoint()).info["train_seconds"] == 100.0
+
+
+def _recording_optimizer(monkeypatch):
+    """Patch the trainer's optimizer factory to record, at every step, the learning rate, the gradient
+    norm the optimizer sees (after clipping) and the parameters before and after."""
+    log = {"lr": [], "grad_norm": [], "before": [], "after": []}
+    real = training.make_optimizer
+
+    def make(model, config, device):
+        opt = real(model, config, device)
+
+        def pre(optimizer, args, kwargs):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            log["lr"].append(optimizer.param_groups[0]["lr"])
+            log["grad_norm"].append(float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))
+            log["before"].append([p.detach().clone() for p in params])
+
+        def post(optimizer, args, kwargs):
+            log["after"].append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(post)
+        return opt
+
+    monkeypatch.setattr(training, "make_optimizer", make)
+    return log
+
+
+def test_warmup_clipping_and_ema_follow_their_formulas(tmp_path, monkeypatch):
+    log = _recording_optimizer(monkeypatch)
+    run, cfg = _run(tmp_path, "w", epochs=2, lr=2e-3, warmup_steps=4, grad_clip=0.05, ema_decay=0.9)
+    train(run, cfg, images(10), progress=False)  # batch 4: 3 steps per epoch, 6 in all
+    # linear warm-up over 4 steps, then the full rate
+    assert log["lr"] == pytest.approx([2e-3 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)], rel=1e-12)
+    # the gradients are large at the start: clipped to exactly the limit
+    assert all(n == pytest.approx(0.05, rel=1e-4) for n in log["grad_norm"])
+    # EMA by hand: e_0 = the initial weights, e_{s+1} = d_s e_s + (1 - d_s) p_{s+1}, d_s = min(0.9, (1+s)/(10+s))
+    ema = [p.clone() for p in log["before"][0]]
+    for s, after in enumerate(log["after"]):
+        d = min(0.9, (1 + s) / (10 + s))
+        ema = [d * e + (1 - d) * p for e, p in zip(ema, after)]
+    ckpt = Checkpoint(run.latest_checkpoint())
+    names = list(UNet(cfg.model).state_dict())
+    stored = ckpt.state_dict("ema")
+    params = [n for n in names if n in dict(UNet(cfg.model).named_parameters())]
+    assert len(params) == len(ema)
+    for name, expected in zip(params, ema):
+        assert torch.allclose(stored[name], expected, atol=1e-6, rtol=1e-5), name
+    raw = ckpt.state_dict("model")
+    assert any(not torch.allclose(raw[n], stored[n]) for n in params)  # the EMA is not the raw weights

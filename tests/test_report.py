@@ -53,3 +53,35 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
                    capture_output=True, timeout=120)
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape == (900, 1200) and img.std() > 10  # a rendered page, not a blank one
+
+
+def test_report_orders_missed_defects_then_false_alarms_then_correct(tmp_path):
+    """Known outcomes at threshold 0.5: missed defects first (furthest below the threshold first), then
+    false alarms (furthest above first), then correct images (closest to the threshold first)."""
+    import csv
+    import json
+
+    from ddad.report import write_report
+    from ddad.runs import RunDir
+
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    rows = [  # name, label, score
+        ("ok_far_good", 0, 0.05), ("fn_slight", 1, 0.45), ("fp_slight", 0, 0.55), ("ok_near_bad", 1, 0.53),
+        ("fn_bad", 1, 0.10), ("fp_bad", 0, 0.95), ("ok_near_good", 0, 0.48), ("ok_far_bad", 1, 0.99),
+    ]
+    with open(test_dir / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "defect_type", "label", "score"])
+        for name, label, score in rows:
+            writer.writerow([f"/data/{name}.png", "crack" if label else "good", label, score])
+    (test_dir / "metrics.json").write_text(json.dumps({
+        "dataset": "fake", "image_auroc": 0.5, "pixel_auroc": None, "pro": None, "n_images": 8, "n_defective": 4,
+        "threshold": 0.5}))
+    page = write_report(RunDir(tmp_path), test_dir, tmp_path / "report").read_text()
+    order = re.findall(r"</b> (\w+)\.png", page)
+    assert order == ["fn_bad", "fn_slight", "fp_bad", "fp_slight", "ok_near_good", "ok_near_bad", "ok_far_good",
+                     "ok_far_bad"]
+    kinds = re.findall(r"<div class='item (\w+)'>", page)
+    assert kinds == ["fn", "fn", "fp", "fp", "ok", "ok", "ok", "ok"]
+    assert "2 missed defects, 2 false alarms" in page

@@ -106,18 +106,28 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert "epoch 3 step 3 loss" in run.log_path.read_text()
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The write itself fails partway (a partial file on disk, then an error): the previous checkpoint
+    must still load and no partial file may be left behind."""
+    import ddad.checkpoint as checkpoint_module
+
     path = tmp_path / "c.safetensors"
     model = torch.nn.Linear(2, 2)
     save_checkpoint(path, {"model": model}, {"epoch": 1})
+    expected = model.weight.detach().clone()
 
-    class Boom(dict):
-        def items(self):
-            raise RuntimeError("disk full")
+    def torn_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:  # half a header, as a full disk or a kill would leave it
+            fh.write(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"model.weight\": {")
+        raise OSError("No space left on device")
 
-    with pytest.raises(RuntimeError):
-        save_checkpoint(path, {"model": Boom()}, {"epoch": 2})
-    assert Checkpoint(path).info["epoch"] == 1
+    monkeypatch.setattr(checkpoint_module, "save_file", torn_write)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"model": model}, {"epoch": 2})
+    ckpt = Checkpoint(path)
+    assert ckpt.info["epoch"] == 1 and torch.equal(ckpt.state_dict("model")["weight"], expected)
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 

@@ -25,11 +25,24 @@ def test_output_shape_matches_input(size, channels):
         assert model(x, torch.tensor([0, 999])).shape == x.shape
 
 
+# The authors' channel multipliers per image size (../shared/reference/README.md).
+AUTHORS_CHANNEL_MULTS = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                         64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}
+
+
 @pytest.mark.parametrize("size", [32, 64, 128, 256, 512])
-def test_all_paper_sizes_build(size):
-    cfg = UNetConfig(image_size=size, base_channels=64 if size == 512 else 32, num_heads=2)
-    assert cfg.resolved_channel_mults[0] in (0.5, 1)
-    UNet(cfg)
+def test_all_paper_sizes_have_the_authors_channels_and_run(size):
+    cfg = UNetConfig(image_size=size, base_channels=64 if size == 512 else 32, num_heads=2, num_res_blocks=1,
+                     attention_resolutions=(size // 2 ** 4,))
+    assert cfg.resolved_channel_mults == AUTHORS_CHANNEL_MULTS[size]
+    model = UNet(cfg).eval()
+    # the deepest level has base x the last multiplier channels, reached after len - 1 downsamplings
+    widths = {m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert int(cfg.base_channels * AUTHORS_CHANNEL_MULTS[size][-1]) in widths
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([500]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_unsupported_size_is_a_clear_error():

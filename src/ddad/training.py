@@ -211,6 +211,7 @@ class TrainResult:
 
 
 StepHook = Callable[[int, int, float], None]  # (epoch, global step, loss)
+clock = time.perf_counter  # the training-time clock (a module attribute, so tests can control it)
 
 
 def train(
@@ -294,14 +295,14 @@ def train(
         named = mid_epoch or step in marks or stop is not None
         path = run.checkpoint_path(epoch_done, step if named else None)
         modules = {"model": model} if ema is None else {"model": model, "ema": ema}
-        info = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + time.perf_counter() - t_start,
+        info = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start,
                 "config": config.to_dict()}
         save_checkpoint(path, modules, info, optimizer)
         return path
 
     bar = tqdm(total=max(total_steps - step, 0), desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
-    t_start, seen = time.perf_counter(), 0
+    t_start, seen = clock(), 0
     try:
         for epoch in range(start_epoch, tc.epochs):
             if stop or step >= total_steps:
@@ -309,7 +310,7 @@ def train(
             gen = torch.Generator().manual_seed(epoch_seed(tc.seed, epoch))
             torch.manual_seed(epoch_seed(tc.seed, epoch) + 1)  # dropout
             perm = torch.randperm(n, generator=gen)
-            epoch_loss, t_epoch, done_in_epoch = 0.0, time.perf_counter(), 0
+            epoch_loss, t_epoch, done_in_epoch = 0.0, clock(), 0
             for b in range(steps_per_epoch):
                 idx = perm[b * batch:(b + 1) * batch]
                 t = torch.randint(0, t_high, (len(idx),), generator=gen)
@@ -335,13 +336,13 @@ def train(
                 last_loss = loss.item()
                 epoch_loss += last_loss
                 seen += len(idx)
-                rate = seen / max(time.perf_counter() - t_start, 1e-9)
+                rate = seen / max(clock() - t_start, 1e-9)
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{last_loss:.4g}", img_s=f"{rate:.1f}")
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1
-                if tc.max_minutes is not None and trained_s + time.perf_counter() - t_start >= 60 * tc.max_minutes:
+                if tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes:
                     stop = "max_minutes"
                 elif tc.max_steps is not None and step >= tc.max_steps:
                     stop = "max_steps"
@@ -353,7 +354,7 @@ def train(
             if step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
                 done = epoch + 1
                 run.log(f"epoch {done} step {step} loss {epoch_loss / max(done_in_epoch, 1):.6g} "
-                        f"({done_in_epoch * batch / (time.perf_counter() - t_epoch):.2f} img/s)")
+                        f"({done_in_epoch * batch / max(clock() - t_epoch, 1e-9):.2f} img/s)")
                 if done % tc.checkpoint_every == 0 or done == tc.epochs or step in marks or stop:
                     last_path = save(done, mid_epoch=False)
                     _prune(run, tc.keep_checkpoints)
@@ -365,7 +366,7 @@ def train(
         run.log(f"interrupted; last saved: {where}")
         raise
     bar.close()
-    rate = seen / max(time.perf_counter() - t_start, 1e-9)
+    rate = seen / max(clock() - t_start, 1e-9)
     epochs_done = step // steps_per_epoch
     stopped_by = stop or "epochs"
     run.log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
