@@ -35,23 +35,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ddad.api import load_train_images, train_run  # noqa: E402
+from ddad import DDADConfig, DDADWeights, DetectConfig, RuntimeConfig, load_config, train_run  # noqa: E402
 from ddad.checkpoint import Checkpoint, atomic_write_text  # noqa: E402
-from ddad.config import RunConfig  # noqa: E402
 from ddad.data.formats import DataConfig  # noqa: E402
-from ddad.detection import DetectConfig  # noqa: E402
+from ddad.data.splits import load_train_images  # noqa: E402
+from ddad.diffusion.objective import ddpm_loss  # noqa: E402
 from ddad.diffusion.sampler import SamplerConfig  # noqa: E402
 from ddad.diffusion.unet import UNet, UNetConfig  # noqa: E402
-from ddad.evaluation import sweep  # noqa: E402
+from ddad.engine.recipe import TrainConfig, make_optimizer  # noqa: E402
+from ddad.methods.ddad.loading import with_detection  # noqa: E402
+from ddad.methods.ddad.sweep import sweep  # noqa: E402
 from ddad.runs import RunDir  # noqa: E402
 from ddad.scoring import ScoringConfig  # noqa: E402
-from ddad.training import TrainConfig, ddpm_loss, make_optimizer  # noqa: E402
 
 MOBILENET = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def setup(recipe: str, dataset: str, root: str, size: int, batch: int | None) -> RunConfig:
+def setup(recipe: str, dataset: str, root: str, size: int, batch: int | None) -> DDADConfig:
     channels = 1 if dataset in ("mtd", "kolektorsdd") else 3
     if recipe == "paper":
         model = UNetConfig.ddad_s(size, channels)
@@ -62,13 +63,14 @@ def setup(recipe: str, dataset: str, root: str, size: int, batch: int | None) ->
     weights = str(MOBILENET) if MOBILENET.is_file() else None
     detect = DetectConfig(sampler=SamplerConfig(250, 25, w=3.0, eta=1.0),
                           scoring=ScoringConfig(mode="combined", v=1.0, sigma=size / 64), backbone="mobilenet_v2",
-                          backbone_weights=weights, crop=1.0, batch_size=32)
+                          crop=1.0)
     data = DataConfig(dataset=dataset, root=root, image_size=size, channels=channels)
-    return RunConfig(data=data, model=model, train=replace(train, epochs=100_000, keep_checkpoints=1,
-                                                           checkpoint_every=100_000), detect=detect)
+    return DDADConfig(data=data, model=model, train=replace(train, epochs=100_000, keep_checkpoints=1,
+                                                            checkpoint_every=100_000), detect=detect,
+                      weights=DDADWeights(backbone_weights=weights), runtime=RuntimeConfig(batch_size=32))
 
 
-def seconds_per_step(config: RunConfig, steps: int = 4) -> float:
+def seconds_per_step(config: DDADConfig, steps: int = 4) -> float:
     """Wall time of one optimizer step of ``config`` on random data, on all cores (first step excluded)."""
     torch.manual_seed(0)
     model = UNet(config.model)
@@ -154,13 +156,13 @@ def normalization_of(r: dict) -> str:
 def cmd_eval(args) -> None:
     run = RunDir(args.run_dir)
     budget = json.loads((run.root / "budget.json").read_text())
-    config = run.load_config()
+    config = load_config(run)
     out_path = run.root / "budget-results.json"
     rows = json.loads(out_path.read_text()) if out_path.is_file() else []
     w = config.detect.sampler.w if args.w is None else args.w
     done = {row_key(r) for r in rows}
     if args.extractor == "adapted":
-        from ddad.adaptation import adapted_checkpoints
+        from ddad.methods.ddad.adaptation import adapted_checkpoints
 
         if not adapted_checkpoints(run):
             raise SystemExit(f"{run.root} has no adapted extractor: run `ddad adapt {run.root}` first")
@@ -173,12 +175,11 @@ def cmd_eval(args) -> None:
                   for m in modes}
         if wanted <= done or (args.steps and step not in args.steps):
             continue
-        detect = replace(config.detect, checkpoint=path.name, weights=args.weights,
-                         sampler=replace(config.detect.sampler, w=w),
-                         scoring=replace(config.detect.scoring, feature_size=args.feature_size,
-                                         normalization=args.normalization))
+        at = with_detection(config, checkpoint=path.name, average=args.weights, w=w,
+                            normalization=args.normalization)
+        at = at.replace(detect=replace(at.detect, scoring=replace(at.detect.scoring, feature_size=args.feature_size)))
         t0 = time.perf_counter()
-        for r in sweep(run, [detect.sampler.w], [detect.scoring.v], modes, [args.extractor], detect,
+        for r in sweep(run, at, [at.detect.sampler.w], [at.detect.scoring.v], modes, [args.extractor],
                        progress=not args.quiet):
             rows.append({"checkpoint": path.name, "step": step, "recipe": budget["recipe"],
                          "minutes": step * budget["seconds_per_step"] / 60, "mode": r["mode"],
@@ -200,22 +201,25 @@ def cmd_eval(args) -> None:
 def cmd_patchcore(args) -> None:
     from patchcore import run_patchcore
 
+    from dataclasses import asdict
+
     from ddad.backbones import create_backbone
-    from ddad.evaluation import load_test_split, split_metrics
+    from ddad.data.splits import load_test_split
+    from ddad.engine.testing import split_metrics
 
     config = setup("default", args.dataset, args.data_root, args.image_size, None)
     run = RunDir(Path(args.out).with_suffix(""))
     run.save_config(config)
-    split = load_test_split(run, config, progress=False)
-    train_images = load_train_images(run, config, progress=False)
+    split = load_test_split(config.data, progress=False)
+    train_images = load_train_images(config.data, progress=False)
     d = config.detect
-    extractor = create_backbone(d.backbone, d.scoring.feature_layers, d.backbone_weights)
+    extractor = create_backbone(d.backbone, d.scoring.feature_layers, config.weights.backbone_weights)
     rows = []
     for fraction in args.fractions:
         pc = run_patchcore(extractor, train_images, split.images, fraction, d.scoring.sigma, d.crop,
                            d.scoring.feature_layers, args.input_size)
         rows.append({"method": f"PatchCore-{fraction:.0%}", "input_size": args.input_size,
-                     **split_metrics(split, pc.scores.numpy(), pc.maps, d.crop),
+                     **asdict(split_metrics(split, pc.scores.numpy(), pc.maps, d.crop)),
                      "fit_s": pc.fit_seconds, "infer_s_per_image": pc.predict_seconds_per_image,
                      "date": str(date.today())})
         print(json.dumps(rows[-1]), flush=True)

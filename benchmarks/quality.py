@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
@@ -34,23 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from patchcore import run_patchcore  # noqa: E402
 
-from ddad.adaptation import AdaptConfig, adapted_checkpoints  # noqa: E402
-from ddad.api import adapt_run, load_train_images, train_run  # noqa: E402
+from ddad import (AdaptConfig, DDADConfig, DDADWeights, DetectConfig, RuntimeConfig, adapt_run,  # noqa: E402
+                  load_config, test_run, train_run, with_detection)
 from ddad.backbones import create_backbone  # noqa: E402
-from ddad.config import RunConfig  # noqa: E402
 from ddad.data.formats import DataConfig, build_index  # noqa: E402
-from ddad.detection import DetectConfig  # noqa: E402
+from ddad.data.splits import load_test_split, load_train_images  # noqa: E402
 from ddad.diffusion.sampler import SamplerConfig  # noqa: E402
 from ddad.diffusion.unet import UNetConfig  # noqa: E402
-from ddad.evaluation import load_test_split, split_metrics, sweep, test_run, with_overrides  # noqa: E402
+from ddad.engine.recipe import TrainConfig  # noqa: E402
+from ddad.engine.testing import split_metrics  # noqa: E402
+from ddad.methods.ddad.extractors import adapted_checkpoints  # noqa: E402
+from ddad.methods.ddad.sweep import sweep  # noqa: E402
 from ddad.runs import RunDir  # noqa: E402
 from ddad.scoring import ScoringConfig  # noqa: E402
-from ddad.training import TrainConfig  # noqa: E402
 
 MOBILENET = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
 
 
-def profile_config(args) -> RunConfig:
+def profile_config(args) -> DDADConfig:
     grey = args.dataset in ("mtd", "kolektorsdd")
     channels = 1 if grey else 3
     data = DataConfig(dataset=args.dataset, root=args.data_root, category=args.category or "",
@@ -58,20 +59,21 @@ def profile_config(args) -> RunConfig:
     if args.profile == "cpu":
         weights = args.backbone_weights or (str(MOBILENET) if MOBILENET.is_file() else None)
         model = UNetConfig.ddad_s(64, channels) if args.recipe == "paper" else UNetConfig.compact(64, channels)
-        return RunConfig(
+        return DDADConfig(
             data=data, model=model,
             train=TrainConfig.recipe(args.recipe, epochs=args.epochs or 8, batch_size=16, checkpoint_every=1,
                                      max_minutes=args.minutes),
             detect=DetectConfig(sampler=SamplerConfig(250, 25, w=3.0, eta=1.0),
                                 scoring=ScoringConfig(mode="combined", v=1.0, sigma=1.0), backbone="mobilenet_v2",
-                                backbone_weights=weights, crop=1.0, batch_size=32),
+                                crop=1.0),
+            weights=DDADWeights(backbone_weights=weights), runtime=RuntimeConfig(batch_size=32),
             adapt=AdaptConfig(epochs=args.adapt_epochs, batch_size=16, lambda_dl=0.1),
         )
-    return RunConfig(
+    return DDADConfig(
         data=data, model=UNetConfig.ddad(256, channels),
         train=TrainConfig.recipe(args.recipe, epochs=args.epochs or 1000, batch_size=32, checkpoint_every=50,
                                  max_minutes=args.minutes),
-        detect=DetectConfig(backbone_weights=args.backbone_weights, batch_size=16),
+        weights=DDADWeights(backbone_weights=args.backbone_weights), runtime=RuntimeConfig(batch_size=16),
         adapt=AdaptConfig(epochs=args.adapt_epochs, batch_size=16, lambda_dl=0.1),
     )
 
@@ -103,13 +105,13 @@ def main() -> None:
     t0 = time.perf_counter()
     resume = run.latest_checkpoint() is not None
     if resume:
-        stored = run.load_config()
+        stored = load_config(run)
         config = replace(stored, train=replace(stored.train, epochs=config.train.epochs))
     done = max((e for e, _ in run.checkpoints()), default=0)
     if done < config.train.epochs:
         train_run(config, run.root, resume=resume, progress=progress)
         timings["train_s"] = time.perf_counter() - t0
-    config = run.load_config()
+    config = load_config(run)
     n_train = len(build_index(config.data).train)
     detect = config.detect
 
@@ -118,11 +120,11 @@ def main() -> None:
 
     shutil.rmtree(run.root / "cache", ignore_errors=True)  # time a real diffusion pass, then keep its result
     t0 = time.perf_counter()
-    full = test_run(run, with_overrides(detect, adapted=False), out_dir=run.root / "test-pretrained",
+    full = test_run(run, with_detection(config, adapted=False), out_dir=run.root / "test-pretrained",
                     save_images=False, progress=progress, cache=True)
-    timings["ddad_infer_s_per_image"] = (time.perf_counter() - t0) / full["n_images"]
-    rows = sweep(run, [detect.sampler.w], [detect.scoring.v], ["pixel", "feature", "combined"], ["pretrained"],
-                 detect, progress=progress)
+    timings["ddad_infer_s_per_image"] = (time.perf_counter() - t0) / full.overall.n_images
+    rows = sweep(run, config, [detect.sampler.w], [detect.scoring.v], ["pixel", "feature", "combined"],
+                 ["pretrained"], progress=progress)
 
     # 3. domain adaptation, then feature / combined with the adapted extractor
     if args.adapt_epochs > 0:
@@ -130,18 +132,18 @@ def main() -> None:
         if max((e for e, _ in adapted_checkpoints(run)), default=0) < args.adapt_epochs:
             adapt_run(run.root, {"epochs": args.adapt_epochs}, progress=progress)
         timings["adapt_s"] = time.perf_counter() - t0
-        rows += sweep(run, [detect.sampler.w], [detect.scoring.v], ["feature", "combined"], ["adapted"],
-                      with_overrides(detect, adapted_epoch=args.adapt_epochs), progress=progress)
+        rows += sweep(run, with_detection(config, adapted_epoch=args.adapt_epochs), [detect.sampler.w],
+                      [detect.scoring.v], ["feature", "combined"], ["adapted"], progress=progress)
 
     # 4. PatchCore on the same split, backbone, size, smoothing and metrics
-    split = load_test_split(run, config, progress)
-    train_images = load_train_images(run, config, progress=False)
-    extractor = create_backbone(detect.backbone, detect.scoring.feature_layers, detect.backbone_weights)
+    split = load_test_split(config.data, progress, run.log)
+    train_images = load_train_images(config.data, progress=False)
+    extractor = create_backbone(detect.backbone, detect.scoring.feature_layers, config.weights.backbone_weights)
     for fraction in args.patchcore_fraction:
         pc = run_patchcore(extractor, train_images, split.images, fraction, detect.scoring.sigma, detect.crop,
                            detect.scoring.feature_layers)
         rows.append({"w": None, "mode": f"PatchCore-{fraction:.0%}", "v": None, "extractor": "pretrained",
-                     **split_metrics(split, pc.scores.numpy(), pc.maps, detect.crop),
+                     **asdict(split_metrics(split, pc.scores.numpy(), pc.maps, detect.crop)),
                      "fit_s": pc.fit_seconds, "infer_s_per_image": pc.predict_seconds_per_image})
 
     def f(v):

@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddad.evaluation import calibration_images, load_detector, load_test_split, reconstruct_split, split_metrics
+from ddad import load_config, load_detector, with_detection
+from ddad.data.splits import calibration_images, load_test_split
+from ddad.engine.testing import split_metrics
+from ddad.methods.ddad.loading import reconstruct_split
 from ddad.runs import RunDir
 from ddad.scoring import ScoreScale, anomaly_map
 
@@ -67,17 +70,17 @@ def main() -> None:
     args = p.parse_args()
 
     run = RunDir(args.run_dir)
-    config = run.load_config()
-    base = replace(config.detect, checkpoint=args.checkpoint, weights=args.weights, adapted=False,
-                   scoring=replace(config.detect.scoring, normalization="calibrated"))
-    split = load_test_split(run, config, progress=False)
-    good = calibration_images(config, args.calibration_images, base.seed)
-    detector, _ = load_detector(run, base, calibrate=False, progress=False)
+    config = with_detection(load_config(run), checkpoint=args.checkpoint, average=args.weights, adapted=False,
+                            normalization="calibrated")
+    base = config.detect
+    split = load_test_split(config.data, progress=False)
+    good = calibration_images(config.data, args.calibration_images, base.seed)
+    detector, _ = load_detector(run, config, calibrate=False, progress=False)
     test_p, test_f, good_p, good_f = [], [], [], []
     for seed in range(args.samples):
         detector.config = replace(base, seed=seed)
         recon = (reconstruct(detector, split.images, args.pad) if args.pad
-                 else reconstruct_split(detector, run, config, split, progress=False))
+                 else reconstruct_split(detector, run, with_detection(config, seed=seed), split, progress=False))
         d_p, d_f = distances(detector, split.images, recon)
         test_p.append(d_p)
         test_f.append(d_f)
@@ -102,6 +105,7 @@ def main() -> None:
                 for b in sorted({0, args.border}):
                     inner = maps[..., b:size - b, b:size - b] if b else maps
                     m = split_metrics(split, inner.flatten(1).amax(1).numpy(), maps, 1.0)
+                    m = {"image_auroc": m.image_auroc, "pixel_auroc": m.pixel_auroc, "pro": m.pro}
                     row = {"run": str(args.run_dir), "checkpoint": args.checkpoint, "weights": args.weights,
                            "samples": k, "border": b, "positional": positional, "pad": args.pad,
                            "calibration_images": len(good), "mode": mode, **m, "date": str(date.today())}

@@ -35,7 +35,8 @@ def measure_train(preset: str, size: int, batch: int, steps: int, device_name: s
     from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
     from ddad.diffusion.unet import UNet, UNetConfig
     from ddad.runtime import autocast, resolve_device
-    from ddad.training import TrainConfig, ddpm_loss, make_optimizer
+    from ddad.diffusion.objective import ddpm_loss
+    from ddad.engine.recipe import TrainConfig, make_optimizer
 
     device = resolve_device(device_name)
     model = UNet(UNetConfig.preset(preset, size, 3)).to(device).train()
@@ -105,7 +106,7 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
                   device_name: str, precision: str, steps: int, backend: str = "torch",
                   channels_last: bool = False, micro_batch: int | None = 0) -> dict:
     from ddad.backbones import create_backbone
-    from ddad.detection import DetectConfig, Detector
+    from ddad import DetectConfig, Detector, RuntimeConfig
     from ddad.diffusion.sampler import SamplerConfig, skip_for_steps
     from ddad.diffusion.unet import UNet, UNetConfig
     from ddad.runtime import resolve_device
@@ -116,22 +117,22 @@ def measure_infer(preset: str, size: int, batch: int, backbone: str, weights: st
     cfg = DetectConfig(sampler=SamplerConfig(250, skip_for_steps(250, steps), w=3, eta=1),
                        # per-image maxima: the same work per image as calibrated ones, no calibration pass
                        scoring=ScoringConfig(mode="combined", normalization="image"), backbone=backbone,
-                       backbone_weights=weights,
-                       precision=precision, batch_size=batch, compile=backend == "compiled",
-                       channels_last=channels_last, micro_batch=micro_batch)
-    extractor = None
+                       precision=precision)
+    runtime = RuntimeConfig(batch_size=batch, compile=backend == "compiled", channels_last=channels_last,
+                            micro_batch=micro_batch)
+    extractor = create_backbone(backbone, (2, 3), weights=weights)
     if backend == "onnxruntime":
         import tempfile
 
-        from ddad.export import OnnxDenoiser, OnnxExtractor, _ExtractorGraph, _export
+        from ddad.export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graph
 
         folder = Path(tempfile.mkdtemp())
         x2 = torch.zeros(2, 3, size, size)
-        _export(unet, (x2, torch.tensor([250, 25])), folder / "unet.onnx", ["x", "t"], ["eps"])
-        ext = create_backbone(backbone, (2, 3), weights=weights)
-        _export(_ExtractorGraph(ext, (2, 3)), (x2,), folder / "extractor.onnx", ["image"], ["stage2", "stage3"])
+        export_graph(unet, (x2, torch.tensor([250, 25])), folder / "unet.onnx", ["x", "t"], ["eps"])
+        export_graph(ExtractorGraph(extractor, (2, 3)), (x2,), folder / "extractor.onnx", ["image"],
+                     ["stage2", "stage3"])
         unet, extractor = OnnxDenoiser(folder / "unet.onnx"), OnnxExtractor(folder / "extractor.onnx", (2, 3))
-    det = Detector(unet, cfg, device=device, extractor=extractor)
+    det = Detector(unet, cfg, device=device, extractor=extractor, runtime=runtime)
     x = torch.rand(batch, 3, size, size) * 2 - 1
     # Warm-up. One image: on the CPU a full-batch warm-up would double the cost. Compiled networks see
     # every input shape once first (the extractor runs on whole batches), so compiling is not timed.

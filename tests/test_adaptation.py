@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-from ddad.adaptation import AdaptConfig, adaptation_loss, adapted_checkpoints, frozen_copy
+from ddad import AdaptConfig, load_config
+from ddad.methods.ddad.adaptation import adaptation_loss, frozen_copy
+from ddad.methods.ddad.extractors import adapted_checkpoints
 from ddad.backbones import create_backbone
 from ddad.cli import main
-from ddad.presets import PRESETS, get_setting
-from ddad.training import TrainConfig
+from ddad.methods.ddad.presets import PRESETS, get_setting
+from ddad.engine.recipe import TrainConfig
 from ddad.runs import RunDir
 
 from .conftest import MOBILENET
@@ -74,7 +76,7 @@ def test_presets_match_the_papers_tables():
 
 
 def test_preset_flag_sets_the_run_and_flags_override(tmp_path, synth_root):
-    from ddad.cli import _train_config, build_parser
+    from ddad.cli import build_parser, train_settings as _train_config
 
     args = build_parser().parse_args(["train", "--preset", "mvtec", "--category", "cable", "--data-root", "x",
                                       "--epochs", "7"])
@@ -88,8 +90,8 @@ def test_preset_flag_sets_the_run_and_flags_override(tmp_path, synth_root):
 def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
     import yaml
 
-    from ddad.cli import _train_config, build_parser
-    from ddad.config import RunConfig
+    from ddad.cli import build_parser, train_settings as _train_config
+    from ddad import RunConfig
 
     def parse(*extra):
         return _train_config(build_parser().parse_args(["train", "--data-root", "x", "--category", "c", *extra]))[0]
@@ -109,7 +111,7 @@ def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
     data["train"].update(lr=3e-4, weight_decay=0.05)
     run.root.mkdir()
     run.config_path.write_text(yaml.safe_dump(data))
-    assert run.load_config().train == TrainConfig.recipe("paper", batch_size=data["train"]["batch_size"])
+    assert load_config(run).train == TrainConfig.recipe("paper", batch_size=data["train"]["batch_size"])
 
 
 @pytest.fixture(scope="module")
@@ -185,16 +187,18 @@ def test_batchnorm_statistics_stay_frozen_unless_asked(adapted_run, tmp_path, ba
     # random weights: fresh BatchNorm statistics are exactly 0 (mean); only training them moves them
     moved = any(bool(m.abs().max() > 0) for m in means)
     assert moved == (batchnorm == "train")
-    assert RunDir(run).load_config().adapt.train_batchnorm == (batchnorm == "train")
+    assert load_config(run).adapt.train_batchnorm == (batchnorm == "train")
 
 
 def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkeypatch):
-    from ddad.detection import Detector
-    from ddad.evaluation import sweep, test_run, with_overrides
+    from ddad.methods.ddad.detector import Detector
+    from ddad import test_run, with_detection
+    from ddad.methods.ddad.sweep import sweep
 
     r = RunDir(adapted_run)
-    base = r.load_config().detect
-    rows = sweep(r, [base.sampler.w], [0.5, 2.0], ["pixel", "feature", "combined"], ["pretrained"], base,
+    config = load_config(r)
+    base = config.detect
+    rows = sweep(r, config, [base.sampler.w], [0.5, 2.0], ["pixel", "feature", "combined"], ["pretrained"],
                  progress=False)
     # every reconstruction is now cached: a full run must not call the sampler again
     def no_diffusion(*a, **k):
@@ -202,12 +206,12 @@ def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkey
 
     monkeypatch.setattr(Detector, "reconstruct", no_diffusion)
     for row in rows:
-        detect = with_overrides(base, mode=row["mode"], v=row["v"], adapted=False)
+        detect = with_detection(config, mode=row["mode"], v=row["v"], adapted=False)
         full = test_run(r, detect, out_dir=r.root / "t", save_images=False, progress=False)
         for key in ("image_auroc", "pixel_auroc", "pro"):
-            assert full[key] == pytest.approx(row[key], abs=1e-9), (row, key)
+            assert getattr(full.overall, key) == pytest.approx(row[key], abs=1e-9), (row, key)
     assert len({(r_["mode"], r_["v"]) for r_ in rows}) == 4  # pixel, feature, combined x 2 v
-    pixel_only = sweep(r, [base.sampler.w], [1.0], ["pixel"], ["pretrained"], base, progress=False)
+    pixel_only = sweep(r, config, [base.sampler.w], [1.0], ["pixel"], ["pretrained"], progress=False)
     assert [p["mode"] for p in pixel_only] == ["pixel"]
     assert pixel_only[0]["image_auroc"] == pytest.approx(
         next(x for x in rows if x["mode"] == "pixel")["image_auroc"])

@@ -124,7 +124,9 @@ def test_import_official_checkpoint_then_test(trained, tmp_path):
     for name, tensor in expected.items():  # every tensor, bit for bit
         assert torch.equal(stored[name], tensor), name
     # the authors trained on every timestep: an imported model takes any T' (and adapts as they did)
-    stored = RunDir(run).load_config()
+    from ddad import load_config
+
+    stored = load_config(run)
     assert stored.train.max_timestep is None and stored.adapt.train_batchnorm is True
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     assert (run / "test" / "metrics.json").is_file()
@@ -146,12 +148,14 @@ def test_onnx_export_matches_pytorch(trained, tmp_path):
     root, run = trained
     data = root / "data" / "washer" / "test"
     assert main(["predict", str(run), str(data), "--out", str(tmp_path / "torch"), "--quiet", "--no-images",
-                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backbone-weights", "random"]) == 0
+                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backbone-weights", "random",
+                 "--threshold", "1"]) == 0
     assert main(["export", str(run), "--scoring", "combined", "--backbone", "mobilenet_v2",
                  "--backbone-weights", "random"]) == 0
     assert (run / "export" / "unet.onnx").is_file() and (run / "export" / "extractor.onnx").is_file()
     assert main(["predict", str(run), str(data), "--out", str(tmp_path / "onnx"), "--quiet", "--no-images",
-                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backend", "onnxruntime"]) == 0
+                 "--scoring", "combined", "--backbone", "mobilenet_v2", "--backend", "onnxruntime",
+                 "--threshold", "1"]) == 0
     a = {r["image"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "torch" / "scores.csv"))}
     b = {r["image"]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "onnx" / "scores.csv"))}
     assert a.keys() == b.keys()
@@ -191,7 +195,7 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
         raise AssertionError("a stored calibration must be reused")
 
     with monkeypatch.context() as m:
-        m.setattr("ddad.detection.Detector.calibrate", boom)
+        m.setattr("ddad.methods.ddad.detector.Detector.calibrate", boom)
         assert main(args) == 0
         train_dir = root / "data" / "washer" / "train"
         train_dir.rename(tmp_path / "train")  # predict needs the training images no more
@@ -217,10 +221,78 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
 
 
 def test_old_configs_keep_their_normalisation(tmp_path):
-    from ddad.config import RunConfig
+    from ddad import RunConfig
 
     for flag, expected in (("true", "batch"), ("false", "image")):
         path = tmp_path / f"{flag}.yaml"
         path.write_text(f"detect:\n  scoring:\n    normalize_over_batch: {flag}\n")
         assert RunConfig.from_yaml(path).detect.scoring.normalization == expected
     assert RunConfig().detect.scoring.normalization == "positional"
+
+
+def test_predict_refuses_a_threshold_from_other_detection_settings(trained, tmp_path, capsys):
+    """A threshold is stored under the calibration key of the settings ``ddad test`` ran with; predict with
+    another w (or checkpoint, scoring, ...) refuses it, names what differs and the command that makes one."""
+    root, run = trained
+    data = root / "data" / "washer" / "test"
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+    stored = json.loads((run / "threshold.json").read_text())
+    assert len(stored["calibration_key"]) == 16 and stored["key"]["settings"]["algorithm"]["sampler"]["w"] == 3.0
+    ok = ["predict", str(run), str(data), "--quiet", "--no-images"]
+    assert main(ok + ["--out", str(tmp_path / "a")]) == 0
+    assert main(ok + ["--out", str(tmp_path / "b"), "--batch-size", "2"]) == 0  # runtime: same key
+    first = RunDir(run).checkpoints()[0][1].name
+    for flags, named in ((["--w", "5"], "sampler.w: 3.0 -> 5.0"), (["--checkpoint", first], "checkpoint"),
+                         (["--sigma", "2"], "scoring.sigma"), (["--weights", "raw"], "weights.average")):
+        assert main(ok + ["--out", str(tmp_path / "c")] + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert named in err and f"ddad test {run}" in err and "--threshold" in err, err
+        assert not (tmp_path / "c").exists()  # nothing written
+    assert main(ok + ["--out", str(tmp_path / "d"), "--w", "5", "--threshold", "0.5"]) == 0  # explicit: fine
+    assert main(["test", str(run), "--quiet", "--no-images", "--w", "5"]) == 0
+    assert main(ok + ["--out", str(tmp_path / "e"), "--w", "5"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "e" / "scores.csv")))
+    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
+    assert all(r["decision"] == ("defective" if float(r["score"]) >= threshold else "good") for r in rows)
+    # a threshold.json written before thresholds had keys is refused too
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.1, "source": "F1-optimal on the test split"}))
+    assert main(ok + ["--out", str(tmp_path / "f"), "--w", "5"]) == 2
+    assert "earlier ddad version" in capsys.readouterr().err
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0  # leaves a valid one for the other tests
+
+
+def test_train_settings_take_precedence_in_order(tmp_path):
+    """defaults < recipe < preset < YAML file (only the keys it sets) < flags < --set."""
+    from ddad.cli import build_parser, train_settings as _train_config
+    from ddad.methods.ddad.presets import get_setting
+
+    def parse(*argv, yaml_text=None):
+        args = ["train", "--data-root", "d", *argv]
+        if yaml_text is not None:
+            path = tmp_path / "c.yaml"
+            path.write_text(yaml_text)
+            args += ["--config", str(path)]
+        return _train_config(build_parser().parse_args(args))[0]
+
+    leather = get_setting("mvtec", "leather")
+    # the issue's case: a file that sets only train.epochs keeps the preset's w, adaptation epochs and Adam
+    c = parse("--preset", "mvtec", "--category", "leather", yaml_text="train: {epochs: 5}\n")
+    assert c.train.epochs == 5 and c.detect.sampler.w == leather.w == 11 and c.adapt.epochs == 8
+    assert c.train.optimizer == "adam" and c.train.lr == 3e-4  # the paper's recipe, which the preset implies
+    # recipe > defaults
+    assert parse("--recipe", "paper").train.lr == 3e-4 and parse().train.lr == 1e-3
+    # preset > recipe: the preset's epochs and batch size over the default recipe's
+    c = parse("--recipe", "default", "--preset", "mvtec", "--category", "leather")
+    assert c.train.epochs == 2000 and c.train.optimizer == "adamw" and c.detect.sampler.w == 11
+    # file > preset
+    c = parse("--preset", "mvtec", "--category", "leather", yaml_text="detect: {sampler: {w: 2}}\n")
+    assert c.detect.sampler.w == 2 and c.train.epochs == 2000
+    # flags > file
+    c = parse("--epochs", "7", yaml_text="train: {epochs: 5, lr: 0.002}\n")
+    assert c.train.epochs == 7 and c.train.lr == 0.002
+    # --set > flags
+    c = parse("--epochs", "7", "--set", "train.epochs=9", yaml_text="train: {epochs: 5}\n")
+    assert c.train.epochs == 9
+    # a file in the 0.1.0 layout (runtime keys under detect) still works
+    c = parse(yaml_text="detect: {batch_size: 3, backbone_weights: random, device: cpu}\n")
+    assert c.runtime.batch_size == 3 and c.runtime.device == "cpu" and c.weights.backbone_weights == "random"

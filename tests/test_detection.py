@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddad.backbones import WeightsNotFound, create_backbone, resolve_weights
-from ddad.detection import DetectConfig, Detector
+from ddad import DetectConfig, Detector, RuntimeConfig
 from ddad.diffusion.sampler import SamplerConfig
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ddad.diffusion.unet import UNet, UNetConfig
@@ -35,7 +35,7 @@ def mixed_batch(n=8, size=32):
 def test_score_and_map_do_not_depend_on_the_batch(normalization):
     cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
                        scoring=ScoringConfig(mode="combined", sigma=1, normalization=normalization),
-                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
+                       backbone="mobilenet_v2", crop=1.0)
     torch.manual_seed(0)
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random")
     det = Detector(random_unet(), cfg, extractor=extractor)
@@ -45,21 +45,22 @@ def test_score_and_map_do_not_depend_on_the_batch(normalization):
     batch = det(x)
     for i in (0, 3, 5):
         alone = det(x[i:i + 1])
-        assert torch.allclose(alone.score, batch.score[i:i + 1], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(alone.pred_score, batch.pred_score[i:i + 1], rtol=1e-5, atol=1e-6)
         assert torch.allclose(alone.anomaly_map, batch.anomaly_map[i:i + 1], rtol=1e-4, atol=1e-5)
     # The authors' batch normalisation of Eq. 9 does couple images: this test would catch it.
     authors = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(
         mode="combined", sigma=1, normalization="batch")}), extractor=extractor)
-    assert not torch.allclose(authors(x[:1]).score, authors(x).score[:1], rtol=1e-3)
+    assert not torch.allclose(authors(x[:1]).pred_score, authors(x).pred_score[:1], rtol=1e-3)
 
 
 def calibration_detector(normalization: str) -> Detector:
     """A random UNet and backbone scoring combined maps (no smoothing), batches of 3."""
     cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
                        scoring=ScoringConfig(mode="combined", sigma=0, normalization=normalization),
-                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0, batch_size=3)
+                       backbone="mobilenet_v2", crop=1.0)
     torch.manual_seed(0)
-    return Detector(random_unet(), cfg, extractor=create_backbone("mobilenet_v2", (2, 3), weights="random"))
+    return Detector(random_unet(), cfg, extractor=create_backbone("mobilenet_v2", (2, 3), weights="random"),
+                    runtime=RuntimeConfig(batch_size=3))
 
 
 def test_calibration_sets_eq9_maxima_from_good_images():
@@ -79,10 +80,11 @@ def test_calibration_sets_eq9_maxima_from_good_images():
         assert scale.max_pixel == pytest.approx(max(float(d.max()) for d in d_p), rel=1e-5)
         assert scale.max_feature == pytest.approx(max(float(d.max()) for d in d_f), rel=1e-5)
     res = det(x[5:6])
-    expected = 1.0 * scale.max_feature / scale.max_pixel * res.pixel_distance + res.feature_distance
+    d_p, d_f = res.extras["pixel_distance"], res.extras["feature_distance"]
+    expected = 1.0 * scale.max_feature / scale.max_pixel * d_p + d_f
     assert torch.allclose(res.anomaly_map, expected, rtol=1e-5, atol=1e-6)
     # per-image normalisation would stretch this image's own D_p to its own D_f peak: a different map
-    per_image = combine(res.pixel_distance, res.feature_distance, 1.0, "image")
+    per_image = combine(d_p, d_f, 1.0, "image")
     assert not torch.allclose(per_image, expected, rtol=1e-3)
 
 
@@ -102,8 +104,8 @@ def test_positional_calibration_takes_per_pixel_means_of_good_images():
         assert torch.allclose(scale.mean_feature, d_f.mean(0, keepdim=True).clamp(min=0.1 * float(d_f.mean())),
                               rtol=1e-5, atol=1e-7)
     res = det(x[5:6])
-    expected = (scale.max_feature / scale.max_pixel * res.pixel_distance / scale.mean_pixel
-                + res.feature_distance / scale.mean_feature)
+    expected = (scale.max_feature / scale.max_pixel * res.extras["pixel_distance"] / scale.mean_pixel
+                + res.extras["feature_distance"] / scale.mean_feature)
     assert torch.allclose(res.anomaly_map, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -129,7 +131,7 @@ def test_defect_gets_the_highest_score(mode, feature_size):
     mask[20:25, 6:11] = True
     cfg = DetectConfig(sampler=SamplerConfig(250, 25, w=0, eta=0),
                        scoring=ScoringConfig(mode=mode, sigma=1, feature_size=feature_size),
-                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
+                       backbone="mobilenet_v2", crop=1.0)
     torch.manual_seed(0)
     extractor = create_backbone("mobilenet_v2", (2, 3), weights="random") if mode != "pixel" else None
     det = Detector(UNet(UNetConfig.tiny(32)), cfg, extractor=extractor)
@@ -138,25 +140,32 @@ def test_defect_gets_the_highest_score(mode, feature_size):
         det.calibrate(clean + 0.02 * torch.randn(4, 3, 32, 32, generator=g))
     res = det(defective)
     if feature_size is not None:  # the backbone saw 96 px images; D_f is back at 32 px and differs
-        assert res.feature_distance.shape == (1, 1, 32, 32)
+        assert res.extras["feature_distance"].shape == (1, 1, 32, 32)
         plain = Detector(det.unet, DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(mode=mode, sigma=1)}),
                          extractor=extractor, score_scale=det.score_scale)
-        assert not torch.allclose(plain.score(defective, res.reconstruction).feature_distance, res.feature_distance)
+        assert not torch.allclose(plain.score(defective, res.reconstruction).extras["feature_distance"],
+                                  res.extras["feature_distance"])
     assert torch.allclose(res.reconstruction, clean, atol=1e-4)
     amap = res.anomaly_map[0, 0]
     peak = divmod(int(amap.argmax()), 32)
     assert mask[peak], f"map peak {peak} is outside the defect"
     good = det(clean)
-    assert res.score.item() > good.score.item()
+    assert res.pred_score.item() > good.pred_score.item()
 
 
 def test_pixel_only_needs_no_backbone(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("no backbone should be built")
 
-    monkeypatch.setattr("ddad.detection.create_backbone", boom)
-    det = Detector(random_unet(), DetectConfig(sampler=SamplerConfig(50, 25), scoring=ScoringConfig(mode="pixel")))
-    assert det.extractor is None and det(mixed_batch()[:2]).feature_distance is None
+    monkeypatch.setattr("ddad.methods.ddad.extractors.create_backbone", boom)
+    from ddad.methods.ddad.extractors import load_extractor
+
+    pixel = DetectConfig(sampler=SamplerConfig(50, 25), scoring=ScoringConfig(mode="pixel"))
+    assert load_extractor(None, pixel, None, None) == (None, None)
+    det = Detector(random_unet(), pixel)
+    assert det.extractor is None and det(mixed_batch()[:2]).extras["feature_distance"] is None
+    with pytest.raises(ValueError, match="needs a feature extractor"):
+        Detector(random_unet(), DetectConfig(sampler=SamplerConfig(50, 25)))
 
 
 def test_missing_weights_name_the_file(tmp_path, monkeypatch):
@@ -193,13 +202,27 @@ def test_speed_options_keep_the_scores(option):
     score beyond float noise; bf16 autocast stays within 2%."""
     cfg = DetectConfig(sampler=SamplerConfig(100, 25, w=2, eta=1),
                        scoring=ScoringConfig(mode="combined", sigma=1, normalization="image"),
-                       backbone="mobilenet_v2", backbone_weights="random", crop=1.0)
+                       backbone="mobilenet_v2", crop=1.0)
     x = mixed_batch()[:4]
-    ref = Detector(random_unet(), cfg)(x)
-    change = {"channels_last": {"channels_last": True}, "bf16": {"precision": "bf16"},
+
+    def extractor():
+        return create_backbone("mobilenet_v2", (2, 3), weights="random")
+
+    ref = Detector(random_unet(), cfg, extractor=extractor())(x)
+    change = {"channels_last": {"channels_last": True}, "bf16": {},
               "micro_batch": {"micro_batch": 3}, "compile": {"compile": True},
               "compile_channels_last": {"compile": True, "channels_last": True, "micro_batch": 1}}[option]
-    fast = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, **change}))(x)
+    algorithm = DetectConfig(**{**cfg.__dict__, "precision": "bf16"}) if option == "bf16" else cfg
+    fast = Detector(random_unet(), algorithm, extractor=extractor(), runtime=RuntimeConfig(**change))(x)
     tol = 2e-2 if option == "bf16" else 1e-4
-    assert torch.allclose(fast.score, ref.score, rtol=tol)
+    assert torch.allclose(fast.pred_score, ref.pred_score, rtol=tol)
     assert torch.allclose(fast.reconstruction, ref.reconstruction, atol=0.1 if option == "bf16" else 1e-3)
+
+
+@pytest.mark.parametrize("name,channels", [("mobilenet_v2", [24, 32, 96, 320]), ("resnet18", [64, 128, 256, 512]),
+                                           ("wide_resnet50_2", [256, 512, 1024, 2048])])
+def test_feature_info_gives_each_stage_channels_and_stride(name, channels):
+    ext = create_backbone(name, (1, 2, 3, 4), weights="random")
+    assert ext.feature_info == [{"stage": i + 1, "channels": c, "stride": 4 * 2 ** i} for i, c in enumerate(channels)]
+    feats = ext(torch.zeros(1, 3, 96, 96))
+    assert [f.shape[1] for f in feats] == channels and [96 // f.shape[-1] for f in feats] == [4, 8, 16, 32]

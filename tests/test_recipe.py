@@ -7,12 +7,18 @@ import dataclasses
 import pytest
 import torch
 
-import ddad.training as training
+import ddad.engine.trainer as training
 from ddad.checkpoint import Checkpoint
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ddad.diffusion.unet import UNet
 from ddad.runs import RunDir
-from ddad.training import TrainConfig, ema_update, timestep_weights, train
+import ddad.diffusion.objective as objective
+from ddad.diffusion.objective import timestep_weights
+from ddad.engine.recipe import TrainConfig, ema_update
+from ddad.methods.ddad.loading import load_unet
+from ddad.runs import WeightsConfig
+
+from .test_training import train
 
 from .test_training import images, tiny_config
 
@@ -26,13 +32,13 @@ def _run(tmp_path, name, **train_kw):
 
 def test_restricted_timesteps_are_never_exceeded(tmp_path, monkeypatch):
     seen = []
-    real = training.ddpm_loss
+    real = objective.ddpm_loss
 
     def spy(model, x0, t, noise, table, reduction="sum", weights=None):
         seen.append(t.clone())
         return real(model, x0, t, noise, table, reduction, weights)
 
-    monkeypatch.setattr(training, "ddpm_loss", spy)
+    monkeypatch.setattr(objective, "ddpm_loss", spy)
     run, cfg = _run(tmp_path, "r", epochs=6, max_timestep=7)
     train(run, cfg, images(12), progress=False)
     t = torch.cat(seen)
@@ -45,18 +51,19 @@ def test_restricted_timesteps_are_never_exceeded(tmp_path, monkeypatch):
 
 
 def test_detection_refuses_a_start_step_above_the_trained_range(tmp_path):
-    from ddad.detection import DetectConfig
+    from ddad import DetectConfig
     from ddad.diffusion.sampler import SamplerConfig
-    from ddad.evaluation import load_detector
+    from ddad import load_detector
     from ddad.scoring import ScoringConfig
 
     run, cfg = _run(tmp_path, "r", epochs=1, max_timestep=100)
     train(run, cfg, images(4), progress=False)
     pixel = ScoringConfig(mode="pixel", sigma=1.0)
     with pytest.raises(ValueError, match=r"T' = 250 is above .*max_timestep = 100"):
-        load_detector(run, DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel))
-    load_detector(run, DetectConfig(sampler=SamplerConfig(100, 25), scoring=pixel))  # inside: fine
-    detector, _ = load_detector(run, DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel, force_timestep=True))
+        load_detector(run, cfg.replace(detect=DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel)))
+    load_detector(run, cfg.replace(detect=DetectConfig(sampler=SamplerConfig(100, 25), scoring=pixel)))  # fine
+    detector, _ = load_detector(run, cfg.replace(detect=DetectConfig(sampler=SamplerConfig(250, 25), scoring=pixel,
+                                                                     force_timestep=True)))
     assert detector.reconstruct(images(1)).shape == (1, 1, 16, 16)
 
 
@@ -68,8 +75,9 @@ def test_ema_weights_differ_from_raw_and_equal_them_with_decay_zero(tmp_path):
     assert raw.keys() == ema.keys()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     # detection takes the EMA weights unless asked for the raw ones
-    assert torch.equal(run.load_unet().state_dict()["out.2.weight"], ema["out.2.weight"])
-    assert torch.equal(run.load_unet(weights="raw").state_dict()["out.2.weight"], raw["out.2.weight"])
+    assert torch.equal(load_unet(run, cfg.model, "cpu", WeightsConfig()).state_dict()["out.2.weight"], ema["out.2.weight"])
+    assert torch.equal(load_unet(run, cfg.model, "cpu", WeightsConfig(average="raw")).state_dict()["out.2.weight"],
+                       raw["out.2.weight"])
 
     # decay 0: the average is the current weights, exactly
     a, b = UNet(cfg.model), UNet(cfg.model)

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from ddad.checkpoint import Checkpoint, save_checkpoint
-from ddad.config import RunConfig
+from ddad import RunConfig
 from ddad.data.formats import DataConfig
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ddad.diffusion.unet import UNet, UNetConfig
 from ddad.runs import RunDir
-from ddad.training import TrainConfig, ddpm_loss, make_optimizer, train
+from ddad.diffusion.objective import ddpm_loss
+from ddad.engine.recipe import TrainConfig, make_optimizer
+from ddad.methods.ddad import DDAD
+
+train = DDAD().fit  # the engine's loop with DDAD's UNet and DDPM objective
 
 
 def tiny_config(epochs=4, every=2, dropout=0.0, **train):

@@ -1,6 +1,8 @@
-"""The Python API: the same operations as the ``ddad`` command, one function each.
+"""The Python API: the same operations as the ``ddad`` command, one function each, for any method.
 
-    from ddad import RunConfig, train_run, test_run, predict, RunDir
+    from ddad import DDADConfig, train_run, test_run, predict, load_config
+    config = load_config("runs/washer")                       # the run's settings, typed by its method
+    metrics = test_run("runs/washer", with_detection(config, w=5))   # another w, same run
 """
 
 from __future__ import annotations
@@ -8,121 +10,120 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Sequence
 
+from .backbones import WeightsNotFound, resolve_weights
 from .checkpoint import atomic_write_text
-from .config import ConfigError, RunConfig
-from .data.dataset import ImageSet
+from .config import ConfigError, RunSettings
 from .data.formats import DataConfig, build_index
-from .training import TrainResult, train
+from .data.splits import load_train_images
+from .data.synth import SynthConfig, generate
+from .diffusion.sampler import SamplerConfig
+from .diffusion.unet import UNetConfig
+from .engine import predicting, testing
+from .engine.recipe import TrainConfig
+from .engine.trainer import TrainResult
+from .methods import get_method, load_run_config
+from .methods.ddad.adaptation import adapt
+from .methods.ddad.loading import load_detector as load_ddad_detector
+from .methods.ddad.settings import DDADConfig, DetectConfig
+from .report import write_report
+from .results import TestMetrics
 from .runs import RunDir
+from .runtime import RuntimeConfig
+from .scoring import ScoringConfig
 
 
-def train_run(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True,
+def load_config(run_dir: Path | str | RunDir) -> RunSettings:
+    """The run's settings (config.yaml, as any version wrote it), typed by its method."""
+    return load_run_config(_run(run_dir).require())
+
+
+def with_detection(config: Any, **changes: Any) -> Any:
+    """``config`` with detection settings replaced by name (e.g. ``w=5``, ``mode="pixel"``, ``batch_size=4``)."""
+    return get_method(config.method).with_detection(config, **changes)
+
+
+def _run(run_dir: Path | str | RunDir) -> RunDir:
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+
+
+def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: bool = True,
               on_step=None) -> TrainResult:
-    """Train ``config`` into ``run_dir`` (created), or continue it with ``resume``."""
+    """Train ``config`` (any method's settings) into ``run_dir`` (created), or continue it with ``resume``."""
     run = RunDir(run_dir)
+    method = get_method(config.method)
     if resume:
-        stored = run.load_config()
+        stored = load_config(run)
         if replace(stored, train=config.train) != config:
             raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
     elif run.latest_checkpoint() is not None:
         raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "
                           f"or choose another --run-dir")
     index = build_index(config.data)
+    method.check_training_set(config, index)
     print(index.describe())
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
-    images = load_train_images(run, config, index, progress)
-    return train(run, config, images, resume=resume, progress=progress, on_step=on_step)
+    # Several categories: uint8 in memory (a quarter of float32's; all of VisA at 256 px is ~7 GB as float).
+    images = load_train_images(config.data, index, progress, run.log, uint8=len(index.categories) > 1)
+    return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step)
+
+
+def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None, save_images: bool = True,
+             progress: bool = True, cache: bool = True) -> TestMetrics:
+    """Evaluate the run on its test split with ``config`` (default: the run's settings)."""
+    run = _run(run_dir).require()
+    config = config or load_config(run)
+    loaded = get_method(config.method).load(run, config, progress)
+    return testing.test_run(run, loaded, out_dir, save_images, progress, cache)
+
+
+def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: Path, threshold: float | None = None,
+            config: Any = None, save_images: bool = True, progress: bool = True) -> list[dict]:
+    """Score unlabelled images; writes OUT/scores.csv and heatmap PNGs. Returns one dict per image."""
+    run = _run(run_dir).require()
+    config = config or load_config(run)
+    loaded = get_method(config.method).load(run, config, progress)
+    return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress)
+
+
+def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None) -> Path:
+    """Write the run's networks as ONNX graphs (default RUN_DIR/export)."""
+    run = _run(run_dir).require()
+    config = config or load_config(run)
+    return get_method(config.method).export(run, config, out_dir)
+
+
+def load_detector(run_dir: Path | str | RunDir, config: DDADConfig | None = None, calibrate: bool = True,
+                  progress: bool = True):
+    """A DDAD run's own :class:`ddad.methods.ddad.detector.Detector` (and its settings), for scripts."""
+    run = _run(run_dir).require()
+    config = config or load_config(run)
+    detector, _ = load_ddad_detector(run, config, calibrate, progress)
+    return detector, config
 
 
 def adapt_run(run_dir: Path | str, overrides: dict | None = None, resume: bool = True, progress: bool = True,
               on_step=None) -> list[dict]:
-    """Domain-adapt the run's feature extractor (Eq. 10) on its training images.
+    """Domain-adapt a DDAD run's feature extractor (Eq. 10) on its training images.
 
     ``overrides`` replaces fields of the run's ``adapt`` section (stored back into config.yaml)."""
-    from .adaptation import AdaptConfig, adapt
-
     run = RunDir(run_dir).require()
-    config = run.load_config()
+    config = load_config(run)
     if overrides:
-        merged = {**config.adapt.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-        config = replace(config, adapt=AdaptConfig(**{**merged, "layers": tuple(merged["layers"])}))
+        config = replace(config, adapt=replace(config.adapt, **{k: v for k, v in overrides.items() if v is not None}))
         run.save_config(config)
-    images = load_train_images(run, config, build_index(config.data), progress)
+    images = load_train_images(config.data, None, progress, run.log)
     return adapt(run, config, images, resume=resume, progress=progress, on_step=on_step)
 
 
-def load_train_images(run: RunDir, config: RunConfig, index=None, progress: bool = True):
-    """The defect-free training images as one (N, C, H, W) tensor (unreadable files skipped and logged
-    when ``skip_bad_files`` is set)."""
-    index = index or build_index(config.data)
-    train_set = ImageSet(index.train, config.data.image_size, config.data.channels)
-    if config.data.skip_bad_files:
-        report_skipped(run, train_set.drop_unreadable(), "training")
-    return train_set.stack(progress=progress)
-
-
-def report_skipped(run: RunDir, skipped: list, split: str) -> None:
-    """Warn about and log files skipped by ``skip_bad_files``."""
-    if not skipped:
-        return
-    print(f"warning: skipped {len(skipped)} unreadable {split} file(s) (skip_bad_files):")
-    for sample, reason in skipped:
-        print(f"  {reason}")
-    run.log(f"skipped {len(skipped)} unreadable {split} file(s): " + "; ".join(r for _, r in skipped))
-
-
-def import_official(checkpoint: Path | str, run_dir: Path | str, config: RunConfig, preset: str = "ddad",
-                    epoch: int = 0) -> Path:
-    """Write a run directory whose model is the authors' published checkpoint (keys 'module.'-prefixed
-    or not), so that ``ddad test`` / ``predict`` evaluate it. The UNet shape comes from ``preset``."""
-    import torch
-
-    from .checkpoint import save_checkpoint
-    from .diffusion.unet import UNet, UNetConfig, load_official_state_dict
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read {checkpoint} as a torch state_dict: {exc}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    # The authors trained with the paper's recipe (every timestep, so any T' is in range).
-    config = config.with_recipe("paper", seed=config.train.seed, device=config.train.device)
-    config = replace(config, model=UNetConfig.preset(preset, config.data.image_size, config.data.channels))
-    model = UNet(config.model)
-    load_official_state_dict(model, state)
-    run = RunDir(run_dir)
-    if run.latest_checkpoint() is not None:
-        raise ConfigError(f"run directory {run.root} already holds checkpoints")
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.save_config(config)
-    path = run.checkpoint_path(epoch)
-    save_checkpoint(path, {"model": model}, {"epoch": epoch, "step": 0, "config": config.to_dict(),
-                                             "imported_from": str(checkpoint)})
-    run.log(f"imported official checkpoint {checkpoint}")
-    return path
-
-
-def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: bool = True) -> tuple[dict, Path]:
+def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: bool = True) -> tuple[TestMetrics, Path]:
     """The built-in example: synthetic data -> tiny UNet at 32 x 32 -> test with images and metrics.
 
     Scores combine pixel and MobileNetV2 features when torchvision's mobilenet_v2 weights are found
     offline, else pixel-only (stated in metrics.json)."""
-    from .backbones import WeightsNotFound, resolve_weights
-    from .data.synth import SynthConfig, generate
-    from .detection import DetectConfig
-    from .diffusion.sampler import SamplerConfig
-    from .diffusion.unet import UNetConfig
-    from .evaluation import test_run
-    from .scoring import ScoringConfig
-    from .training import TrainConfig
-
     out = Path(out)
     data_root = out / "data"
     if not (data_root / category).is_dir():
@@ -134,17 +135,17 @@ def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: 
         print("mobilenet_v2 weights not found offline: scoring pixel-only")
         scoring = ScoringConfig(mode="pixel", sigma=1.0)
     size = 32
-    config = RunConfig(
-        data=DataConfig(dataset="mvtec", root=str(data_root), category=category, image_size=size, channels=3),
+    config = DDADConfig(
+        data=DataConfig(dataset="mvtec", root=str(data_root.resolve()), category=category, image_size=size,
+                        channels=3),
         model=UNetConfig.tiny(size, 3),
         train=TrainConfig(epochs=epochs, batch_size=16, checkpoint_every=max(1, epochs // 4)),
         detect=DetectConfig(sampler=SamplerConfig(start_step=250, skip=25, w=3.0, eta=1.0), scoring=scoring,
-                            backbone="mobilenet_v2", crop=1.0, batch_size=16),
+                            backbone="mobilenet_v2", crop=1.0),
+        runtime=RuntimeConfig(batch_size=16),
     )
     run = RunDir(out / "run")
     train_run(config, run.root, resume=run.latest_checkpoint() is not None, progress=progress)
     metrics = test_run(run, progress=progress)
-    from .report import write_report
-
     write_report(run)
     return metrics, run.root

@@ -2,7 +2,7 @@
 
 One factory, :func:`create_backbone`, builds a torchvision network cut into numbered stages
 (1 = stride 4, 2 = stride 8, 3 = stride 16, 4 = stride 32) and keeps only the stages it is asked for,
-so no deeper stage is ever computed. Inputs are images in [-1, 1] with 1 or 3 channels; the
+so no deeper stage is ever computed; ``feature_info`` gives each stage's channels and stride. Inputs are images in [-1, 1] with 1 or 3 channels; the
 extractor applies ImageNet normalisation itself.
 
 Weights never download silently. They come from, in order: an explicit file path; torchvision's own
@@ -126,6 +126,23 @@ class FeatureExtractor(nn.Module):
         self.stages = nn.ModuleList(stages[: max(self.layers)])
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Each built stage's number, channels and stride (as timm's ``feature_info``), measured once with a
+        dummy forward pass."""
+        if not hasattr(self, "_feature_info"):
+            size = 64
+            info, h = [], self.normalise(torch.zeros(1, 3, size, size, device=self.mean.device))
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                for i, stage in enumerate(self.stages, start=1):
+                    h = stage(h)
+                    info.append({"stage": i, "channels": int(h.shape[1]), "stride": size // int(h.shape[-1])})
+            self.train(was_training)
+            self._feature_info = info
+        return self._feature_info
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:

@@ -1,26 +1,22 @@
-"""Typed settings of a run, and their YAML form.
+"""Typed settings and their YAML form: the generic machinery, owned by no method.
 
-A run is described by one :class:`RunConfig` made of small frozen dataclasses, each owned by the
-module that uses it (data, UNet, schedule, training, detection). Functions receive only the piece
-they need; nothing reads a global configuration.
+A run is described by one frozen dataclass made of small frozen dataclasses, each owned by the module
+that uses it (data, UNet, schedule, training, detection); a method's run settings derive from
+:class:`RunSettings`. Functions receive only the piece they need; nothing reads a global configuration.
+This module imports no other module of the package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
-from .adaptation import AdaptConfig
-from .data.formats import DataConfig
-from .detection import DetectConfig
-from .diffusion.schedule import ScheduleConfig
-from .diffusion.unet import UNetConfig
-from .training import TrainConfig
+S = TypeVar("S", bound="RunSettings")
 
 
 class ConfigError(ValueError):
@@ -78,18 +74,23 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: UNetConfig = field(default_factory=UNetConfig.ddad)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    detect: DetectConfig = field(default_factory=DetectConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+class RunSettings:
+    """Mixin for a method's run settings (a frozen dataclass of sections): dict and YAML round trips,
+    errors that name the file, and :meth:`upgrade` for mappings written by earlier versions."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
-        return dataclass_from_dict(cls, _upgrade(data))
+    def upgrade(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A mapping written by an earlier version, in today's layout (override per method)."""
+        return data
+
+    @classmethod
+    def upgrade_stored(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A run directory's config.yaml in today's layout, where stored runs need more than :meth:`upgrade`."""
+        return data
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
+        return dataclass_from_dict(cls, cls.upgrade(data))
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -98,37 +99,62 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> "RunConfig":
+    def from_yaml(cls: type[S], path: Path | str) -> S:
         return cls.from_mapping(read_yaml_mapping(path), path)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: Path | str) -> "RunConfig":
+    def from_mapping(cls: type[S], data: Mapping[str, Any], source: Path | str) -> S:
         """:meth:`from_dict` with errors prefixed by ``source`` (the file the mapping came from)."""
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    def replace(self, **sections: Any) -> "RunConfig":
+    def replace(self: S, **sections: Any) -> S:
         return dataclasses.replace(self, **sections)
 
-    def with_recipe(self, name: str, **train_overrides: Any) -> "RunConfig":
-        """This config trained with recipe ``name`` (:data:`ddad.training.RECIPES`). The paper's recipe
-        also adapts the extractor as the authors' code does, with BatchNorm statistics following the data."""
-        return self.replace(train=TrainConfig.recipe(name, **train_overrides),
-                            adapt=dataclasses.replace(self.adapt, train_batchnorm=name == "paper"))
+
+def override(settings: Any, changes: Mapping[str, Any], within: tuple[str, ...] | None = None) -> Any:
+    """``settings`` (a dataclass) with fields replaced wherever they are in its tree of dataclasses (only
+    under its top-level fields ``within``, if given), found by name; None values are ignored. A name that
+    no field has, or that two fields share, is an error."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    owners: dict[str, list[str]] = {}
+
+    def visit(obj: Any, path: str, top: bool) -> None:
+        for f in dataclasses.fields(obj):
+            if top and within is not None and f.name not in within:
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                visit(value, f"{path}{f.name}.", False)
+            elif not top or within is None:
+                owners.setdefault(f.name, []).append(path + f.name)
+
+    visit(settings, "", True)
+    for name in changes:
+        if name not in owners:
+            raise ConfigError(f"no setting named {name!r} in {type(settings).__name__}")
+        if len(owners[name]) > 1:
+            raise ConfigError(f"{name!r} is ambiguous in {type(settings).__name__}: {', '.join(owners[name])}")
+
+    def rebuild(obj: Any, top: bool) -> Any:
+        updates = {}
+        for f in dataclasses.fields(obj):
+            if top and within is not None and f.name not in within:
+                continue
+            value = getattr(obj, f.name)
+            if f.name in changes and not dataclasses.is_dataclass(value):
+                updates[f.name] = changes[f.name]
+            elif dataclasses.is_dataclass(value):
+                updates[f.name] = rebuild(value, False)
+        return dataclasses.replace(obj, **updates)
+
+    return rebuild(settings, True)
 
 
-def _upgrade(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Configs written by earlier versions: ``detect.scoring.normalize_over_batch`` (a bool) became
-    ``normalization``; such a run keeps the normalisation it was evaluated with."""
-    scoring = (data.get("detect") or {}).get("scoring") if isinstance(data.get("detect"), Mapping) else None
-    if not isinstance(scoring, Mapping) or "normalize_over_batch" not in scoring:
-        return data
-    scoring = dict(scoring)
-    over_batch = scoring.pop("normalize_over_batch")
-    scoring.setdefault("normalization", "batch" if over_batch else "image")
-    return {**data, "detect": {**data["detect"], "scoring": scoring}}
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def read_yaml_mapping(path: Path | str) -> dict:
@@ -145,10 +171,10 @@ def read_yaml_mapping(path: Path | str) -> dict:
     return data
 
 
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
-    """Recursive dict merge: ``override`` wins."""
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+    """Recursive dict merge: ``top`` wins."""
     out = dict(base)
-    for k, v in override.items():
+    for k, v in top.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = merge(out[k], v)
         else:

@@ -9,6 +9,8 @@
   positive rate over all good pixels. The curve is traced through *every* distinct score value
   (not 200 sampled thresholds), integrated with the trapezoid rule up to FPR 0.3 and divided by 0.3,
   so a perfect map scores 1.
+
+:func:`evaluate` computes all three for a set of test images (the ``ddad test`` figures).
 """
 
 from __future__ import annotations
@@ -138,3 +140,42 @@ def f1_optimal_threshold(scores, labels) -> float | None:
     recall = tp[ends] / y.sum()
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return float(s_sorted[ends[int(np.argmax(f1))]])
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(bool)
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    ends = np.flatnonzero(np.append(s[1:] != s[:-1], True))
+    tpr = np.concatenate([[0.0], tp[ends] / max(y.sum(), 1)])
+    fpr = np.concatenate([[0.0], fp[ends] / max((~y).sum(), 1)])
+    return fpr, tpr
+
+
+def thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list, list]:
+    if len(x) <= n:
+        return [float(v) for v in x], [float(v) for v in y]
+    idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+    return [float(v) for v in x[idx]], [float(v) for v in y[idx]]
+
+
+PRO_LIMIT = 0.3
+
+
+def evaluate(scores, labels, maps, masks, has_masks: bool = True, curves: dict | None = None) -> dict:
+    """image AUROC, pixel AUROC and PRO (None where the data cannot give them) of images with ``scores``
+    and ``labels``, anomaly ``maps`` (N, H, W) and ground-truth ``masks`` (N, H, W, bool). If ``curves``
+    is a dict, the PRO curve (thinned to a few hundred points) is stored in it."""
+    maps, masks = _as_numpy(maps), _as_numpy(masks)
+    has_masks = has_masks and bool(masks.any())
+    pro = None
+    if has_masks:
+        curve = pro_curve(maps, masks, PRO_LIMIT)
+        if curve is not None:
+            pro = area_up_to(curve[0], curve[1], PRO_LIMIT) / PRO_LIMIT
+            if curves is not None:
+                xs, ys = thin(*curve)
+                curves["pro"] = {"fpr": xs, "pro": ys}
+    return {"image_auroc": roc_auc(scores, labels), "pixel_auroc": pixel_auroc(maps, masks) if has_masks else None,
+            "pro": pro}

@@ -17,25 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text
+from .metrics import roc_points, thin
+from .results import SplitMetrics, TestMetrics, image_panel_name
 from .runs import RunDir
-
-
-def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order].astype(bool)
-    tp, fp = np.cumsum(y), np.cumsum(~y)
-    ends = np.flatnonzero(np.append(s[1:] != s[:-1], True))
-    tpr = np.concatenate([[0.0], tp[ends] / max(y.sum(), 1)])
-    fpr = np.concatenate([[0.0], fp[ends] / max((~y).sum(), 1)])
-    return fpr, tpr
-
-
-def thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list, list]:
-    if len(x) <= n:
-        return [float(v) for v in x], [float(v) for v in y]
-    idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
-    return [float(v) for v in x[idx]], [float(v) for v in y[idx]]
 
 
 def _svg_curve(xs: list, ys: list, title: str, xlabel: str, ylabel: str, xmax: float = 1.0,
@@ -107,8 +91,44 @@ stroke-dasharray:4 3} .curve{fill:none;stroke:#1f6fb4;stroke-width:2} .good{fill
 .item{margin:10px 0;padding:6px;border-left:5px solid #ccc} .item.fn{border-color:#d62728}
 .item.fp{border-color:#ff9f1c} .item.ok{border-color:#2ca02c} .item img{max-width:100%;image-rendering:pixelated}
 .tag{display:inline-block;font-size:12px;padding:1px 6px;border-radius:3px;color:#fff;margin-right:6px}
-.tag.fn{background:#d62728} .tag.fp{background:#ff9f1c} .tag.ok{background:#2ca02c}
+.settings td{padding:1px 10px;font-size:12px} .tag.fn{background:#d62728} .tag.fp{background:#ff9f1c} .tag.ok{background:#2ca02c}
 """
+
+
+def _flat(tree, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in _flat(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), tree)]
+
+
+def _metrics_table(metrics: TestMetrics) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    def row(name: str, m: SplitMetrics, extra: str = "") -> str:
+        return (f"<tr><th>{html.escape(name)}</th><td>{f(m.image_auroc)}</td><td>{f(m.pixel_auroc)}</td>"
+                f"<td>{f(m.pro)}</td><td>{m.n_images}</td><td>{m.n_defective}</td>{extra}</tr>")
+
+    threshold = metrics.threshold
+    rows = [row("all images", metrics.overall, f"<td>{'n/a' if threshold is None else f'{threshold:.4g}'}</td>")]
+    if len(metrics.categories) > 1:
+        rows += [row(name, m, "<td></td>") for name, m in metrics.categories.items()]
+        rows.append(row("mean of categories", metrics.mean, "<td></td>"))
+    return ("<table class='metrics'><tr><th></th><th>image AUROC</th><th>pixel AUROC</th><th>PRO (FPR ≤ 0.3)</th>"
+            f"<th>images</th><th>defective</th><th>threshold ({html.escape(metrics.threshold_source or 'stored')})"
+            f"</th></tr>{''.join(rows)}</table>")
+
+
+def _outcome(score: float, label: int, threshold: float | None) -> tuple[float, str]:
+    """(badness, kind): missed defects first (furthest below the threshold first), then false alarms
+    (furthest above first), then correct images (closest to the threshold first)."""
+    if threshold is None:
+        return -score, "ok"
+    if label == 1 and score < threshold:
+        return 2e9 + (threshold - score), "fn"
+    if label == 0 and score >= threshold:
+        return 1e9 + (score - threshold), "fp"
+    return -abs(score - threshold), "ok"
 
 
 def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None = None) -> Path:
@@ -118,72 +138,59 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
     metrics_path = test_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: run `ddad test {run.root}` first")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = TestMetrics.load(metrics_path)
     rows = list(csv.DictReader(open(test_dir / "scores.csv", newline="")))
     curves = json.loads((test_dir / "curves.json").read_text()) if (test_dir / "curves.json").is_file() else {}
     scores = np.array([float(r["score"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
-    threshold = metrics.get("threshold")
+    threshold = metrics.threshold
+    categories = list(dict.fromkeys(r.get("category", "") for r in rows))
+    several = len(categories) > 1
 
     def f(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
-    detect = metrics.get("detect", {})
-    sampler, scoring = detect.get("sampler", {}), detect.get("scoring", {})
-    table = ("<table class='metrics'><tr><th>image AUROC</th><th>pixel AUROC</th><th>PRO (FPR ≤ 0.3)</th>"
-             "<th>images</th><th>defective</th><th>threshold (F1-optimal)</th></tr>"
-             f"<tr><td>{f(metrics.get('image_auroc'))}</td><td>{f(metrics.get('pixel_auroc'))}</td>"
-             f"<td>{f(metrics.get('pro'))}</td><td>{metrics.get('n_images')}</td><td>{metrics.get('n_defective')}</td>"
-             f"<td>{'n/a' if threshold is None else f'{threshold:.4g}'}</td></tr></table>")
-    settings = html.escape(
-        f"T'={sampler.get('start_step')}, skip {sampler.get('skip')}, w={sampler.get('w')}, eta={sampler.get('eta')}; "
-        f"scoring {scoring.get('mode')} (v={scoring.get('v')}, sigma={scoring.get('sigma')}); "
-        f"backbone {detect.get('backbone')} ({metrics.get('extractor') or 'none'})")
-
+    settings = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in _flat(metrics.settings) + _flat(metrics.info))
     plots = []
     if labels.min(initial=0) != labels.max(initial=0):
         fpr, tpr = roc_points(scores, labels)
         xs, ys = thin(fpr, tpr)
-        plots.append(_svg_curve(xs, ys, f"Image ROC (AUROC {f(metrics.get('image_auroc'))})", "false positive rate",
+        plots.append(_svg_curve(xs, ys, f"Image ROC (AUROC {f(metrics.overall.image_auroc)})", "false positive rate",
                                 "true positive rate", diagonal=True))
     if curves.get("pro"):
-        plots.append(_svg_curve(curves["pro"]["fpr"], curves["pro"]["pro"], f"PRO curve (PRO {f(metrics.get('pro'))})",
-                                "false positive rate", "per-region overlap", xmax=0.3))
+        plots.append(_svg_curve(curves["pro"]["fpr"], curves["pro"]["pro"],
+                                f"PRO curve (PRO {f(metrics.overall.pro)})", "false positive rate",
+                                "per-region overlap", xmax=0.3))
     plots.append(_svg_histogram(scores[labels == 0], scores[labels == 1], threshold))
 
-    items = []
-    for r, s_, y in zip(rows, scores, labels):
-        if threshold is None:
-            kind, badness = "ok", -s_
-        elif y == 1 and s_ < threshold:
-            kind, badness = "fn", 2e9 + (threshold - s_)
-        elif y == 0 and s_ >= threshold:
-            kind, badness = "fp", 1e9 + (s_ - threshold)
-        else:
-            kind, badness = "ok", -abs(s_ - threshold)
-        items.append((badness, kind, r))
-    items.sort(key=lambda t: -t[0])
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    blocks = []
     names = {"fn": "missed defect", "fp": "false alarm", "ok": "correct"}
-    for _, kind, r in items:
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{r['defect_type']}_{Path(r['image']).stem}")
-        src = test_dir / "images" / f"{stem}.png"
-        img = ""
-        if src.is_file():
-            shutil.copyfile(src, out_dir / "images" / src.name)
-            img = f"<img src='images/{html.escape(src.name)}' alt='{html.escape(r['image'])}' loading='lazy'>"
-        blocks.append(f"<div class='item {kind}'><span class='tag {kind}'>{names[kind]}</span>"
-                      f"<b>{html.escape(r['defect_type'])}</b> {html.escape(Path(r['image']).name)} — score "
-                      f"{float(r['score']):.4g}<br>{img}</div>")
-    n_fn = sum(k == "fn" for _, k, _ in items)
-    n_fp = sum(k == "fp" for _, k, _ in items)
+    sections, counts = [], {"fn": 0, "fp": 0}
+    for category in categories:
+        items = sorted(((*_outcome(s_, y, threshold), r) for r, s_, y in zip(rows, scores, labels)
+                        if r.get("category", "") == category), key=lambda t: -t[0])
+        blocks = []
+        for _, kind, r in items:
+            counts[kind] = counts.get(kind, 0) + 1
+            src = test_dir / "images" / (image_panel_name(category if several else "", r["defect_type"], r["image"])
+                                         + ".png")
+            img = ""
+            if src.is_file():
+                shutil.copyfile(src, out_dir / "images" / src.name)
+                img = f"<img src='images/{html.escape(src.name)}' alt='{html.escape(r['image'])}' loading='lazy'>"
+            blocks.append(f"<div class='item {kind}'><span class='tag {kind}'>{names[kind]}</span>"
+                          f"<b>{html.escape(r['defect_type'])}</b> {html.escape(Path(r['image']).name)} — score "
+                          f"{float(r['score']):.4g}<br>{img}</div>")
+        heading = f"<h3>{html.escape(category)}</h3>" if several else ""
+        sections.append(heading + "".join(blocks))
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddad report — "
-            f"{html.escape(str(metrics.get('dataset')))}</title><style>{_CSS}</style></head><body>"
-            f"<h1>ddad report — {html.escape(str(metrics.get('dataset')))}</h1>"
-            f"<div class='sub'>run {html.escape(str(run.root))} · {settings}</div>{table}"
+            f"{html.escape(metrics.dataset)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>ddad report — {html.escape(metrics.dataset)}</h1>"
+            f"<div class='sub'>run {html.escape(str(run.root))}</div>{_metrics_table(metrics)}"
+            f"<details><summary>settings</summary><table class='settings'>{settings}</table></details>"
             f"<h2>Curves</h2><div class='plots'>{''.join(plots)}</div>"
-            f"<h2>Test images ({n_fn} missed defects, {n_fp} false alarms at the threshold; worst first)</h2>"
-            f"{''.join(blocks)}</body></html>")
+            f"<h2>Test images ({counts['fn']} missed defects, {counts['fp']} false alarms at the threshold; worst "
+            f"first{', by category' if several else ''})</h2>{''.join(sections)}</body></html>")
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"

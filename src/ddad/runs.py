@@ -1,6 +1,6 @@
 """The run directory: one folder per trained model.
 
-    RUN_DIR/config.yaml                    the full RunConfig
+    RUN_DIR/config.yaml                    the run's settings (``method:`` names the method that reads them)
     RUN_DIR/dataset.json                   dataset statistics at training time
     RUN_DIR/train.log                      one line per epoch and per event
     RUN_DIR/checkpoints/epoch-NNNNN.safetensors   weights (+ EMA) + optimizer state (resumable)
@@ -13,15 +13,31 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import torch
-
-from .checkpoint import Checkpoint, atomic_write_text
-from .config import RunConfig, read_yaml_mapping
-from .diffusion.unet import UNet
+from .checkpoint import atomic_write_text
+from .config import read_yaml_mapping
 
 _EPOCH_RE = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.safetensors$")
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Which weights of a run detection uses (with the detection settings, they make the calibration key)."""
+
+    checkpoint: str | None = None  # a file name in checkpoints/ or a path; None: the latest
+    average: str = "ema"  # ema: the moving average of the weights where training kept one | raw
+    backbone_weights: str | None = None  # the pretrained backbone's file or folder, or "random"; None: torch cache
+
+    def __post_init__(self) -> None:
+        if self.average not in ("ema", "raw"):
+            raise ValueError(f"weights.average must be 'ema' or 'raw', got {self.average!r}")
+
+
+class Settings(Protocol):
+    def to_yaml(self) -> str: ...
 
 
 class RunDir:
@@ -44,6 +60,14 @@ class RunDir:
     def test_dir(self) -> Path:
         return self.root / "test"
 
+    @property
+    def threshold_path(self) -> Path:
+        return self.root / "threshold.json"
+
+    @property
+    def calibration_dir(self) -> Path:
+        return self.root / "calibration"
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 
@@ -54,17 +78,11 @@ class RunDir:
             raise FileNotFoundError(f"{self.root} is not a ddad run directory: {self.config_path} is missing")
         return self
 
-    def load_config(self) -> RunConfig:
-        data = read_yaml_mapping(self.require().config_path)
-        train = data.get("train") or {}
-        if "optimizer" not in train:
-            # Written before ddad had recipes: such runs were trained with the paper's recipe.
-            from .training import RECIPES
+    def read_config(self) -> dict:
+        """The mapping in config.yaml as written (``ddad.methods.load_run_config`` makes it typed)."""
+        return read_yaml_mapping(self.require().config_path)
 
-            data["train"] = {**RECIPES["paper"], **train}
-        return RunConfig.from_mapping(data, self.config_path)
-
-    def save_config(self, config: RunConfig) -> None:
+    def save_config(self, config: Settings) -> None:
         atomic_write_text(self.config_path, config.to_yaml())
 
     def checkpoint_path(self, epoch: int, step: int | None = None) -> Path:
@@ -105,18 +123,3 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-    def load_unet(self, device: torch.device | str = "cpu", checkpoint: Path | None = None,
-                  weights: str = "ema") -> UNet:
-        """The trained denoiser from ``checkpoint`` (default: the latest), in eval mode.
-
-        ``weights="ema"`` takes the exponential moving average of the weights where the run kept one
-        (``train.ema_decay > 0``), else the raw weights; ``"raw"`` always takes the raw weights."""
-        if weights not in ("ema", "raw"):
-            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        config = self.load_config()
-        ckpt = Checkpoint(self.resolve_checkpoint(checkpoint))
-        model = UNet(config.model)
-        prefix = "ema" if weights == "ema" and ckpt.has("ema") else "model"
-        model.load_state_dict(ckpt.state_dict(prefix))
-        return model.to(device).eval().requires_grad_(False)

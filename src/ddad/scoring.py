@@ -25,7 +25,7 @@ Finally the map is smoothed with a Gaussian of sigma 4 (App. 7).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -79,6 +79,12 @@ class ScoringConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def distance_settings(self) -> "ScoringConfig":
+        """These settings as far as D_p and D_f (and so a :class:`ScoreScale`) depend on them: ``mode``, ``v``
+        and ``sigma`` only combine and smooth the distances, so they are reset to their defaults here (a
+        scale calibrated once serves every v and sigma)."""
+        return replace(self, mode=ScoringConfig.mode, v=ScoringConfig.v, sigma=ScoringConfig.sigma)
 
 
 @dataclass(frozen=True)

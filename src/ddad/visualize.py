@@ -44,7 +44,7 @@ def _tile(arr: np.ndarray, size: int) -> Image.Image:
 
 def panel(
     image: torch.Tensor,
-    reconstruction: torch.Tensor,
+    reconstruction: torch.Tensor | None,
     amap: torch.Tensor,
     mask: torch.Tensor | None,
     title: str,
@@ -52,10 +52,11 @@ def panel(
     vmax: float,
     tile: int = 192,
 ) -> Image.Image:
-    """One row: input | reconstruction | heatmap overlay | ground truth (if any), with a title."""
+    """One row: input | reconstruction (for methods that make one) | heatmap overlay | ground truth (if
+    any), with a title."""
     rgb = to_rgb(image)
-    tiles = [("input", rgb), ("reconstruction", to_rgb(reconstruction)),
-             ("anomaly map", heat_overlay(rgb, amap.detach().float().cpu().numpy()[0], vmin, vmax))]
+    tiles = [("input", rgb)] + ([] if reconstruction is None else [("reconstruction", to_rgb(reconstruction))])
+    tiles.append(("anomaly map", heat_overlay(rgb, amap.detach().float().cpu().numpy()[0], vmin, vmax)))
     if mask is not None:
         m = mask.detach().float().cpu().numpy()[0]
         tiles.append(("ground truth", np.repeat(m[..., None], 3, axis=2)))

@@ -24,17 +24,14 @@ DEFECTIVE = 1
 @dataclass(frozen=True)
 class Sample:
     """One image. ``label`` is 0 (good) or 1 (defective); ``mask`` is None where none exists
-    (a good image, or a dataset without pixel annotations)."""
+    (a good image, or a dataset without pixel annotations); ``category`` is the category it belongs to
+    ("" for formats without categories)."""
 
     image: Path
     label: int = GOOD
     defect_type: str = "good"
     mask: Path | None = None
-
-    @property
-    def key(self) -> str:
-        """A stable name for this image, used to seed its sampling noise and to name outputs."""
-        return f"{self.defect_type}/{self.image.stem}"
+    category: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +41,11 @@ class DatasetIndex:
     test: tuple[Sample, ...]
     has_masks: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories of its samples, in order of first appearance."""
+        return list(dict.fromkeys(s.category for s in self.train + self.test))
 
     def statistics(self) -> dict:
         """Counts per split and defect type."""
@@ -126,10 +128,17 @@ class ImageSet(Dataset):
             self._cache = {i: cached[s] for i, s in enumerate(kept) if s in cached}
         return skipped
 
-    def stack(self, progress: bool = False, desc: str = "loading images") -> torch.Tensor:
-        """All images as one (N, C, H, W) tensor."""
+    def stack(self, progress: bool = False, desc: str = "loading images", uint8: bool = False) -> torch.Tensor:
+        """All images as one (N, C, H, W) tensor: float in [-1, 1], or with ``uint8`` quantised to 0..255
+        (a quarter of the memory; the training engine scales such batches back to [-1, 1])."""
         from tqdm.auto import tqdm
 
         indices = range(len(self))
         it = tqdm(indices, desc=desc, unit="img", leave=False) if progress else indices
-        return torch.stack([self.load(i)[0] for i in it])
+        if not uint8:
+            return torch.stack([self.load(i)[0] for i in it])
+        out = torch.empty((len(self), self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        for i in it:  # one image at a time: the float copies are never all in memory
+            out[i] = ((self.load(i)[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            self._cache.pop(i, None)
+        return out

@@ -25,13 +25,17 @@ label is non-empty; training = a seeded ``train_ratio`` of the defect-free image
 folder: ``normal_dir`` (defect-free), optional ``abnormal_dir``, optional ``mask_dir`` (masks matched
 to abnormal images by stem), optional ``normal_test_dir``; without it a seeded ``1 - train_ratio`` of
 the normal images is held out for testing.
+
+Several categories: ``category`` may be a comma-separated list (``bottle,cable``) or ``all`` (every
+category under the root); :func:`build_index` then gives one index over all of them, each sample knowing
+its category. Formats without categories (mtd, kolektorsdd, folder) ignore ``category``.
 """
 
 from __future__ import annotations
 
 import csv
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -300,6 +304,48 @@ FORMATS: dict[str, Callable[[DataConfig], DatasetIndex]] = {
 }
 
 
+CATEGORY_FORMATS = ("mvtec", "mpdd", "visa", "btad")  # formats whose root holds categories
+
+
+def available_categories(config: DataConfig) -> list[str]:
+    """The categories under ``config.root`` (the objects of VisA's split file, where there is one)."""
+    root = Path(config.root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    split_file = root / "split_csv" / "1cls.csv"
+    if config.dataset == "visa" and split_file.is_file():
+        with open(split_file, newline="", encoding="utf-8") as fh:
+            return sorted({r["object"] for r in csv.DictReader(fh)})
+    return [c for c in _categories(root) if c != "split_csv"]
+
+
+def selected_categories(config: DataConfig) -> list[str]:
+    """The categories ``config.category`` names: one, a comma-separated list, or ``all``."""
+    if config.dataset not in CATEGORY_FORMATS:
+        return [""]
+    if config.category.strip() == "all":
+        found = available_categories(config)
+        if not found:
+            raise DatasetError(f"--category all: no categories in {config.root}")
+        return found
+    names = [c.strip() for c in config.category.split(",") if c.strip()]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"category {config.category!r} names a category twice")
+    return names or [config.category]
+
+
 def build_index(config: DataConfig) -> DatasetIndex:
-    """Read the dataset that ``config`` names."""
-    return FORMATS[config.dataset](config)
+    """Read the dataset that ``config`` names: one index over all of its categories."""
+    read = FORMATS[config.dataset]
+    parts = []
+    for category in selected_categories(config):
+        index = read(replace(config, category=category) if category else config)
+        tag = category if category else ""
+        parts.append(DatasetIndex(index.name, tuple(replace(s, category=tag) for s in index.train),
+                                  tuple(replace(s, category=tag) for s in index.test), index.has_masks, index.notes))
+    if len(parts) == 1:
+        return parts[0]
+    root_name = f"{config.dataset}/{','.join(p.train[0].category if p.train else p.name for p in parts)}"
+    return DatasetIndex(name=root_name if len(root_name) < 80 else f"{config.dataset}/{len(parts)} categories",
+                        train=tuple(s for p in parts for s in p.train), test=tuple(s for p in parts for s in p.test),
+                        has_masks=all(p.has_masks for p in parts), notes=tuple(n for p in parts for n in p.notes))

@@ -1,7 +1,9 @@
 """Conditioned denoising: DDAD's reconstruction process (paper Algorithm 1, Eq. 6-7).
 
 The input x is perturbed to timestep T' and denoised with a DDIM update in which the predicted noise
-is corrected toward the target y:
+is corrected toward the target y. The parts are small functions: :func:`ddim_step` (one update),
+:func:`target_guidance` (Eq. 6) and :func:`denoise_loop` (the steps, with an optional per-step hook and
+every step's predicted x0, which inpainting methods use); :func:`conditioned_denoise` is Algorithm 1.
 
     y_t   = sqrt(a_t) y + sqrt(1 - a_t) eps_theta(x_t, t)                         (Alg. 1, line 3)
     eps^  = eps_theta(x_t, t) - w sqrt(1 - a_t) (y_t - x_t)                        (Eq. 6)
@@ -22,7 +24,7 @@ Differences from the authors' code, each deliberate:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -91,6 +93,88 @@ def per_image_noise(seeds: Sequence[int], shape: Sequence[int], draws: int,
     return torch.stack(per_image, dim=1).to(device)
 
 
+@dataclass
+class DDIMStepOutput:
+    prev_sample: torch.Tensor  # x_t' (t' the next, smaller timestep)
+    pred_original_sample: torch.Tensor  # the x0 predicted at this step (Eq. 2)
+
+
+def ddim_step(
+    xt: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor, eta: float,
+    noise: torch.Tensor | None = None,
+) -> DDIMStepOutput:
+    """One DDIM update from x_t to x_t' given the (possibly guided) noise estimate ``eps``:
+
+        f     = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                                   (Eq. 2)
+        x_t'  = sqrt(a_t') f + sqrt(1 - a_t' - sigma_t^2) eps + sigma_t noise           (Eq. 7)
+
+    ``noise`` is None for the deterministic part only (eta = 0, or the last step)."""
+    x0_pred = (xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 2
+    sigma = eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
+    prev = a_next.sqrt() * x0_pred + (1 - a_next - sigma**2).clamp(min=0).sqrt() * eps  # Eq. 7
+    if noise is not None:
+        prev = prev + sigma * noise
+    return DDIMStepOutput(prev, x0_pred)
+
+
+def target_guidance(y: torch.Tensor, w: float) -> "Guidance":
+    """DDAD's conditioning on the target y (Alg. 1 line 3 and Eq. 6) as a guidance function:
+
+        y_t  = sqrt(a_t) y + sqrt(1 - a_t) eps_theta(x_t, t)
+        eps^ = eps_theta(x_t, t) - w sqrt(1 - a_t) (y_t - x_t)"""
+
+    def guide(xt: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        yt = a_t.sqrt() * y + (1 - a_t).sqrt() * eps  # Alg. 1, line 3
+        return eps - w * (1 - a_t).sqrt() * (yt - xt)  # Eq. 6
+
+    return guide
+
+
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, eps, a_t) -> eps^
+# Called after every step with (step index, t, x_t', predicted x0); may return a replacement for x_t'
+# (e.g. known pixels, for inpainting), or None to keep it.
+StepHook = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class DenoiseOutput:
+    sample: torch.Tensor  # the final x_0
+    pred_original_samples: list[torch.Tensor]  # the predicted x0 of every step (when asked for)
+
+
+def denoise_loop(
+    denoiser: Denoiser,
+    xt: torch.Tensor,
+    table: torch.Tensor,
+    steps: Sequence[tuple[int, int]],
+    eta: float,
+    noise: Iterator[torch.Tensor] | None = None,
+    guidance: Guidance | None = None,
+    on_step: StepHook | None = None,
+    keep_x0: bool = False,
+) -> DenoiseOutput:
+    """Apply :func:`ddim_step` over ``steps`` ((t, t_next) pairs, see :func:`denoising_steps`) from ``xt``.
+
+    ``noise`` yields the fresh noise of each stochastic step (eta > 0 and t_next >= 0); ``guidance``
+    corrects each noise estimate before the update; ``on_step`` sees (and may replace) every x_t'."""
+    batch = xt.shape[0]
+    x0s: list[torch.Tensor] = []
+    for i, (t, t_next) in enumerate(steps):
+        a_t, a_next = alpha_bar(table, t), alpha_bar(table, t_next)
+        eps = denoiser(xt, torch.full((batch,), t, device=xt.device, dtype=torch.long)).float()
+        if guidance is not None:
+            eps = guidance(xt, eps, a_t)
+        stochastic = eta > 0 and t_next >= 0
+        out = ddim_step(xt, eps, a_t, a_next, eta, next(noise) if stochastic and noise is not None else None)
+        xt = out.prev_sample
+        if on_step is not None:
+            replaced = on_step(i, t, xt, out.pred_original_sample)
+            xt = xt if replaced is None else replaced
+        if keep_x0:
+            x0s.append(out.pred_original_sample)
+    return DenoiseOutput(xt, x0s)
+
+
 def conditioned_denoise(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -112,21 +196,9 @@ def conditioned_denoise(
     device = x.device
     x, y = x.float(), y.float()
     table = table.to(device=device, dtype=torch.float32)
-    batch = x.shape[0]
     steps = denoising_steps(config)
-    stochastic = [config.eta > 0 and t_next >= 0 for _, t_next in steps]
-    noise = iter(per_image_noise(seeds, x.shape[1:], 1 + sum(stochastic), device))
-
+    stochastic = sum(config.eta > 0 and t_next >= 0 for _, t_next in steps)
+    noise = iter(per_image_noise(seeds, x.shape[1:], 1 + stochastic, device))
     a_start = alpha_bar(table, config.start_step)
     xt = a_start.sqrt() * x + (1 - a_start).sqrt() * next(noise)  # Alg. 1, line 1
-    for (t, t_next), add_noise in zip(steps, stochastic):
-        a_t, a_next = alpha_bar(table, t), alpha_bar(table, t_next)
-        eps = denoiser(xt, torch.full((batch,), t, device=device, dtype=torch.long)).float()
-        yt = a_t.sqrt() * y + (1 - a_t).sqrt() * eps  # Alg. 1, line 3
-        eps_hat = eps - config.w * (1 - a_t).sqrt() * (yt - xt)  # Eq. 6
-        x0_pred = (xt - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()  # Eq. 2
-        sigma = config.eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
-        xt = a_next.sqrt() * x0_pred + (1 - a_next - sigma**2).clamp(min=0).sqrt() * eps_hat  # Eq. 7
-        if add_noise:
-            xt = xt + sigma * next(noise)
-    return xt
+    return denoise_loop(denoiser, xt, table, steps, config.eta, noise, target_guidance(y, config.w)).sample

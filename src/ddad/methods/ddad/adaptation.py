@@ -21,60 +21,21 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .backbones import FeatureExtractor, create_backbone
-from .checkpoint import Checkpoint, save_checkpoint
-from .detection import Detector
-from .diffusion.sampler import SamplerConfig
-from .runtime import autocast, resolve_device
-from .training import check_trained_timestep, epoch_seed
-
-if TYPE_CHECKING:
-    from .config import RunConfig
-    from .runs import RunDir
-
-
-@dataclass(frozen=True)
-class AdaptConfig:
-    epochs: int = 0  # 0: no adaptation (the paper's tables give the per-category count)
-    batch_size: int = 16  # split into halves: inputs x and targets y
-    lr: float = 1e-4
-    weight_decay: float = 0.01  # AdamW's default
-    lambda_dl: float = 0.1  # 0.1 MVTec, 0.01 VisA
-    w: float = 3.0  # w_DA
-    start_step: int = 250  # T'_DA
-    skip: int = 25
-    eta: float = 1.0
-    layers: tuple[int, ...] = (1, 2, 3)  # J
-    # BatchNorm running statistics: frozen at ImageNet's (ddad's default), or following the adaptation
-    # batches as in the authors' code (``--recipe paper``). On MTD and KolektorSDD at 64 px, following them
-    # moved the features far from ImageNet's and lowered every metric; frozen, adaptation helped
-    # (BENCHMARKS.md, "Sample-efficient training").
-    train_batchnorm: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"adapt epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError(f"adapt batch_size must be even and >= 2 (two halves), got {self.batch_size}")
-        if self.lambda_dl < 0:
-            raise ValueError(f"lambda_dl must be >= 0, got {self.lambda_dl}")
-        if not self.layers or min(self.layers) < 1 or max(self.layers) > 4:
-            raise ValueError(f"adapt layers must be within 1..4, got {self.layers}")
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        return SamplerConfig(start_step=self.start_step, skip=self.skip, w=self.w, eta=self.eta)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ...backbones import FeatureExtractor, create_backbone
+from ...checkpoint import Checkpoint, save_checkpoint
+from ...engine.recipe import epoch_seed
+from ...runs import RunDir
+from ...runtime import autocast, resolve_device
+from .detector import Detector
+from .extractors import adapted_checkpoints, adapted_dir
+from .loading import load_unet
+from .settings import DDADConfig, check_trained_timestep
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,55 +75,12 @@ def frozen_copy(extractor: FeatureExtractor) -> FeatureExtractor:
     return copy_
 
 
-def adapted_dir(run: "RunDir"):
-    return run.root / "adapted"
-
-
-def adapted_checkpoints(run: "RunDir") -> list[tuple[int, "object"]]:
-    folder = adapted_dir(run)
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.glob("epoch-*.safetensors"):
-        try:
-            found.append((int(p.stem.split("-")[1]), p))
-        except (IndexError, ValueError):
-            continue
-    return sorted(found)
-
-
-def adapted_checkpoint(run: "RunDir", epoch: int | None = None) -> Path | None:
-    """The file of the run's adapted extractor (latest epoch, or ``epoch``), None when the run has none."""
-    found = dict(adapted_checkpoints(run))
-    if not found:
-        if epoch is not None:
-            raise FileNotFoundError(f"run {run.root} has no adapted extractor (run ddad adapt first)")
-        return None
-    chosen = epoch if epoch is not None else max(found)
-    if chosen not in found:
-        raise FileNotFoundError(f"run {run.root} has no adapted extractor of epoch {chosen}; "
-                                f"available: {sorted(found)}")
-    return found[chosen]
-
-
-def load_adapted_extractor(path: Path, backbone: str, layers: Sequence[int]) -> FeatureExtractor:
-    """The adapted extractor stored in ``path`` (see :func:`adapted_checkpoint`)."""
-    ckpt = Checkpoint(path)
-    if ckpt.info.get("backbone") != backbone:
-        raise ValueError(f"{path} adapts {ckpt.info.get('backbone')!r}, but detection asks for {backbone!r}")
-    ext = create_backbone(backbone, layers, weights="random")
-    state = ckpt.state_dict("extractor")
-    own = ext.state_dict()
-    ext.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-    return ext.eval()
-
-
 StepHook = Callable[[int, int, AdaptLoss], None]
 
 
 def adapt(
-    run: "RunDir",
-    config: "RunConfig",
+    run: RunDir,
+    config: DDADConfig,
     images: torch.Tensor,
     resume: bool = True,
     progress: bool = True,
@@ -177,14 +95,15 @@ def adapt(
     detect = config.detect
     if ac.epochs < 1:
         raise ValueError("adapt.epochs is 0: nothing to do (pass --epochs N)")
-    device = resolve_device(detect.device)
+    device = resolve_device(config.runtime.device)
     # The same conditioned sampler as detection, with the adaptation's T'_DA / w_DA (no extractor needed).
     recon_cfg = replace(detect, sampler=ac.sampler, scoring=replace(detect.scoring, mode="pixel"))
     check_trained_timestep(config.train, ac.sampler.start_step, detect.force_timestep, what="adapt")
-    reconstructor = Detector(run.load_unet(device, detect.checkpoint, detect.weights), recon_cfg, config.schedule,
-                             device=device)
+    reconstructor = Detector(load_unet(run, config.model, device, config.weights), recon_cfg, config.schedule,
+                             runtime=config.runtime, device=device)
     layers = tuple(sorted(set(ac.layers) | set(detect.scoring.feature_layers)))
-    phi = create_backbone(detect.backbone, layers, detect.backbone_weights, detect.allow_download).to(device)
+    phi = create_backbone(detect.backbone, layers, config.weights.backbone_weights,
+                          config.runtime.allow_download).to(device)
     phibar = frozen_copy(phi)
     optimizer = torch.optim.AdamW(phi.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
     start = 0

@@ -1,84 +1,30 @@
 """The DDAD detector: reconstruct (Alg. 1), compare (Eq. 8-9), score.
 
 :class:`Detector` holds the trained UNet, the schedule and (unless scoring is pixel-only) the
-feature extractor, and turns a batch of images into one typed :class:`DetectionResult`. It runs under
-``torch.inference_mode``; the input's features are computed once per image.
+feature extractor, and turns a batch of images into one typed :class:`ddad.results.AnomalyResult`
+(with DDAD's pixel and feature distances D_p, D_f in ``extras``). It runs under ``torch.inference_mode``;
+the input's features are computed once per image. Where its networks come from is the loader's business
+(:mod:`ddad.methods.ddad.loading`); the device is given, never chosen here.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
-from .backbones import BACKBONES, FeatureExtractor, create_backbone
-from .diffusion.sampler import SamplerConfig, conditioned_denoise
-from .diffusion.schedule import ScheduleConfig, alphas_cumprod
-from .diffusion.unet import UNet
-from .runtime import PRECISIONS, autocast
-from .scoring import (ScoreScale, ScoringConfig, anomaly_map, crop, feature_distance, image_scores,
-                      pixel_distance, resize_for_features)
+from ...backbones import FeatureExtractor
+from ...diffusion.sampler import conditioned_denoise
+from ...diffusion.schedule import ScheduleConfig, alphas_cumprod
+from ...diffusion.unet import UNet
+from ...results import AnomalyResult
+from ...runtime import RuntimeConfig, autocast
+from ...scoring import ScoreScale, anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
+from .settings import DetectConfig
 
 
 CPU_CHUNK_PIXELS = 64 * 64 * 16
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    backbone: str = "wide_resnet101_2"
-    backbone_weights: str | None = None  # file path, folder, or "random"; None: torch hub cache
-    allow_download: bool = False
-    crop: float = 0.875  # centre crop of map and mask for evaluation (224 of 256)
-    batch_size: int = 16
-    seed: int = 0
-    precision: str = "fp32"
-    device: str = "auto"
-    adapted: bool = True  # use the run's domain-adapted extractor when it has one
-    adapted_epoch: int | None = None  # which adaptation epoch (None: the last)
-    backend: str = "torch"  # torch | onnxruntime (graphs from `ddad export`)
-    channels_last: bool = False  # NHWC memory layout for the networks
-    compile: bool = False  # torch.compile the UNet and the extractor (the first batch pays the compile time)
-    # Run the UNet on chunks of this many images (0: the whole batch; None: automatic, i.e. on the CPU
-    # chunks of about 64 x 64 x 16 pixels, which stay in cache: at 256 px batch 16 is 1.7x slower per
-    # image than batch 1; on a GPU the whole batch).
-    micro_batch: int | None = None
-    checkpoint: str | None = None  # which checkpoint of the run (a file name in checkpoints/ or a path); None: latest
-    weights: str = "ema"  # ema: the moving average of the weights where training kept one | raw
-    force_timestep: bool = False  # allow a T' above the largest timestep the model was trained on
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if not 0 < self.crop <= 1:
-            raise ValueError(f"crop must be in (0, 1], got {self.crop}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.micro_batch is not None and self.micro_batch < 0:
-            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.weights not in ("ema", "raw"):
-            raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
-        if self.backend not in ("torch", "onnxruntime"):
-            raise ValueError(f"backend must be torch or onnxruntime, got {self.backend!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class DetectionResult:
-    """One batch's output; every tensor is on the CPU, indexed like the input batch."""
-
-    score: torch.Tensor  # (B,) image anomaly score: max of the (cropped) map
-    anomaly_map: torch.Tensor  # (B, 1, H, W) smoothed map, full size
-    reconstruction: torch.Tensor  # (B, C, H, W) x0 in [-1, 1]
-    pixel_distance: torch.Tensor  # (B, 1, H, W) D_p before combination
-    feature_distance: torch.Tensor | None  # (B, 1, H, W) D_f, None for pixel-only scoring
 
 
 def image_seed(image: torch.Tensor, seed: int) -> int:
@@ -96,34 +42,35 @@ class Detector:
         config: DetectConfig,
         schedule: ScheduleConfig = ScheduleConfig(),
         extractor: FeatureExtractor | None = None,
+        runtime: RuntimeConfig = RuntimeConfig(),
         device: torch.device | str = "cpu",
         score_scale: ScoreScale | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.config = config
+        self.runtime = runtime
         # Eq. 9's constants for calibrated or positional normalisation (set by calibrate(), or given).
         self.score_scale = score_scale
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         if isinstance(unet, torch.nn.Module):
             unet = unet.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
-            if config.compile:
+            if runtime.compile:
                 unet = self._compiled(unet)
         self.unet = unet
         self.table = alphas_cumprod(schedule).to(self.device, torch.float32)
         if config.sampler.start_step >= schedule.num_timesteps:
             raise ValueError(f"start_step {config.sampler.start_step} must be below T={schedule.num_timesteps}")
+        self.extractor: FeatureExtractor | None = None
         if config.scoring.uses_features:
             if extractor is None:
-                extractor = create_backbone(config.backbone, config.scoring.feature_layers,
-                                            config.backbone_weights, config.allow_download)
+                raise ValueError(f"{config.scoring.mode} scoring needs a feature extractor "
+                                 f"(ddad.backbones.create_backbone({config.backbone!r}, ...)); or score pixel-wise")
             extractor = extractor.to(self.device).eval().requires_grad_(False)
-            if isinstance(extractor, torch.nn.Module) and config.channels_last:
+            if isinstance(extractor, torch.nn.Module) and runtime.channels_last:
                 extractor = extractor.to(memory_format=torch.channels_last)
-            if isinstance(extractor, torch.nn.Module) and config.compile:
+            if isinstance(extractor, torch.nn.Module) and runtime.compile:
                 extractor = self._compiled(extractor)
-            self.extractor: FeatureExtractor | None = extractor
-        else:
-            self.extractor = None
+            self.extractor = extractor
 
     def _compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``torch.compile`` for inference. On the CPU, freezing lets inductor fold the frozen weights into
@@ -133,7 +80,7 @@ class Detector:
 
     def _denoiser(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xt = xt.contiguous(memory_format=self.memory_format)
-        k = self.config.micro_batch
+        k = self.runtime.micro_batch
         if k is None:
             k = max(1, CPU_CHUNK_PIXELS // (xt.shape[-1] * xt.shape[-2])) if self.device.type == "cpu" else 0
         with autocast(self.device, self.config.precision):
@@ -179,7 +126,7 @@ class Detector:
         calibrated or positional normalisation."""
         if self.extractor is None:
             raise ValueError("calibration needs feature-wise distances; this detector scores pixel-wise only")
-        bs = self.config.batch_size
+        bs = self.runtime.batch_size
         d_ps, d_fs = [], []
         for i in range(0, len(good_images), bs):
             y = good_images[i:i + bs]
@@ -194,10 +141,10 @@ class Detector:
                                                      positional=self.config.scoring.normalization == "positional")
         return self.score_scale
 
-    def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> DetectionResult:
+    def __call__(self, images: torch.Tensor, seeds: list[int] | None = None) -> AnomalyResult:
         return self.score(images, self.reconstruct(images, seeds))
 
-    def score(self, images: torch.Tensor, reconstruction: torch.Tensor) -> DetectionResult:
+    def score(self, images: torch.Tensor, reconstruction: torch.Tensor) -> AnomalyResult:
         """Compare images with given reconstructions (Eq. 8-9): no diffusion is run."""
         if self.config.scoring.needs_calibration and self.score_scale is None:
             raise RuntimeError("combined scoring with calibrated normalisation needs Eq. 9's maxima from defect-free "
@@ -208,10 +155,7 @@ class Detector:
         with torch.inference_mode():
             maps = anomaly_map(d_p, d_f, self.config.scoring, self.score_scale)
             scores = image_scores(maps, self.config.crop)
-        return DetectionResult(
-            score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),
-            pixel_distance=d_p.cpu(), feature_distance=None if d_f is None else d_f.cpu(),
+        return AnomalyResult(
+            pred_score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),
+            extras={"pixel_distance": d_p.cpu(), "feature_distance": None if d_f is None else d_f.cpu()},
         )
-
-
-__all__ = ["DetectConfig", "DetectionResult", "Detector", "crop", "image_seed"]

@@ -1,0 +1,38 @@
+"""The ``ddad`` command: synth, train, adapt, test, predict, report, export, sweep, presets, import, demo.
+
+``parser`` holds the arguments, ``settings`` turns them into a run's settings, ``commands`` runs them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from ..config import ConfigError
+from ..data.io import DatasetError
+from .commands import (cmd_adapt, cmd_demo, cmd_export, cmd_import, cmd_predict, cmd_presets, cmd_report,
+                       cmd_sweep, cmd_synth, cmd_test, cmd_train, format_metrics)
+from .parser import build_parser
+from .settings import train_settings
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
+            "presets": cmd_presets, "export": cmd_export, "report": cmd_report, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"ddad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddad {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+
+__all__ = ["build_parser", "format_metrics", "main", "train_settings"]

@@ -1,0 +1,164 @@
+"""What each ``ddad`` subcommand does: settings in, a call of the Python API, a short report out."""
+
+from __future__ import annotations
+
+from ..config import merge, parse_assignment
+from .settings import run_settings, train_settings
+
+def cmd_train(args) -> int:
+    from ..api import train_run
+
+    config, run_dir = train_settings(args)
+    result = train_run(config, run_dir, resume=args.resume, progress=not args.quiet)
+    print(f"trained {result.epochs_done} epochs; last loss {result.last_loss:.4g}; "
+          f"{result.images_per_second:.1f} img/s\ncheckpoint: {result.checkpoint}\nrun: {run_dir}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from ..methods.ddad.official import import_official
+    from ..methods.ddad.settings import DDADConfig
+
+    data = {"data": {"dataset": args.dataset, "root": args.data_root, "category": args.category,
+                     "image_size": args.image_size, "channels": args.channels}}
+    for assignment in args.set:
+        data = merge(data, parse_assignment(assignment))
+    config = DDADConfig.from_dict(merge(DDADConfig().to_dict(), data))
+    path = import_official(args.checkpoint, args.run_dir, config, preset=args.model, epoch=args.epoch)
+    print(f"imported {args.checkpoint} as {path}\nrun: {args.run_dir}  (next: ddad test {args.run_dir})")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    import shutil
+
+    from ..api import adapt_run
+    from ..methods.ddad.extractors import adapted_dir
+    from ..runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    if args.fresh and adapted_dir(run).is_dir():
+        shutil.rmtree(adapted_dir(run))
+    records = adapt_run(run.root, {"epochs": args.epochs, "batch_size": args.batch_size, "lambda_dl": args.lambda_dl,
+                                   "w": args.w, "start_step": args.start_step, "lr": args.lr,
+                                   "train_batchnorm": None if args.batchnorm is None else args.batchnorm == "train"},
+                        progress=not args.quiet)
+    for r in records:
+        print("epoch {epoch}: loss {total:.5f} (similarity {similarity:.5f}, distill y {distill_target:.5f}, "
+              "distill x0 {distill_recon:.5f})".format(**r))
+    print(f"adapted extractor: {adapted_dir(run)}  (ddad test uses the last epoch; --pretrained to compare)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from ..engine.testing import write_csv
+    from ..methods.ddad.sweep import sweep
+
+    run, config = run_settings(args)
+    rows = sweep(run, config, args.ws or [config.detect.sampler.w], args.vs, args.modes, args.extractors,
+                 progress=not args.quiet)
+    out = args.out or run.root / "sweep.csv"
+    write_csv(out, list(rows[0]), [[r[k] for k in rows[0]] for r in rows])
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"{'w':>5} {'mode':<9} {'v':>5} {'extractor':<10} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7}")
+    for r in rows:
+        v = "-" if r["v"] is None else f"{r['v']:g}"
+        print(f"{r['w']:>5g} {r['mode']:<9} {v:>5} {r['extractor']:<10} {f(r['image_auroc']):>11} "
+              f"{f(r['pixel_auroc']):>11} {f(r['pro']):>7}")
+    print(f"table: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..api import export
+
+    run, config = run_settings(args)
+    out = export(run, config, args.out)
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from ..methods.ddad.presets import format_table
+
+    print(format_table(args.preset))
+    return 0
+
+
+def cmd_test(args) -> int:
+    from ..api import test_run
+
+    run, config = run_settings(args)
+    metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet)
+    out = args.out or run.test_dir
+    print(format_metrics(metrics))
+    print(f"metrics: {out / 'metrics.json'}\nscores:  {out / 'scores.csv'}"
+          + ("" if args.no_images else f"\nimages:  {out / 'images'}"))
+    if args.report:
+        from ..report import write_report
+
+        print(f"report:  {write_report(run, out)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..report import write_report
+    from ..runs import RunDir
+
+    print(f"report: {write_report(RunDir(args.run_dir).require(), args.test_dir, args.out)}")
+    return 0
+
+
+def format_metrics(metrics) -> str:
+    """The overall line, then one line per category and their mean where there are several."""
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def line(name, m):
+        return (f"{name}: image AUROC {f(m.image_auroc)}  pixel AUROC {f(m.pixel_auroc)}  PRO {f(m.pro)}  "
+                f"({m.n_images} images, {m.n_defective} defective)")
+
+    lines = [line(metrics.dataset, metrics.overall)]
+    if len(metrics.categories) > 1:
+        lines += [line(f"  {name}", m) for name, m in metrics.categories.items()]
+        lines.append(line("  mean of categories", metrics.mean))
+    return "\n".join(lines)
+
+
+def cmd_predict(args) -> int:
+    from ..api import predict
+
+    run, config = run_settings(args)
+    rows = predict(run, args.paths, args.out, args.threshold, config, save_images=not args.no_images,
+                   progress=not args.quiet)
+    flagged = sum(r["decision"] == "defective" for r in rows)
+    decided = rows and rows[0]["decision"] is not None
+    print(f"scored {len(rows)} images" + (f"; {flagged} flagged defective" if decided else
+                                          " (no threshold: run ddad test or pass --threshold)"))
+    print(f"scores: {args.out / 'scores.csv'}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from ..data.synth import CATEGORIES, SynthConfig, generate
+
+    cfg = SynthConfig(size=args.size, train=args.train, test_good=args.test_good,
+                      test_defective_per_type=args.test_defective, seed=args.seed,
+                      categories=tuple(args.categories or CATEGORIES))
+    for folder in generate(args.out, cfg):
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..api import demo
+
+    metrics, run_dir = demo(args.out, epochs=args.epochs, category=args.category, progress=not args.quiet)
+    print(format_metrics(metrics))
+    print(f"run:     {run_dir}\nmetrics: {run_dir / 'test' / 'metrics.json'}\nimages:  {run_dir / 'test' / 'images'}"
+          f"\nreport:  {run_dir / 'report' / 'index.html'}")
+    return 0

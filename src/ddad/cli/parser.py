@@ -1,0 +1,185 @@
+"""The ``ddad`` command's arguments: one subcommand each, and the detection flags the run commands share."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Detection flags whose name is not the setting's: flag dest -> setting name.
+DETECT_RENAMES = {"scoring": "mode", "weights": "average"}
+DETECT_FLAG_DESTS: list[str] = []  # filled by _add_detect_flags: every detection flag's dest
+
+
+def _add_detect_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detection (defaults: the run's config)")
+    first = len(g._group_actions)
+    g.add_argument("--w", type=float, help="conditioning strength w (Eq. 6)")
+    g.add_argument("--v", type=float, help="pixel-vs-feature balance v (Eq. 9)")
+    g.add_argument("--eta", type=float, help="stochasticity eta of the DDIM update (Eq. 7)")
+    g.add_argument("--start-step", type=int, help="T': the timestep the input is noised to")
+    g.add_argument("--skip", type=int, help="timesteps between network calls")
+    g.add_argument("--steps", type=int, help="number of network calls (DDAD-n); sets --skip")
+    g.add_argument("--scoring", choices=("combined", "pixel", "feature"), help="which distances make the map")
+    g.add_argument("--pixel-only", action="store_true", help="same as --scoring pixel (needs no backbone)")
+    g.add_argument("--backbone", help="feature extractor (wide_resnet101_2, wide_resnet50_2, resnet18, resnet50, mobilenet_v2)")
+    g.add_argument("--backbone-weights", help="weights file or folder; 'random' for random weights")
+    g.add_argument("--allow-download", action="store_true", default=None, help="download missing backbone weights")
+    g.add_argument("--sigma", type=float, help="Gaussian smoothing of the map")
+    g.add_argument("--feature-size", type=int, help="the backbone sees input and reconstruction resized to this size")
+    g.add_argument("--crop", type=float, help="centre-crop fraction for evaluation (0.875 = 224/256)")
+    g.add_argument("--batch-size", type=int, help="images per batch")
+    g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
+    g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet and the feature extractor")
+    g.add_argument("--micro-batch", type=int,
+                   help="run the UNet on chunks of this many images (0: whole batch; default: automatic)")
+    g.add_argument("--checkpoint", help="which checkpoint of the run (file name in RUN_DIR/checkpoints or a path; "
+                                        "default: the latest)")
+    g.add_argument("--weights", choices=("ema", "raw"), help="the EMA of the weights (default, where kept) or the raw ones")
+    g.add_argument("--force-timestep", action="store_true", default=None,
+                   help="allow a T' above the largest timestep the model was trained on")
+    g.add_argument("--pretrained", action="store_true", help="score with the pretrained, not the adapted, extractor")
+    g.add_argument("--adapted-epoch", type=int, help="score with the adapted extractor of this epoch")
+    g.add_argument("--authors-first-step", action="store_true", default=None,
+                   help="compatibility: first network call at T'-skip, as the authors' code")
+    g.add_argument("--normalization", choices=("positional", "calibrated", "image", "batch"),
+                   help="where Eq. 9's maxima come from: defect-free calibration images after dividing by their "
+                        "per-pixel mean distances (positional, the default), the same without that division "
+                        "(calibrated), each image, or the batch (the authors' code)")
+    g.add_argument("--normalize-over-batch", action="store_const", const="batch", dest="normalization",
+                   help="same as --normalization batch")
+    if not DETECT_FLAG_DESTS:
+        DETECT_FLAG_DESTS.extend(dict.fromkeys(a.dest for a in g._group_actions[first:]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddad", description="Diffusion-based visual anomaly detection (DDAD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a small synthetic dataset in the MVTec layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--train", type=int, default=48)
+    p.add_argument("--test-good", type=int, default=12)
+    p.add_argument("--test-defective", type=int, default=6, help="per defect type")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", nargs="+", default=None)
+
+    p = sub.add_parser("train", help="train the denoising UNet on defect-free images")
+    p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections; it "
+                                               "overrides the recipe and preset, flags and --set override it")
+    p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--dataset", help="dataset format: mvtec, mpdd, visa, mtd, btad, kolektorsdd, folder")
+    p.add_argument("--data-root", help="dataset root folder")
+    p.add_argument("--category", help="category folder under the root; a,b,c or 'all' for several (one model "
+                                      "for all of them: methods that train one per category refuse)")
+    p.add_argument("--normal-dir", help="folder format: defect-free images")
+    p.add_argument("--abnormal-dir", help="folder format: defective test images")
+    p.add_argument("--mask-dir", help="folder format: masks of the defective images, matched by stem")
+    p.add_argument("--normal-test-dir", help="folder format: defect-free test images")
+    p.add_argument("--train-ratio", type=float, help="share of defect-free images used for training (seeded split)")
+    p.add_argument("--data-seed", type=int, help="seed of the train/test split")
+    p.add_argument("--skip-bad-files", action="store_true", default=None,
+                   help="skip undecodable images with a warning (counted in the run log)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--channels", type=int, choices=(1, 3))
+    p.add_argument("--model", choices=("ddad", "ddad-s", "compact", "tiny"), help="UNet preset")
+    p.add_argument("--preset", choices=("mvtec", "mvtec-s", "visa"),
+                   help="the paper's settings for --category (Tables 9-11, with --recipe paper); flags still override")
+    p.add_argument("--recipe", choices=("default", "paper"),
+                   help="training recipe: ddad's default, or the paper's exactly (Sec. 5.2, App. 7)")
+    p.add_argument("--minutes", type=float, dest="max_minutes", help="stop (and save) after this much training time")
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many optimizer steps")
+    p.add_argument("--max-timestep", type=int, help="train t in [0, N] (default 250: the detector's T'); "
+                                                    "-1: the whole schedule")
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights for detection (0: none)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("adapt", help="domain-adapt the feature extractor of a trained run (Eq. 10)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--epochs", type=int, help="adaptation epochs (default: the run's adapt.epochs)")
+    p.add_argument("--batch-size", type=int, help="per batch; split into inputs and targets")
+    p.add_argument("--lambda-dl", type=float, help="distillation weight (0.1 MVTec, 0.01 VisA)")
+    p.add_argument("--w", type=float, help="conditioning w_DA")
+    p.add_argument("--start-step", type=int, help="T'_DA")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batchnorm", choices=("frozen", "train"),
+                   help="BatchNorm running statistics: frozen at ImageNet's (default) or following the training "
+                        "images (the authors' code; --recipe paper runs)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier adaptation epochs and start again")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("sweep", help="metrics over w, v, scoring mode and extractor; diffusion once per w")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--ws", type=float, nargs="+", help="conditioning values (default: the run's w)")
+    p.add_argument("--vs", type=float, nargs="+", default=[1.0], help="pixel weights v for combined scoring")
+    p.add_argument("--modes", nargs="+", default=["pixel", "feature", "combined"],
+                   choices=("pixel", "feature", "combined"))
+    p.add_argument("--extractors", nargs="+", default=["pretrained", "adapted"], choices=("pretrained", "adapted"))
+    p.add_argument("--out", type=Path, help="CSV (default RUN_DIR/sweep.csv)")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("export", help="write the UNet step and the feature extractor as ONNX graphs")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("presets", help="print the paper's per-category settings (Tables 9-11)")
+    p.add_argument("preset", nargs="?", choices=("mvtec", "mvtec-s", "visa"))
+
+    p = sub.add_parser("import", help="make a run directory from one of the authors' published UNet checkpoints")
+    p.add_argument("checkpoint", type=Path, help="the authors' checkpoint file (torch.save of a state_dict)")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--model", choices=("ddad", "ddad-s"), default="ddad")
+    p.add_argument("--dataset", default="mvtec")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--epoch", type=int, default=0, help="the epoch the checkpoint was saved at (for the record)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    p = sub.add_parser("test", help="evaluate a trained run on its test split")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/test)")
+    p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
+    p.add_argument("--report", action="store_true", help="also write the HTML report (RUN_DIR/report)")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of the last ddad test")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--test-dir", type=Path, help="ddad test output (default RUN_DIR/test)")
+    p.add_argument("--out", type=Path, help="folder (default RUN_DIR/report)")
+
+    p = sub.add_parser("predict", help="score new images (files or folders) without labels")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored by ddad test)")
+    p.add_argument("--no-images", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_detect_flags(p)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")
+    p.add_argument("out", type=Path, nargs="?", default=Path("ddad-demo"))
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--category", default="washer")
+    p.add_argument("--quiet", action="store_true")
+    return parser

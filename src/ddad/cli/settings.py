@@ -1,0 +1,101 @@
+"""The settings a command runs with: ``ddad train``'s from defaults, recipe, preset, file, flags and
+``--set`` (in that order of precedence), and a run command's from the run's config.yaml and detection flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError, merge, parse_assignment, read_yaml_mapping
+from .parser import DETECT_FLAG_DESTS, DETECT_RENAMES
+
+RESUMABLE_TRAIN_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "device", "precision", "max_steps",
+                          "max_minutes")
+
+
+def run_settings(args):
+    """The run of ``args.run_dir`` and its settings with the detection flags applied (by setting name)."""
+    from ..api import load_config, with_detection
+    from ..diffusion.sampler import skip_for_steps
+    from ..runs import RunDir
+
+    run = RunDir(args.run_dir).require()
+    config = load_config(run)
+    changes = {DETECT_RENAMES.get(d, d): getattr(args, d) for d in DETECT_FLAG_DESTS
+               if d not in ("pixel_only", "steps", "pretrained")}
+    if args.pixel_only:
+        changes["mode"] = "pixel"
+    if args.pretrained:
+        changes["adapted"] = False
+    if args.steps is not None:
+        changes["skip"] = skip_for_steps(args.start_step or config.detect.sampler.start_step, args.steps)
+    return run, with_detection(config, **changes)
+
+
+def train_settings(args):
+    """The settings of ``ddad train``. Precedence, lowest first: the method's defaults < the recipe < the
+    preset < the --config YAML file (only the keys it sets) < flags < --set."""
+    from ..api import load_config
+    from ..diffusion.unet import UNetConfig
+    from ..methods import method_of
+
+    if args.resume:
+        if args.run_dir is None:
+            raise ConfigError("--resume needs --run-dir (the run to continue)")
+        config = load_config(args.run_dir)
+        train_over = {k: getattr(args, k) for k in RESUMABLE_TRAIN_FIELDS if getattr(args, k, None) is not None}
+        blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
+                                     "batch_size", "lr", "weight_decay", "seed", "recipe", "max_timestep",
+                                     "ema_decay", "normal_dir", "abnormal_dir",
+                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files")
+                   if getattr(args, flag) is not None]
+        if blocked or args.set:
+            raise ConfigError(f"--resume continues a run with its stored settings; only "
+                              f"{', '.join(RESUMABLE_TRAIN_FIELDS)} may change (got {', '.join(blocked + args.set)})")
+        data = config.to_dict()
+        data["train"].update(train_over)
+        return type(config).from_dict(data), args.run_dir
+
+    file_data = read_yaml_mapping(args.config) if args.config else {}
+    settings = method_of(file_data).settings
+    data = settings().with_recipe(args.recipe or ("paper" if args.preset else "default")).to_dict()
+    if args.preset:
+        from ..methods.ddad.presets import get_setting
+
+        if not args.category:
+            raise ConfigError("--preset needs --category (ddad presets lists them)")
+        setting = get_setting(args.preset, args.category)
+        data = merge(data, setting.overrides())
+        data["model"] = UNetConfig.preset(setting.model, 256, 3).to_dict()
+    if args.config:
+        file_data = settings.upgrade(file_data)
+        settings.from_mapping(merge(settings().to_dict(), file_data), args.config)  # errors name the file
+        data = merge(data, file_data)
+    flags = {
+        "data": {"dataset": args.dataset, "root": args.data_root, "category": args.category,
+                 "image_size": args.image_size, "channels": args.channels, "normal_dir": args.normal_dir,
+                 "abnormal_dir": args.abnormal_dir, "mask_dir": args.mask_dir,
+                 "normal_test_dir": args.normal_test_dir, "train_ratio": args.train_ratio,
+                 "seed": args.data_seed, "skip_bad_files": args.skip_bad_files},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+                  "device": args.device, "precision": args.precision, "max_minutes": args.max_minutes,
+                  "max_steps": args.max_steps, "ema_decay": args.ema_decay},
+    }
+    for section, values in flags.items():
+        data[section].update({k: v for k, v in values.items() if v is not None})
+    if args.max_timestep is not None:
+        data["train"]["max_timestep"] = None if args.max_timestep < 0 else args.max_timestep
+    assigned: dict = {}
+    for assignment in args.set:
+        assigned = merge(assigned, parse_assignment(assignment))
+    data = merge(data, assigned)
+    if args.model:  # the preset at the final image size; --set model.* still wins
+        data["model"] = merge(UNetConfig.preset(args.model, data["data"]["image_size"],
+                                                data["data"]["channels"]).to_dict(), assigned.get("model") or {})
+    data["model"].update({"image_size": data["data"]["image_size"], "in_channels": data["data"]["channels"]})
+    config = settings.from_dict(data)
+    if not config.data.root and not config.data.normal_dir:
+        raise ConfigError("no dataset: pass --data-root (and --category), --normal-dir for the folder format, "
+                          "or a --config with a data section")
+    run_dir = args.run_dir or Path("runs") / f"{config.data.dataset}-{config.data.category or 'data'}"
+    return config, run_dir

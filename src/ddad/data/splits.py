@@ -1,0 +1,114 @@
+"""The image sets the commands work on, as tensors: training images, the test split, calibration images,
+and the files a user points ``predict`` at. Unreadable files stop with an error naming them, or, with
+``skip_bad_files``, are skipped and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .dataset import DatasetIndex, ImageSet, Sample
+from .formats import DataConfig, build_index
+from .io import DatasetError, is_image_file
+
+Log = Callable[[str], None]
+
+
+def report_skipped(skipped: list[tuple[Sample, str]], split: str, log: Log | None = None) -> None:
+    """Warn about (and ``log``) files skipped by ``skip_bad_files``."""
+    if not skipped:
+        return
+    print(f"warning: skipped {len(skipped)} unreadable {split} file(s) (skip_bad_files):")
+    for _, reason in skipped:
+        print(f"  {reason}")
+    if log is not None:
+        log(f"skipped {len(skipped)} unreadable {split} file(s): " + "; ".join(r for _, r in skipped))
+
+
+def load_train_images(data: DataConfig, index: DatasetIndex | None = None, progress: bool = True,
+                      log: Log | None = None, uint8: bool = False) -> torch.Tensor:
+    """The defect-free training images as one (N, C, H, W) tensor (float in [-1, 1], or uint8 0..255)."""
+    index = index or build_index(data)
+    train_set = ImageSet(index.train, data.image_size, data.channels)
+    if data.skip_bad_files:
+        report_skipped(train_set.drop_unreadable(), "training", log)
+    return train_set.stack(progress=progress, uint8=uint8)
+
+
+@dataclass
+class TestSplit:
+    """A dataset's test images as tensors, in index order."""
+
+    samples: list[Sample]
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    masks: torch.Tensor  # (N, 1, H, W) of 0/1
+    labels: np.ndarray  # (N,)
+    has_masks: bool
+    name: str
+
+    @property
+    def categories(self) -> list[str]:
+        return list(dict.fromkeys(s.category for s in self.samples))
+
+
+def load_test_split(data: DataConfig, progress: bool = True, log: Log | None = None) -> TestSplit:
+    index = build_index(data)
+    if not index.test:
+        raise DatasetError(f"{index.name} has no test images")
+    dataset = ImageSet(index.test, data.image_size, data.channels, cache=True)
+    if data.skip_bad_files:
+        report_skipped(dataset.drop_unreadable(), "test", log)
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc="loading test images", unit="img",
+                                      disable=not progress, leave=False)]
+    return TestSplit(
+        samples=list(dataset.samples),
+        images=torch.stack([it["image"] for it in items]),
+        masks=torch.stack([it["mask"] for it in items]),
+        labels=np.array([it["label"] for it in items]),
+        has_masks=index.has_masks,
+        name=index.name,
+    )
+
+
+def calibration_images(data: DataConfig, count: int, seed: int) -> torch.Tensor:
+    """Up to ``count`` defect-free training images in a seeded order: the images a score scale is
+    calibrated on."""
+    index = build_index(data)
+    if not index.train:
+        raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
+                           "set detect.scoring.normalization to 'image'")
+    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    dataset = ImageSet(tuple(index.train[i] for i in order), data.image_size, data.channels)
+    picked = []
+    for i in range(len(dataset)):
+        if len(picked) == count:
+            break
+        try:
+            picked.append(dataset[i]["image"])
+        except DatasetError:
+            if not data.skip_bad_files:
+                raise
+    if not picked:
+        raise DatasetError(f"no readable training image in {index.name} to calibrate scoring with")
+    return torch.stack(picked)
+
+
+def collect_images(paths: Sequence[Path | str]) -> list[Path]:
+    """Files as given, and image files inside given folders (recursively), in a stable order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if is_image_file(q)))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DatasetError(f"no such file or folder: {p}")
+    if not found:
+        raise DatasetError(f"no images found in {', '.join(map(str, paths))}")
+    return found

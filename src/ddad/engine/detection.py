@@ -1,0 +1,53 @@
+"""What the engine needs of a method's detector, whatever the method.
+
+A method's loader returns a :class:`LoadedDetector`: a callable from a batch of images (N, C, H, W in
+[-1, 1]) to an :class:`ddad.results.AnomalyResult`, with the run's data settings, the calibration key its
+scores belong to, and its settings and facts for metrics.json. ``score_split`` scores a whole test split;
+a method may replace it (DDAD caches its reconstructions), the default calls the detector batch by batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..data.formats import DataConfig
+from ..data.splits import TestSplit
+from ..results import AnomalyResult
+from .calibration import CalibrationKey
+
+BatchDetector = Callable[[torch.Tensor], AnomalyResult]
+
+
+def score_in_batches(detect: BatchDetector, images: torch.Tensor, batch_size: int,
+                     progress: Callable[[int], None] | None = None) -> AnomalyResult:
+    parts = []
+    for start in range(0, len(images), batch_size):
+        parts.append(detect(images[start:start + batch_size]))
+        if progress is not None:
+            progress(len(parts[-1]))
+    return AnomalyResult.concat(parts)
+
+
+@dataclass
+class LoadedDetector:
+    detect: BatchDetector
+    data: DataConfig  # the run's data settings (image size, channels, dataset)
+    key: CalibrationKey
+    batch_size: int
+    settings: dict  # the detection settings, as plain values (metrics.json)
+    crop: float = 1.0  # centre-crop fraction of maps and masks for the pixel metrics and image scores
+    info: dict = field(default_factory=dict)  # method facts for metrics.json (e.g. which extractor)
+    split_scorer: Callable[[TestSplit, bool, bool], AnomalyResult] | None = None  # (split, cache, progress)
+
+    def score_split(self, split: TestSplit, cache: bool = True, progress: bool = True) -> AnomalyResult:
+        if self.split_scorer is not None:
+            return self.split_scorer(split, cache, progress)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+        result = score_in_batches(self.detect, split.images, self.batch_size, bar.update)
+        bar.close()
+        return result

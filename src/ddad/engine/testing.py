@@ -1,0 +1,105 @@
+"""``ddad test`` for any method: score the run's test split, measure, and write what a user reads.
+
+    OUT/metrics.json   :class:`ddad.results.TestMetrics` (overall, per category and their mean)
+    OUT/curves.json    the PRO curve
+    OUT/scores.csv     image, category, defect_type, label, score (scores written exactly)
+    OUT/images/        one panel per image: input | reconstruction | heatmap | ground truth
+    RUN_DIR/threshold.json   the decision threshold, under the detector's calibration key
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_text
+from ..data.splits import TestSplit, load_test_split
+from ..metrics import evaluate, f1_optimal_threshold
+from ..results import AnomalyResult, SplitMetrics, TestMetrics, image_panel_name
+from ..runs import RunDir
+from ..scoring import crop
+from ..visualize import panel, save_png
+from .calibration import store_threshold
+from .detection import LoadedDetector
+
+THRESHOLD_SOURCE = "F1-optimal on the test split"
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Pass scores as floats: csv writes them exactly (repr), so comparing them with threshold.json gives
+    the same decisions as the run made."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def split_metrics(split: TestSplit, scores: np.ndarray, maps, crop_fraction: float, curves: dict | None = None,
+                  subset: np.ndarray | None = None) -> SplitMetrics:
+    """The threshold-free metrics of the split (or of the images ``subset`` of it), maps and masks
+    centre-cropped to ``crop_fraction``."""
+    idx = np.arange(len(scores)) if subset is None else subset
+    cropped_maps = crop(maps[idx], crop_fraction)[:, 0]
+    cropped_masks = crop(split.masks[idx], crop_fraction)[:, 0] > 0.5
+    values = evaluate(scores[idx], split.labels[idx], cropped_maps, cropped_masks, split.has_masks, curves)
+    return SplitMetrics(**values, n_images=int(len(idx)), n_defective=int(split.labels[idx].sum()))
+
+
+def measure(split: TestSplit, result: AnomalyResult, crop_fraction: float, curves: dict | None = None
+            ) -> tuple[SplitMetrics, dict[str, SplitMetrics]]:
+    """Metrics of the whole split and of each of its categories."""
+    scores = result.pred_score.numpy()
+    overall = split_metrics(split, scores, result.anomaly_map, crop_fraction, curves)
+    names = np.array([s.category for s in split.samples])
+    per_category = {c: split_metrics(split, scores, result.anomaly_map, crop_fraction, subset=np.flatnonzero(names == c))
+                    for c in split.categories}
+    return overall, per_category
+
+
+def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, save_images: bool = True,
+             progress: bool = True, cache: bool = True) -> TestMetrics:
+    """Evaluate ``loaded`` on the run's test split; writes and returns the metrics."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir else run.test_dir
+    split = load_test_split(loaded.data, progress, run.log)
+    result = loaded.score_split(split, cache, progress)
+    scores = result.pred_score.numpy()
+    curves: dict = {}
+    overall, per_category = measure(split, result, loaded.crop, curves)
+    threshold = f1_optimal_threshold(scores, split.labels)
+    metrics = TestMetrics(dataset=split.name, overall=overall, categories=per_category, threshold=threshold,
+                          threshold_source=THRESHOLD_SOURCE, calibration_key=loaded.key.digest,
+                          seconds=time.perf_counter() - t0, settings=loaded.settings, info=loaded.info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics.save(out_dir / "metrics.json")
+    atomic_write_text(out_dir / "curves.json", json.dumps(curves))
+    write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score"],
+              [(str(s.image), s.category, s.defect_type, s.label, float(v)) for s, v in zip(split.samples, scores)])
+    if threshold is not None:
+        store_threshold(run, threshold, THRESHOLD_SOURCE, loaded.key)
+    if save_images:
+        write_panels(split, result, out_dir / "images", progress)
+    return metrics
+
+
+def write_panels(split: TestSplit, result: AnomalyResult, folder: Path, progress: bool = True) -> None:
+    """One PNG per test image. Colour scale shared by all panels: the median map value is "cold", the
+    99.9th percentile "hot"."""
+    amap = result.anomaly_map
+    vmin, vmax = (float(q) for q in np.quantile(amap.numpy(), [0.5, 0.999]))
+    several = len(split.categories) > 1
+    scores = result.pred_score.numpy()
+    for i, s in enumerate(tqdm(split.samples, desc="images", unit="img", disable=not progress, leave=False)):
+        title = f"{s.defect_type}/{s.image.name}  score {scores[i]:.4g}"
+        mask = split.masks[i] if s.mask is not None or s.label == 0 else None
+        recon = None if result.reconstruction is None else result.reconstruction[i]
+        name = image_panel_name(s.category if several else "", s.defect_type, s.image)
+        save_png(panel(split.images[i], recon, amap[i], mask, title, vmin, vmax), folder / f"{name}.png")

@@ -1,0 +1,218 @@
+"""The training engine: one loop for every method's trainable model.
+
+A method gives a model factory and an objective (``draw`` the batch's random inputs from the epoch's
+generator, then ``loss``; e.g. :class:`ddad.diffusion.objective.DDPMObjective`). The engine owns the rest:
+the seeded data order, optimizer, learning-rate warm-up, gradient clipping, the exponential moving average
+of the weights, step and time budgets, atomic checkpoints and exact resumption.
+
+The settings and the parts of a step (optimizer, warm-up, EMA) are in :mod:`ddad.engine.recipe`.
+
+Training is deterministic given the seed: the data order and random draws of epoch e come from a
+generator seeded with (seed, e), so resuming from the checkpoint of epoch e continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from ..checkpoint import Checkpoint, save_checkpoint
+from ..runs import RunDir
+from ..runtime import autocast, resolve_device
+from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, make_optimizer, warmup_factor
+
+
+@dataclass
+class TrainResult:
+    epochs_done: int
+    last_loss: float
+    checkpoint: str
+    images_per_second: float
+    steps_done: int = 0
+    stopped_by: str = "epochs"  # epochs | max_steps | max_minutes
+
+
+StepHook = Callable[[int, int, float], None]  # (epoch, global step, loss)
+clock = time.perf_counter  # the training-time clock (a module attribute, so tests can control it)
+
+
+class Objective(Protocol):
+    """What a method trains against: its batch's random draws, then the loss (see module docstring)."""
+
+    def draw(self, n: int, sample_shape: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]: ...
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
+
+
+def as_float_images(batch: torch.Tensor) -> torch.Tensor:
+    """Training images as float in [-1, 1]: float tensors pass through, uint8 ones (0..255) are scaled."""
+    if batch.dtype == torch.uint8:
+        return batch.float() / 127.5 - 1.0
+    return batch
+
+
+def fit(
+    run: RunDir,
+    tc: TrainConfig,
+    build_model: Callable[[], torch.nn.Module],
+    build_objective: Callable[[torch.device], Objective],
+    images: torch.Tensor,
+    info: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: StepHook | None = None,
+) -> TrainResult:
+    """Train the model of ``build_model`` on ``images`` (N, ...; float in [-1, 1], or uint8) into ``run``.
+
+    With ``resume``, continue from the run's latest checkpoint (weights, EMA, optimizer, epoch and the
+    step inside it), exactly as an uninterrupted run would. Training ends after ``tc.epochs``, or
+    earlier at ``tc.max_steps`` / ``tc.max_minutes`` (saved, and resumable with a larger budget).
+    ``info`` is stored in every checkpoint (e.g. the run's config)."""
+    from tqdm.auto import tqdm
+
+    device = resolve_device(tc.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)  # initial weights follow the seed, without touching the caller's RNG
+        model = build_model()
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    ema = None
+    if tc.ema_decay > 0:
+        ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, tc, device)
+    objective = build_objective(device)
+    start_epoch, step, trained_s = 0, 0, 0.0
+    if resume:
+        path = run.latest_checkpoint()
+        if path is None:
+            raise FileNotFoundError(f"--resume: run {run.root} has no checkpoint to resume from")
+        ckpt = Checkpoint(path)
+        model.load_state_dict(ckpt.state_dict("model"))
+        if ema is not None:
+            ema.load_state_dict(ckpt.state_dict("ema") if ckpt.has("ema") else ckpt.state_dict("model"))
+        opt_state = ckpt.optimizer_state()
+        if opt_state is None:
+            raise ValueError(f"checkpoint {path} holds no optimizer state and cannot be resumed")
+        optimizer.load_state_dict(opt_state)
+        start_epoch, step = int(ckpt.info["epoch"]), int(ckpt.info["step"])
+        trained_s = float(ckpt.info.get("train_seconds", 0.0))
+        run.log(f"resumed from {path.name} (epoch {start_epoch}, step {step})")
+    else:
+        run.log(f"training started: {len(images)} images, device {device}, precision {tc.precision}")
+
+    n = images.shape[0]
+    batch = min(tc.batch_size, n)
+    steps_per_epoch = -(-n // batch)
+    skip_batches = step - start_epoch * steps_per_epoch  # > 0 when resuming from a mid-epoch checkpoint
+    if not 0 <= skip_batches < steps_per_epoch:
+        raise ValueError(f"checkpoint step {step} does not fit epoch {start_epoch} of {steps_per_epoch} steps; "
+                         f"was the batch size or the training set changed?")
+    images_cpu = images.contiguous()
+    data_on_device = images_cpu.to(device) if device.type == "cuda" else images_cpu
+    model.train()
+    last_loss = float("nan")
+    last_path = run.latest_checkpoint()
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    marks = set(tc.checkpoint_steps)
+    stop: str | None = None  # why training ends early: max_steps | max_minutes
+    if tc.max_minutes is not None and trained_s >= 60 * tc.max_minutes:
+        stop = "max_minutes"  # resumed with its time budget already spent: nothing to train
+    elif step >= total_steps and step < tc.epochs * steps_per_epoch:
+        stop = "max_steps"
+
+    def save(epoch_done: int, mid_epoch: bool) -> Path:
+        # Step marks and budget ends carry their step in the name, so pruning never removes them.
+        named = mid_epoch or step in marks or stop is not None
+        path = run.checkpoint_path(epoch_done, step if named else None)
+        modules = {"model": model} if ema is None else {"model": model, "ema": ema}
+        record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
+        save_checkpoint(path, modules, record, optimizer)
+        return path
+
+    bar = tqdm(total=max(total_steps - step, 0), desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t_start, seen = clock(), 0
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            if stop or step >= total_steps:
+                break
+            gen = torch.Generator().manual_seed(epoch_seed(tc.seed, epoch))
+            torch.manual_seed(epoch_seed(tc.seed, epoch) + 1)  # dropout
+            perm = torch.randperm(n, generator=gen)
+            epoch_loss, t_epoch, done_in_epoch = 0.0, clock(), 0
+            for b in range(steps_per_epoch):
+                idx = perm[b * batch:(b + 1) * batch]
+                draws = objective.draw(len(idx), images.shape[1:], gen)  # drawn for skipped batches too
+                if b < skip_batches:  # resumed mid-epoch: trained before the checkpoint
+                    continue
+                x0 = as_float_images(data_on_device[idx.to(data_on_device.device)]).contiguous(
+                    memory_format=memory_format)
+                draws = tuple(d.to(device) for d in draws)
+                for group in optimizer.param_groups:
+                    group["lr"] = tc.lr * warmup_factor(step, tc.warmup_steps)
+                with autocast(device, tc.precision):
+                    loss = objective.loss(model, x0, draws)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+                step += 1
+                done_in_epoch += 1
+                last_loss = loss.item()
+                epoch_loss += last_loss
+                seen += len(idx)
+                rate = seen / max(clock() - t_start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{last_loss:.4g}", img_s=f"{rate:.1f}")
+                if on_step is not None:
+                    on_step(epoch, step, last_loss)
+                end_of_epoch = b == steps_per_epoch - 1
+                if tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes:
+                    stop = "max_minutes"
+                elif tc.max_steps is not None and step >= tc.max_steps:
+                    stop = "max_steps"
+                if not end_of_epoch and (stop or step in marks):
+                    last_path = save(epoch, mid_epoch=True)
+                if stop:
+                    break
+            skip_batches = 0
+            if step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
+                done = epoch + 1
+                run.log(f"epoch {done} step {step} loss {epoch_loss / max(done_in_epoch, 1):.6g} "
+                        f"({done_in_epoch * batch / max(clock() - t_epoch, 1e-9):.2f} img/s)")
+                if done % tc.checkpoint_every == 0 or done == tc.epochs or step in marks or stop:
+                    last_path = save(done, mid_epoch=False)
+                    _prune(run, tc.keep_checkpoints)
+            if stop:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        where = f"the checkpoint {last_path}" if last_path else "no checkpoint yet"
+        run.log(f"interrupted; last saved: {where}")
+        raise
+    bar.close()
+    rate = seen / max(clock() - t_start, 1e-9)
+    epochs_done = step // steps_per_epoch
+    stopped_by = stop or "epochs"
+    run.log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
+    return TrainResult(epochs_done, last_loss, str(last_path), rate, step, stopped_by)
+
+
+def _prune(run: RunDir, keep: int) -> None:
+    """Keep the newest ``keep`` end-of-epoch checkpoints; mid-epoch (step-mark) checkpoints are kept."""
+    if keep <= 0:
+        return
+    ends = [path for _, path in run.checkpoints() if "-step-" not in path.name]
+    for path in ends[:-keep]:
+        path.unlink(missing_ok=True)

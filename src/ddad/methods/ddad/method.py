@@ -1,0 +1,60 @@
+"""DDAD as a method of the engine: what it trains, how its detector loads, what it exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...data.dataset import DatasetIndex
+from ...diffusion.objective import DDPMObjective
+from ...diffusion.schedule import alphas_cumprod
+from ...diffusion.unet import UNet
+from ...engine.detection import LoadedDetector
+from ...engine.trainer import StepHook, TrainResult, fit
+from ...runs import RunDir
+from .graphs import export_graphs
+from .loading import load_detector, loaded_detector, with_detection
+from .settings import DDADConfig
+
+
+class DDAD:
+    """Conditioned denoising diffusion (Mousakhan et al.): one UNet per category, trained on its
+    defect-free images; detection reconstructs (Alg. 1) and compares (Eq. 8-9)."""
+
+    name = "ddad"
+    settings = DDADConfig
+    with_detection = staticmethod(with_detection)
+
+    def check_training_set(self, config: DDADConfig, index: DatasetIndex) -> None:
+        if len(index.categories) > 1:
+            raise ValueError(
+                f"DDAD trains one model per category, as in the paper, and {config.data.category!r} names "
+                f"{len(index.categories)} ({', '.join(index.categories)}): train each in its own run "
+                f"(--category {index.categories[0]} --run-dir ...)")
+
+    def fit(self, run: RunDir, config: DDADConfig, images: torch.Tensor, resume: bool = False,
+            progress: bool = True, on_step: StepHook | None = None) -> TrainResult:
+        """Train the UNet of ``config.model`` on ``images`` (N, C, H, W) with the DDPM objective."""
+        model, tc, n_timesteps = config.model, config.train, config.schedule.num_timesteps
+        if images.ndim != 4 or images.shape[1] != model.in_channels:
+            raise ValueError(f"images must be (N, {model.in_channels}, H, W), got {tuple(images.shape)}")
+        if images.shape[-1] != model.image_size or images.shape[-2] != model.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} but the UNet expects {model.image_size}")
+        if tc.max_timestep is not None and tc.max_timestep >= n_timesteps:
+            raise ValueError(f"train.max_timestep = {tc.max_timestep} must be below the schedule's {n_timesteps} steps")
+        t_high = n_timesteps if tc.max_timestep is None else tc.max_timestep + 1  # t ~ U{0 .. t_high - 1}
+
+        def objective(device: torch.device) -> DDPMObjective:
+            table = alphas_cumprod(config.schedule).to(device=device, dtype=torch.float32)
+            return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
+
+        return fit(run, tc, lambda: UNet(model), objective, images, {"config": config.to_dict()}, resume, progress,
+                   on_step)
+
+    def load(self, run: RunDir, config: DDADConfig, progress: bool = True) -> LoadedDetector:
+        return loaded_detector(run, config, progress)
+
+    def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None) -> Path:
+        detector, _ = load_detector(run, config, calibrate_scale=False)
+        return export_graphs(detector, run, config, out_dir)
