@@ -45,10 +45,12 @@ class Detector:
         runtime: RuntimeConfig = RuntimeConfig(),
         device: torch.device | str = "cpu",
         score_scale: ScoreScale | None = None,
+        extractor_source: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.config = config
         self.runtime = runtime
+        self.extractor_source = extractor_source  # "pretrained" | "adapted" (metrics.json says which), or None
         # Eq. 9's constants for calibrated or positional normalisation (set by calibrate(), or given).
         self.score_scale = score_scale
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format

@@ -48,16 +48,17 @@ def build_detector(run: RunDir, config: DDADConfig) -> tuple[Detector, list]:
         unet, extractor = onnx_networks(run, detect)
         networks = [file_id(run.root / EXPORT_DIR / name) for name in ("unet.onnx", "extractor.onnx")
                     if (run.root / EXPORT_DIR / name).is_file()]
-        return Detector(unet, detect, config.schedule, extractor=extractor, runtime=runtime, device="cpu"), networks
+        return Detector(unet, detect, config.schedule, extractor=extractor, runtime=runtime, device="cpu",
+                        extractor_source=None if extractor is None else "exported"), networks
     device = resolve_device(runtime.device)
     unet = load_unet(run, config.model, device, weights)
     extractor, adapted_file = load_extractor(run, detect, weights, runtime)
     networks = [file_id(run.resolve_checkpoint(weights.checkpoint)),
                 ["adapted", *file_id(adapted_file)] if adapted_file is not None
                 else ["pretrained", detect.backbone, weights.backbone_weights] if extractor is not None else None]
-    detector = Detector(unet, detect, config.schedule, extractor=extractor, runtime=runtime, device=device)
-    detector.extractor_source = None if extractor is None else "adapted" if adapted_file else "pretrained"
-    return detector, networks
+    source = None if extractor is None else "adapted" if adapted_file else "pretrained"
+    return Detector(unet, detect, config.schedule, extractor=extractor, runtime=runtime, device=device,
+                    extractor_source=source), networks
 
 
 def scale_key(config: DDADConfig, networks: list) -> CalibrationKey:
@@ -94,11 +95,13 @@ def load_detector(run: RunDir, config: DDADConfig, calibrate_scale: bool = True,
 
 
 def _cache_key(run: RunDir, config: DDADConfig, samples: list) -> str:
-    weights = config.weights
-    key = {"checkpoint": file_id(run.resolve_checkpoint(weights.checkpoint)), "weights": weights.average,
-           "sampler": config.detect.sampler.to_dict(), "seed": config.detect.seed,
-           "precision": config.detect.precision, "backend": config.runtime.backend,
-           "data": to_plain(config.data), "images": [str(s.image) for s in samples]}
+    """What a reconstruction depends on: the denoiser's file (a checkpoint, or the exported graph) and which
+    of its weights, the sampler settings (:meth:`DetectConfig.reconstruction_settings`), data and images."""
+    denoiser = (run.root / EXPORT_DIR / "unet.onnx" if config.runtime.backend == "onnxruntime"
+                else run.resolve_checkpoint(config.weights.checkpoint))
+    key = {"denoiser": [config.runtime.backend, *file_id(denoiser)], "average": config.weights.average,
+           "detect": to_plain(config.detect.reconstruction_settings()), "data": to_plain(config.data),
+           "images": [str(s.image) for s in samples]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,7 +140,7 @@ def loaded_detector(run: RunDir, config: DDADConfig, progress: bool = True) -> L
         return score_split(detector, split, reconstruct_split(detector, run, config, split, cache, show))
 
     scale = detector.score_scale
-    info = {"extractor": getattr(detector, "extractor_source", None),
+    info = {"extractor": detector.extractor_source,
             "score_scale": None if scale is None else scale.to_dict()}
     settings = {"detect": to_plain(config.detect), "weights": to_plain(config.weights),
                 "runtime": to_plain(config.runtime)}

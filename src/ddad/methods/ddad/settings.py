@@ -52,6 +52,11 @@ class DetectConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def reconstruction_settings(self) -> "DetectConfig":
+        """These settings as far as the reconstruction (Alg. 1) depends on them: not the scoring, backbone or
+        crop (the key of the cached reconstructions)."""
+        return replace(self, scoring=ScoringConfig(), backbone=DetectConfig.backbone, crop=DetectConfig.crop)
+
     def distance_settings(self) -> "DetectConfig":
         """These settings as far as the distances D_p, D_f depend on them (the key of a score scale): the crop
         and the scoring's combination and smoothing do not change them."""
