@@ -57,7 +57,7 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
         stored = load_config(run)
         if replace(stored, train=config.train) != config:
             raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
-    elif run.latest_checkpoint() is not None:
+    elif run.checkpoints():
         raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "
                           f"or choose another --run-dir")
     index = build_index(config.data)
@@ -145,7 +145,7 @@ def demo(out: Path | str, epochs: int = 80, category: str = "washer", progress: 
         runtime=RuntimeConfig(batch_size=16),
     )
     run = RunDir(out / "run")
-    train_run(config, run.root, resume=run.latest_checkpoint() is not None, progress=progress)
+    train_run(config, run.root, resume=bool(run.checkpoints()), progress=progress)
     metrics = test_run(run, progress=progress)
     write_report(run)
     return metrics, run.root

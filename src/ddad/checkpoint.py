@@ -23,8 +23,15 @@ from safetensors.torch import load_file, save_file
 FORMAT = "ddad-checkpoint-v1"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the finished file to ``path`` atomically."""
+    """Call ``write(tmp_path)`` then move the finished file to ``path`` atomically, with the permissions
+    the user's umask gives new files (not the private 0600 of a temporary file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +40,7 @@ def atomic_write(path: Path, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .checkpoint import atomic_write_text
+from .checkpoint import Checkpoint, atomic_write_text
 from .config import read_yaml_mapping
 
 _EPOCH_RE = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.safetensors$")
@@ -116,8 +117,27 @@ class RunDir:
         raise FileNotFoundError(f"checkpoint {name} not found (as a path or in {self.checkpoint_dir}; there: {have})")
 
     def latest_checkpoint(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1][1] if found else None
+        """The newest checkpoint that can be read. Unreadable newer ones (a truncated file, say) are
+        skipped with a warning naming them and the one used instead; they are left on disk."""
+        skipped = []
+        for _, path in reversed(self.checkpoints()):
+            try:
+                Checkpoint(path)
+            except (ValueError, OSError) as exc:
+                skipped.append(f"{path.name} ({exc})")
+                continue
+            if skipped:
+                self.warn(f"skipped unreadable checkpoint(s) {'; '.join(skipped)}; using {path.name}")
+            return path
+        if skipped:
+            self.warn(f"no readable checkpoint in {self.checkpoint_dir}: {'; '.join(skipped)}")
+        return None
+
+    def warn(self, message: str) -> None:
+        """A warning on stderr and in the run's log."""
+        print(f"warning: {message}", file=sys.stderr)
+        if self.root.is_dir():
+            self.log(f"warning: {message}")
 
     def log(self, message: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

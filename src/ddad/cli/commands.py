@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..config import merge, parse_assignment
 from .settings import run_settings, train_settings
 
@@ -10,8 +12,13 @@ def cmd_train(args) -> int:
 
     config, run_dir = train_settings(args)
     result = train_run(config, run_dir, resume=args.resume, progress=not args.quiet)
-    print(f"trained {result.epochs_done} epochs; last loss {result.last_loss:.4g}; "
-          f"{result.images_per_second:.1f} img/s\ncheckpoint: {result.checkpoint}\nrun: {run_dir}")
+    if result.stopped_by == "interrupted":
+        print(f"ddad train: interrupted at step {result.steps_done}; saved {result.checkpoint}\n"
+              f"continue with: ddad train --resume --run-dir {run_dir}", file=sys.stderr)
+        return 130
+    print(f"trained {result.epochs_done} epochs ({result.steps_done} steps, stopped by {result.stopped_by}); "
+          f"last loss {result.last_loss:.4g}; {result.images_per_second:.1f} img/s\ncheckpoint: "
+          f"{result.checkpoint}\nrun: {run_dir}")
     return 0
 
 

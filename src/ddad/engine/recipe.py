@@ -41,6 +41,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights used for detection (0: none); warm-up (1+n)/(10+n)
     seed: int = 0
     checkpoint_every: int = 50  # epochs; the last epoch is always saved
+    # also save after this much training time since the last save (replaced by the next one; None: never)
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 2  # newest N kept; 0 keeps all
     checkpoint_steps: tuple[int, ...] = ()  # extra checkpoints after these optimizer steps (kept)
     max_steps: int | None = None  # stop (and save) after this many optimizer steps in all
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_steps must be >= 1, got {self.checkpoint_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
+            raise ValueError(f"checkpoint_minutes must be > 0 (or null), got {self.checkpoint_minutes}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 

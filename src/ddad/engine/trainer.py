@@ -7,6 +7,10 @@ of the weights, step and time budgets, atomic checkpoints and exact resumption.
 
 The settings and the parts of a step (optimizer, warm-up, EMA) are in :mod:`ddad.engine.recipe`.
 
+Nothing is lost on interruption: SIGINT (Ctrl-C) or SIGTERM lets the current step finish, saves a
+checkpoint there and returns (``stopped_by="interrupted"``; a second signal stops at once), and a checkpoint
+is also written every ``checkpoint_minutes`` of training (each replacing the previous one of its kind).
+
 Training is deterministic given the seed: the data order and random draws of epoch e come from a
 generator seeded with (seed, e), so resuming from the checkpoint of epoch e continues exactly as an
 uninterrupted run would.
@@ -15,6 +19,8 @@ uninterrupted run would.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,7 @@ class TrainResult:
     checkpoint: str
     images_per_second: float
     steps_done: int = 0
-    stopped_by: str = "epochs"  # epochs | max_steps | max_minutes
+    stopped_by: str = "epochs"  # epochs | max_steps | max_minutes | interrupted
 
 
 StepHook = Callable[[int, int, float], None]  # (epoch, global step, loss)
@@ -48,6 +54,31 @@ class Objective(Protocol):
     def draw(self, n: int, sample_shape: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]: ...
 
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
+
+
+class StopSignals:
+    """While active (in the main thread): the first SIGINT or SIGTERM is only recorded, so that training
+    can finish its step and save; a second one interrupts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
 
 
 def as_float_images(batch: torch.Tensor) -> torch.Tensor:
@@ -88,6 +119,7 @@ def fit(
     optimizer = make_optimizer(model, tc, device)
     objective = build_objective(device)
     start_epoch, step, trained_s = 0, 0, 0.0
+    last_path: Path | None = None
     if resume:
         path = run.latest_checkpoint()
         if path is None:
@@ -102,6 +134,7 @@ def fit(
         optimizer.load_state_dict(opt_state)
         start_epoch, step = int(ckpt.info["epoch"]), int(ckpt.info["step"])
         trained_s = float(ckpt.info.get("train_seconds", 0.0))
+        last_path = path
         run.log(f"resumed from {path.name} (epoch {start_epoch}, step {step})")
     else:
         run.log(f"training started: {len(images)} images, device {device}, precision {tc.precision}")
@@ -117,29 +150,39 @@ def fit(
     data_on_device = images_cpu.to(device) if device.type == "cuda" else images_cpu
     model.train()
     last_loss = float("nan")
-    last_path = run.latest_checkpoint()
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
     marks = set(tc.checkpoint_steps)
-    stop: str | None = None  # why training ends early: max_steps | max_minutes
+    stop: str | None = None  # why training ends early: max_steps | max_minutes | interrupted
     if tc.max_minutes is not None and trained_s >= 60 * tc.max_minutes:
         stop = "max_minutes"  # resumed with its time budget already spent: nothing to train
     elif step >= total_steps and step < tc.epochs * steps_per_epoch:
         stop = "max_steps"
 
-    def save(epoch_done: int, mid_epoch: bool) -> Path:
-        # Step marks and budget ends carry their step in the name, so pruning never removes them.
+    timed: Path | None = None  # the last checkpoint written only because time had passed
+
+    def save(epoch_done: int, mid_epoch: bool, by_time: bool = False) -> Path:
+        # Step marks, budget ends and interruptions carry their step in the name, so pruning never removes them.
+        nonlocal timed, last_save
         named = mid_epoch or step in marks or stop is not None
         path = run.checkpoint_path(epoch_done, step if named else None)
         modules = {"model": model} if ema is None else {"model": model, "ema": ema}
         record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
         save_checkpoint(path, modules, record, optimizer)
+        if timed is not None and timed != path and timed.name.split("-step-")[-1] not in marks_names:
+            timed.unlink(missing_ok=True)  # superseded
+        timed = path if by_time and mid_epoch and step not in marks else None
+        last_save = clock()
         return path
+
+    marks_names = {f"{m:07d}.safetensors" for m in marks}
 
     bar = tqdm(total=max(total_steps - step, 0), desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     t_start, seen = clock(), 0
+    last_save = t_start
+    signals = StopSignals().__enter__()
     try:
         for epoch in range(start_epoch, tc.epochs):
             if stop or step >= total_steps:
@@ -178,12 +221,15 @@ def fit(
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1
-                if tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes:
+                if signals.received is not None:
+                    stop = "interrupted"
+                elif tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes:
                     stop = "max_minutes"
                 elif tc.max_steps is not None and step >= tc.max_steps:
                     stop = "max_steps"
-                if not end_of_epoch and (stop or step in marks):
-                    last_path = save(epoch, mid_epoch=True)
+                time_due = tc.checkpoint_minutes is not None and clock() - last_save >= 60 * tc.checkpoint_minutes
+                if not end_of_epoch and (stop or step in marks or time_due):
+                    last_path = save(epoch, mid_epoch=True, by_time=time_due and not stop and step not in marks)
                 if stop:
                     break
             skip_batches = 0
@@ -191,7 +237,8 @@ def fit(
                 done = epoch + 1
                 run.log(f"epoch {done} step {step} loss {epoch_loss / max(done_in_epoch, 1):.6g} "
                         f"({done_in_epoch * batch / max(clock() - t_epoch, 1e-9):.2f} img/s)")
-                if done % tc.checkpoint_every == 0 or done == tc.epochs or step in marks or stop:
+                time_due = tc.checkpoint_minutes is not None and clock() - last_save >= 60 * tc.checkpoint_minutes
+                if done % tc.checkpoint_every == 0 or done == tc.epochs or step in marks or stop or time_due:
                     last_path = save(done, mid_epoch=False)
                     _prune(run, tc.keep_checkpoints)
             if stop:
@@ -201,7 +248,11 @@ def fit(
         where = f"the checkpoint {last_path}" if last_path else "no checkpoint yet"
         run.log(f"interrupted; last saved: {where}")
         raise
+    finally:
+        signals.__exit__()
     bar.close()
+    if stop == "interrupted":
+        run.log(f"{signal.Signals(signals.received).name} received: saved {last_path} at step {step}")
     rate = seen / max(clock() - t_start, 1e-9)
     epochs_done = step // steps_per_epoch
     stopped_by = stop or "epochs"

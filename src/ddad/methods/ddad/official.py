@@ -33,7 +33,7 @@ def import_official(checkpoint: Path | str, run_dir: Path | str, config: DDADCon
     model = UNet(config.model)
     load_official_state_dict(model, state)
     run = RunDir(run_dir)
-    if run.latest_checkpoint() is not None:
+    if run.checkpoints():
         raise ConfigError(f"run directory {run.root} already holds checkpoints")
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
