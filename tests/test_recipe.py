@@ -14,7 +14,7 @@ from ddad.diffusion.unet import UNet
 from ddad.runs import RunDir
 import ddad.diffusion.objective as objective
 from ddad.diffusion.objective import timestep_weights
-from ddad.engine.recipe import TrainConfig, ema_update
+from ddad.engine.recipe import ema_update
 from ddad.methods.ddad.loading import load_unet
 from ddad.runs import WeightsConfig
 

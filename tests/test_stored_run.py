@@ -21,11 +21,13 @@ def test_a_stored_run_still_loads_and_scores_as_before(tmp_path, monkeypatch):
     generate(tmp_path / "data", SynthConfig(size=16, train=8, test_good=3, test_defective_per_type=1,
                                             categories=("washer",)))
     shutil.copytree(STORED, tmp_path / "run")
-    monkeypatch.chdir(tmp_path)  # the stored config names its data root relative to where it trained
-    assert main(["test", "run", "--no-images", "--quiet"]) == 0
+    # The stored config names its data root relative to where it trained (tmp_path here). 0.2 finds it from
+    # any working directory: here from inside the run directory, where "data" is not.
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["test", ".", "--no-images", "--quiet"]) == 0
     got = list(csv.DictReader(open(tmp_path / "run" / "test" / "scores.csv")))
     want = list(csv.DictReader(open(EXPECTED / "scores.csv")))
-    assert [r["image"] for r in got] == [r["image"] for r in want]
+    assert [Path(r["image"]) for r in got] == [tmp_path / r["image"] for r in want]
     for g, w in zip(got, want):  # bit-identical at one thread count; other counts round differently
         assert float(g["score"]) == pytest.approx(float(w["score"]), rel=1e-5), g["image"]
     metrics = json.loads((tmp_path / "run" / "test" / "metrics.json").read_text())

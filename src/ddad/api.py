@@ -16,7 +16,7 @@ from .backbones import WeightsNotFound, resolve_weights
 from .checkpoint import atomic_write_text
 from .config import ConfigError, RunSettings
 from .data.formats import DataConfig, build_index
-from .data.splits import load_train_images
+from .data.splits import check_images, load_train_images
 from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
@@ -55,14 +55,18 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     method = get_method(config.method)
     if resume:
         stored = load_config(run)
-        if replace(stored, train=config.train) != config:
+        if replace(stored, train=config.train) != replace(config, data=config.data.located(run.root)):
             raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
     elif run.checkpoints():
         raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "
                           f"or choose another --run-dir")
+    if not resume:  # a run finds its data from any working directory
+        config = config.replace(data=config.data.absolute())
     index = build_index(config.data)
     method.check_training_set(config, index)
     print(index.describe())
+    if not resume:  # a bad test file stops now, not after the training
+        check_images(index.test, config.data, "test", progress=progress)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(config)
     atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
@@ -81,12 +85,13 @@ def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | N
 
 
 def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: Path, threshold: float | None = None,
-            config: Any = None, save_images: bool = True, progress: bool = True) -> list[dict]:
-    """Score unlabelled images; writes OUT/scores.csv and heatmap PNGs. Returns one dict per image."""
+            config: Any = None, save_images: bool = True, progress: bool = True,
+            exclude: Sequence[str] = ()) -> list[dict]:
+    """Score unlabelled images; writes OUT/scores.csv and heatmap PNGs. Returns one dict per file."""
     run = _run(run_dir).require()
     config = config or load_config(run)
     loaded = get_method(config.method).load(run, config, progress)
-    return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress)
+    return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress, exclude)
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None) -> Path:

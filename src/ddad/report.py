@@ -64,6 +64,10 @@ def _svg_histogram(good: np.ndarray, bad: np.ndarray, threshold: float | None, w
             bh = ph * counts[i] / top
             bars.append(f'<rect x="{m + i * bw:.1f}" y="{20 + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" '
                         f'class="{cls}"/>')
+    ticks = "".join(f'<line x1="{m + pw * k / 4:.1f}" y1="{20 + ph}" x2="{m + pw * k / 4:.1f}" y2="{20 + ph + 4}" '
+                    f'class="frame"/><text x="{m + pw * k / 4:.1f}" y="{20 + ph + 16}" '
+                    f'text-anchor="{("start", "middle", "middle", "middle", "end")[k]}">{lo + (hi - lo) * k / 4:.3g}'
+                    f'</text>' for k in range(5))
     thr = ""
     if threshold is not None:
         tx = m + pw * (threshold - lo) / (hi - lo)
@@ -72,8 +76,7 @@ def _svg_histogram(good: np.ndarray, bad: np.ndarray, threshold: float | None, w
     return (f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="score histogram">'
             f'<text x="{w / 2}" y="13" text-anchor="middle" class="title">Image scores</text>'
             f'{"".join(bars)}{thr}<rect x="{m}" y="20" width="{pw}" height="{ph}" class="frame"/>'
-            f'<text x="{m}" y="{20 + ph + 16}">{lo:.4g}</text>'
-            f'<text x="{m + pw}" y="{20 + ph + 16}" text-anchor="end">{hi:.4g}</text>'
+            f'{ticks}'
             f'<rect x="{m}" y="{h - 18}" width="10" height="10" class="good"/><text x="{m + 14}" y="{h - 9}">good</text>'
             f'<rect x="{m + 70}" y="{h - 18}" width="10" height="10" class="bad"/>'
             f'<text x="{m + 84}" y="{h - 9}">defective</text></svg>')
@@ -91,7 +94,8 @@ stroke-dasharray:4 3} .curve{fill:none;stroke:#1f6fb4;stroke-width:2} .good{fill
 .item{margin:10px 0;padding:6px;border-left:5px solid #ccc} .item.fn{border-color:#d62728}
 .item.fp{border-color:#ff9f1c} .item.ok{border-color:#2ca02c} .item img{max-width:100%;image-rendering:pixelated}
 .tag{display:inline-block;font-size:12px;padding:1px 6px;border-radius:3px;color:#fff;margin-right:6px}
-.settings td{padding:1px 10px;font-size:12px} .tag.fn{background:#d62728} .tag.fp{background:#ff9f1c} .tag.ok{background:#2ca02c}
+.settings td{padding:1px 10px;font-size:12px} .note{color:#7a4b00;background:#fff6e0;padding:6px 10px;
+max-width:900px} .tag.fn{background:#d62728} .tag.fp{background:#ff9f1c} .tag.ok{background:#2ca02c}
 """
 
 
@@ -184,6 +188,18 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
                           f"{float(r['score']):.4g}<br>{img}</div>")
         heading = f"<h3>{html.escape(category)}</h3>" if several else ""
         sections.append(heading + "".join(blocks))
+    notes = []
+    if threshold is not None and "test split" in (metrics.threshold_source or ""):
+        notes.append(f"The threshold was chosen {html.escape(metrics.threshold_source)}: the counts of missed defects "
+                     "and false alarms below are measured on the same images it was fitted to, so they are "
+                     "optimistic.")
+    sizes = metrics.info.get("original_sizes") or {}
+    size = metrics.info.get("image_size")
+    stretched = [s for s in sizes if len(set(s.split("x"))) > 1]
+    if size and stretched:
+        notes.append(f"The test images are {', '.join(stretched[:3])} pixels; the model sees them resized to "
+                     f"{size} x {size} without keeping the aspect ratio, and so do the panels below.")
+    notes_html = "".join(f"<p class='note'>{n}</p>" for n in notes)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddad report — "
             f"{html.escape(metrics.dataset)}</title><style>{_CSS}</style></head><body>"
             f"<h1>ddad report — {html.escape(metrics.dataset)}</h1>"
@@ -191,6 +207,6 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
             f"<details><summary>settings</summary><table class='settings'>{settings}</table></details>"
             f"<h2>Curves</h2><div class='plots'>{''.join(plots)}</div>"
             f"<h2>Test images ({counts['fn']} missed defects, {counts['fp']} false alarms at the threshold; worst "
-            f"first{', by category' if several else ''})</h2>{''.join(sections)}</body></html>")
+            f"first{', by category' if several else ''})</h2>{notes_html}{''.join(sections)}</body></html>")
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"

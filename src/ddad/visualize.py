@@ -42,32 +42,61 @@ def _tile(arr: np.ndarray, size: int) -> Image.Image:
     return img.resize((size, size), Image.NEAREST if img.width < size else Image.BILINEAR)
 
 
+def colour_range(maps: torch.Tensor) -> tuple[float, float]:
+    """The heatmaps' colour scale: the median map value is "cold", the 99.9th percentile "hot". ``ddad test``
+    stores its range with the threshold, and ``ddad predict`` uses that one, so both colour alike."""
+    vmin, vmax = (float(q) for q in np.quantile(maps.detach().float().cpu().numpy(), [0.5, 0.999]))
+    return vmin, max(vmax, vmin + 1e-12)
+
+
+def colour_bar(width: int, vmin: float, vmax: float, threshold: float | None = None) -> Image.Image:
+    """A horizontal scale of the heatmap colours from ``vmin`` to ``vmax``, the threshold marked."""
+    bar_h, text_h = 10, 14
+    ramp = colormap(np.linspace(0.0, 1.0, width))[None].repeat(bar_h, axis=0)
+    canvas = Image.new("RGB", (width, bar_h + text_h), (255, 255, 255))
+    canvas.paste(Image.fromarray((ramp * 255).round().astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((0, bar_h + 1), f"{vmin:.3g}", fill=(0, 0, 0))
+    label = f"{vmax:.3g}"
+    draw.text((width - 6 * len(label), bar_h + 1), label, fill=(0, 0, 0))
+    if threshold is not None and vmin < threshold < vmax:
+        x = int(round((threshold - vmin) / (vmax - vmin) * (width - 1)))
+        draw.line([(x, 0), (x, bar_h)], fill=(0, 0, 0), width=2)
+        draw.text((max(0, min(x - 15, width - 60)), bar_h + 1), "threshold", fill=(0, 0, 0))
+    return canvas
+
+
 def panel(
     image: torch.Tensor,
     reconstruction: torch.Tensor | None,
     amap: torch.Tensor,
     mask: torch.Tensor | None,
-    title: str,
+    title: str | None,
     vmin: float,
     vmax: float,
     tile: int = 192,
+    threshold: float | None = None,
 ) -> Image.Image:
-    """One row: input | reconstruction (for methods that make one) | heatmap overlay | ground truth (if
-    any), with a title."""
+    """One row: input | reconstruction (for methods that make one) | heatmap overlay with its colour scale |
+    ground truth (if any), under an optional title. Tiles are square: the images are the model's input."""
     rgb = to_rgb(image)
     tiles = [("input", rgb)] + ([] if reconstruction is None else [("reconstruction", to_rgb(reconstruction))])
+    heat_index = len(tiles)
     tiles.append(("anomaly map", heat_overlay(rgb, amap.detach().float().cpu().numpy()[0], vmin, vmax)))
     if mask is not None:
         m = mask.detach().float().cpu().numpy()[0]
         tiles.append(("ground truth", np.repeat(m[..., None], 3, axis=2)))
-    header = 34
-    canvas = Image.new("RGB", (len(tiles) * (tile + 4) + 4, tile + header + 4), (255, 255, 255))
+    header = 34 if title else 18
+    scale = colour_bar(tile, vmin, vmax, threshold)
+    canvas = Image.new("RGB", (len(tiles) * (tile + 4) + 4, tile + header + 4 + scale.height + 2), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill=(0, 0, 0))
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0))
     for i, (name, arr) in enumerate(tiles):
         x = 4 + i * (tile + 4)
-        draw.text((x, 18), name, fill=(60, 60, 60))
+        draw.text((x, header - 16), name, fill=(60, 60, 60))
         canvas.paste(_tile(arr, tile), (x, header))
+    canvas.paste(scale, (4 + heat_index * (tile + 4), header + tile + 2))
     return canvas
 
 

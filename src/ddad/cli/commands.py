@@ -141,11 +141,13 @@ def cmd_predict(args) -> int:
 
     run, config = run_settings(args)
     rows = predict(run, args.paths, args.out, args.threshold, config, save_images=not args.no_images,
-                   progress=not args.quiet)
-    flagged = sum(r["decision"] == "defective" for r in rows)
-    decided = rows and rows[0]["decision"] is not None
-    print(f"scored {len(rows)} images" + (f"; {flagged} flagged defective" if decided else
-                                          " (no threshold: run ddad test or pass --threshold)"))
+                   progress=not args.quiet, exclude=args.exclude)
+    scored = [r for r in rows if r["error"] is None]
+    flagged = sum(r["decision"] == "defective" for r in scored)
+    decided = bool(scored) and scored[0]["decision"] is not None
+    print(f"scored {len(scored)} images" + (f"; {flagged} flagged defective" if decided else
+                                            " (no threshold: run ddad test or pass --threshold)")
+          + (f"; {len(rows) - len(scored)} unreadable (see scores.csv)" if len(rows) > len(scored) else ""))
     print(f"scores: {args.out / 'scores.csv'}")
     return 0
 

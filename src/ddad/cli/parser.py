@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from importlib.metadata import version
 from pathlib import Path
+
+from ..backbones import BACKBONES
+from ..data.formats import FORMATS, DataConfig
+from ..engine.recipe import TrainConfig
 
 # Detection flags whose name is not the setting's: flag dest -> setting name.
 DETECT_RENAMES = {"scoring": "mode", "weights": "average"}
@@ -55,25 +61,37 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
         DETECT_FLAG_DESTS.extend(dict.fromkeys(a.dest for a in g._group_actions[first:]))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has a real one (not for flags whose default comes from the config)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddad", description="Diffusion-based visual anomaly detection (DDAD).")
+    parser.add_argument("--version", action="version", version=f"ddad {version('ddad')}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
-    p = sub.add_parser("synth", help="write a small synthetic dataset in the MVTec layout")
-    p.add_argument("out", type=Path)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--train", type=int, default=48)
-    p.add_argument("--test-good", type=int, default=12)
-    p.add_argument("--test-defective", type=int, default=6, help="per defect type")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--categories", nargs="+", default=None)
+    p = add("synth", help="write a small synthetic dataset in the MVTec layout")
+    p.add_argument("out", type=Path, help="folder to write (ROOT/CATEGORY/train, test, ground_truth)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--train", type=int, default=48, help="defect-free training images per category")
+    p.add_argument("--test-good", type=int, default=12, help="defect-free test images per category")
+    p.add_argument("--test-defective", type=int, default=6, help="defective test images per defect type")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--categories", nargs="+", default=None, help="which categories (default: all: stripes, washer)")
 
-    p = sub.add_parser("train", help="train the denoising UNet on defect-free images")
+    p = add("train", help="train the denoising UNet on defect-free images")
     p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections; it "
                                                "overrides the recipe and preset, flags and --set override it")
-    p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>)")
+    p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>, or "
+                                                "runs/folder-<normal-dir's name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--dataset", help="dataset format: mvtec, mpdd, visa, mtd, btad, kolektorsdd, folder")
+    p.add_argument("--dataset", help=f"dataset format: {', '.join(sorted(FORMATS))} (default {DataConfig.dataset})")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--category", help="category folder under the root; a,b,c or 'all' for several (one model "
                                       "for all of them: methods that train one per category refuse)")
@@ -81,105 +99,125 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abnormal-dir", help="folder format: defective test images")
     p.add_argument("--mask-dir", help="folder format: masks of the defective images, matched by stem")
     p.add_argument("--normal-test-dir", help="folder format: defect-free test images")
-    p.add_argument("--train-ratio", type=float, help="share of defect-free images used for training (seeded split)")
-    p.add_argument("--data-seed", type=int, help="seed of the train/test split")
+    p.add_argument("--train-ratio", type=float, help="share of defect-free images used for training (seeded "
+                                                     f"split; default {DataConfig.train_ratio})")
+    p.add_argument("--data-seed", type=int, help=f"seed of the train/test split (default {DataConfig.seed})")
     p.add_argument("--skip-bad-files", action="store_true", default=None,
-                   help="skip undecodable images with a warning (counted in the run log)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--model", choices=("ddad", "ddad-s", "compact", "tiny"), help="UNet preset")
+                   help="skip undecodable images with a warning (counted in the run log); without it, every "
+                        "image of every split is checked before training and a bad one stops it")
+    p.add_argument("--image-size", type=int, help=f"images are resized to this square size (default "
+                                                  f"{DataConfig.image_size})")
+    p.add_argument("--channels", type=int, choices=(1, 3), help=f"grey or colour (default {DataConfig.channels})")
+    p.add_argument("--model", choices=("ddad", "ddad-s", "compact", "tiny"),
+                   help="UNet preset (default: compact below 128 px on a CPU, else ddad)")
+    p.add_argument("--backbone", help=f"feature extractor of the detection, stored with the run ({', '.join(BACKBONES)}; "
+                                      "default: wide_resnet101_2 where its weights are here, else one whose "
+                                      "weights are, else pixel-only scoring)")
+    p.add_argument("--backbone-weights", help="the backbone's weights file or folder")
     p.add_argument("--preset", choices=("mvtec", "mvtec-s", "visa"),
                    help="the paper's settings for --category (Tables 9-11, with --recipe paper); flags still override")
     p.add_argument("--recipe", choices=("default", "paper"),
-                   help="training recipe: ddad's default, or the paper's exactly (Sec. 5.2, App. 7)")
+                   help="training recipe: ddad's default, or the paper's exactly (Sec. 5.2, App. 7); default: "
+                        "default, or paper with --preset")
     p.add_argument("--minutes", type=float, dest="max_minutes", help="stop (and save) after this much training time")
     p.add_argument("--max-steps", type=int, help="stop (and save) after this many optimizer steps")
     p.add_argument("--max-timestep", type=int, help="train t in [0, N] (default 250: the detector's T'); "
                                                     "-1: the whole schedule")
-    p.add_argument("--ema-decay", type=float, help="EMA of the weights for detection (0: none)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--ema-decay", type=float, help=f"EMA of the weights for detection (0: none; default "
+                                                   f"{TrainConfig.ema_decay})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {TrainConfig.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per optimizer step (default {TrainConfig.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"weight decay (default {TrainConfig.weight_decay})")
+    p.add_argument("--seed", type=int, help=f"seed of the initial weights and the data order (default "
+                                            f"{TrainConfig.seed})")
+    p.add_argument("--checkpoint-every", type=int, help=f"epochs between checkpoints (default "
+                                                        f"{TrainConfig.checkpoint_every})")
+    p.add_argument("--checkpoint-minutes", type=float, help="also save after this much training time since the "
+                                                            f"last save (default {TrainConfig.checkpoint_minutes})")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("adapt", help="domain-adapt the feature extractor of a trained run (Eq. 10)")
-    p.add_argument("run_dir", type=Path)
+    p = add("adapt", help="domain-adapt the feature extractor of a trained run (Eq. 10)")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--epochs", type=int, help="adaptation epochs (default: the run's adapt.epochs)")
     p.add_argument("--batch-size", type=int, help="per batch; split into inputs and targets")
     p.add_argument("--lambda-dl", type=float, help="distillation weight (0.1 MVTec, 0.01 VisA)")
     p.add_argument("--w", type=float, help="conditioning w_DA")
     p.add_argument("--start-step", type=int, help="T'_DA")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="learning rate of the adaptation (default: the run's adapt.lr)")
     p.add_argument("--batchnorm", choices=("frozen", "train"),
                    help="BatchNorm running statistics: frozen at ImageNet's (default) or following the training "
                         "images (the authors' code; --recipe paper runs)")
     p.add_argument("--fresh", action="store_true", help="discard earlier adaptation epochs and start again")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("sweep", help="metrics over w, v, scoring mode and extractor; diffusion once per w")
-    p.add_argument("run_dir", type=Path)
+    p = add("sweep", help="metrics over w, v, scoring mode and extractor; diffusion once per w")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--ws", type=float, nargs="+", help="conditioning values (default: the run's w)")
     p.add_argument("--vs", type=float, nargs="+", default=[1.0], help="pixel weights v for combined scoring")
     p.add_argument("--modes", nargs="+", default=["pixel", "feature", "combined"],
-                   choices=("pixel", "feature", "combined"))
-    p.add_argument("--extractors", nargs="+", default=["pretrained", "adapted"], choices=("pretrained", "adapted"))
+                   choices=("pixel", "feature", "combined"), help="scoring modes to evaluate")
+    p.add_argument("--extractors", nargs="+", default=["pretrained", "adapted"], choices=("pretrained", "adapted"),
+                   help="feature extractors to evaluate (adapted: where the run has one)")
     p.add_argument("--out", type=Path, help="CSV (default RUN_DIR/sweep.csv)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 
-    p = sub.add_parser("export", help="write the UNet step and the feature extractor as ONNX graphs")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p = add("export", help="write the UNet step and the feature extractor as ONNX graphs")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="graph format")
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
     _add_detect_flags(p)
 
-    p = sub.add_parser("presets", help="print the paper's per-category settings (Tables 9-11)")
-    p.add_argument("preset", nargs="?", choices=("mvtec", "mvtec-s", "visa"))
+    p = add("presets", help="print the paper's per-category settings (Tables 9-11)")
+    p.add_argument("preset", nargs="?", choices=("mvtec", "mvtec-s", "visa"), help="one table (default: all)")
 
-    p = sub.add_parser("import", help="make a run directory from one of the authors' published UNet checkpoints")
+    p = add("import", help="make a run directory from one of the authors' published UNet checkpoints")
     p.add_argument("checkpoint", type=Path, help="the authors' checkpoint file (torch.save of a state_dict)")
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--model", choices=("ddad", "ddad-s"), default="ddad")
-    p.add_argument("--dataset", default="mvtec")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--category", required=True)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory to create")
+    p.add_argument("--model", choices=("ddad", "ddad-s"), default="ddad", help="the checkpoint's UNet")
+    p.add_argument("--dataset", default="mvtec", help="dataset format of the test data")
+    p.add_argument("--data-root", required=True, help="dataset root folder")
+    p.add_argument("--category", required=True, help="category folder under the root")
+    p.add_argument("--image-size", type=int, default=256, help="the size the checkpoint was trained at")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="grey or colour")
     p.add_argument("--epoch", type=int, default=0, help="the epoch the checkpoint was saved at (for the record)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any setting, e.g. --set detect.sampler.w=3 (repeatable)")
 
-    p = sub.add_parser("test", help="evaluate a trained run on its test split")
-    p.add_argument("run_dir", type=Path)
+    p = add("test", help="evaluate a trained run on its test split")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/test)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
     p.add_argument("--report", action="store_true", help="also write the HTML report (RUN_DIR/report)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 
-    p = sub.add_parser("report", help="a self-contained HTML report of the last ddad test")
-    p.add_argument("run_dir", type=Path)
+    p = add("report", help="a self-contained HTML report of the last ddad test")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--test-dir", type=Path, help="ddad test output (default RUN_DIR/test)")
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/report)")
 
-    p = sub.add_parser("predict", help="score new images (files or folders) without labels")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p = add("predict", help="score new images (files or folders) without labels")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: scores.csv and images/ (the panels "
+                                                           "of an earlier predict there are replaced)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out files in the folders whose name or relative path matches (repeatable); the "
+                        "masks of the run's dataset format are always left out")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored by ddad test)")
-    p.add_argument("--no-images", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 
-    p = sub.add_parser("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")
-    p.add_argument("out", type=Path, nargs="?", default=Path("ddad-demo"))
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--category", default="washer")
-    p.add_argument("--quiet", action="store_true")
+    p = add("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")
+    p.add_argument("out", type=Path, nargs="?", default=Path("ddad-demo"), help="output folder")
+    p.add_argument("--epochs", type=int, default=80, help="training epochs of the tiny UNet")
+    p.add_argument("--category", default="washer", help="synthetic category: washer or stripes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

@@ -9,7 +9,7 @@ from ..config import ConfigError, merge, parse_assignment, read_yaml_mapping
 from .parser import DETECT_FLAG_DESTS, DETECT_RENAMES
 
 RESUMABLE_TRAIN_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "device", "precision", "max_steps",
-                          "max_minutes")
+                          "max_minutes", "checkpoint_minutes")
 
 
 def run_settings(args):
@@ -46,7 +46,8 @@ def train_settings(args):
         blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
                                      "batch_size", "lr", "weight_decay", "seed", "recipe", "max_timestep",
                                      "ema_decay", "normal_dir", "abnormal_dir",
-                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files")
+                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files",
+                                     "backbone", "backbone_weights")
                    if getattr(args, flag) is not None]
         if blocked or args.set:
             raise ConfigError(f"--resume continues a run with its stored settings; only "
@@ -79,7 +80,10 @@ def train_settings(args):
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
                   "device": args.device, "precision": args.precision, "max_minutes": args.max_minutes,
-                  "max_steps": args.max_steps, "ema_decay": args.ema_decay},
+                  "max_steps": args.max_steps, "ema_decay": args.ema_decay,
+                  "checkpoint_minutes": args.checkpoint_minutes},
+        "detect": {"backbone": args.backbone},
+        "weights": {"backbone_weights": args.backbone_weights},
     }
     for section, values in flags.items():
         data[section].update({k: v for k, v in values.items() if v is not None})
@@ -92,10 +96,47 @@ def train_settings(args):
     if args.model:  # the preset at the final image size; --set model.* still wins
         data["model"] = merge(UNetConfig.preset(args.model, data["data"]["image_size"],
                                                 data["data"]["channels"]).to_dict(), assigned.get("model") or {})
+    given = [settings.upgrade(m) for m in (file_data, assigned)]  # what the file and --set chose themselves
+
+    def chosen(section: str, *keys: str) -> bool:
+        return any(k in (m.get(section) or {}) for m in given for k in keys)
+
+    if not (args.model or args.preset or chosen("model", *data["model"])):
+        data["model"] = default_model(data["data"]["image_size"], data["data"]["channels"], data["train"]["device"])
     data["model"].update({"image_size": data["data"]["image_size"], "in_channels": data["data"]["channels"]})
+    if not (args.backbone or args.backbone_weights or args.preset or chosen("detect", "backbone")
+            or chosen("weights", "backbone_weights")):
+        data = merge(data, default_detection_backbone())
     config = settings.from_dict(data)
     if not config.data.root and not config.data.normal_dir:
         raise ConfigError("no dataset: pass --data-root (and --category), --normal-dir for the folder format, "
                           "or a --config with a data section")
-    run_dir = args.run_dir or Path("runs") / f"{config.data.dataset}-{config.data.category or 'data'}"
-    return config, run_dir
+    name = (f"folder-{Path(config.data.normal_dir).name}" if config.data.dataset == "folder"
+            else f"{config.data.dataset}-{config.data.category or 'data'}")
+    return config, args.run_dir or Path("runs") / name
+
+
+def default_model(image_size: int, channels: int, device: str) -> dict:
+    """The UNet for a run that names none: ``compact`` below 128 px on a CPU (twice DDAD-S's steps per second
+    there, BENCHMARKS.md), else the paper's ``ddad``."""
+    from ..diffusion.unet import UNetConfig
+    from ..runtime import resolve_device
+
+    name = "compact" if image_size < 128 and resolve_device(device).type == "cpu" else "ddad"
+    print(f"model: {name} (the default for {image_size} px on {resolve_device(device).type}; --model to choose)")
+    return UNetConfig.preset(name, image_size, channels).to_dict()
+
+
+def default_detection_backbone() -> dict:
+    """The detection backbone of a run that names none: one whose ImageNet weights are here now, so that
+    the run can be tested where it was trained; pixel-only scoring where there is none."""
+    from ..backbones import default_backbone
+
+    name = default_backbone()
+    if name is None:
+        print("backbone: no ImageNet weights found offline, so this run scores pixel-wise "
+              "(--backbone and --backbone-weights to use features)")
+        return {"detect": {"scoring": {"mode": "pixel"}}}
+    if name != "wide_resnet101_2":
+        print(f"backbone: {name} (wide_resnet101_2's weights are not here; --backbone to choose)")
+    return {"detect": {"backbone": name}}

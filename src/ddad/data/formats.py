@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import csv
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,7 +49,7 @@ class DataConfig:
     """Which data to read and how to present it to the model."""
 
     dataset: str = "mvtec"
-    root: str = ""
+    root: str = field(default="", metadata={"path": True})
     category: str = ""
     image_size: int = 256
     channels: int = 3
@@ -57,10 +57,10 @@ class DataConfig:
     train_ratio: float = 0.8  # for formats whose split is a ratio of defect-free images
     skip_bad_files: bool = False  # skip undecodable images with a warning instead of stopping
     # folder format only
-    normal_dir: str = ""
-    abnormal_dir: str = ""
-    mask_dir: str = ""
-    normal_test_dir: str = ""
+    normal_dir: str = field(default="", metadata={"path": True})
+    abnormal_dir: str = field(default="", metadata={"path": True})
+    mask_dir: str = field(default="", metadata={"path": True})
+    normal_test_dir: str = field(default="", metadata={"path": True})
 
     def __post_init__(self) -> None:
         if self.dataset not in FORMATS:
@@ -74,6 +74,32 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def path_fields(self) -> dict[str, str]:
+        """The settings that are paths (marked so on their fields), where set."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("path") and getattr(self, f.name)}
+
+    def absolute(self, base: Path | str | None = None) -> "DataConfig":
+        """These settings with every path absolute (relative ones taken from ``base``, default the current
+        directory): a run then finds its data from any working directory."""
+        base = Path(base) if base is not None else Path.cwd()
+        return replace(self, **{k: str((base / Path(v).expanduser()).resolve()) for k, v in self.path_fields().items()})
+
+
+    def located(self, near: Path | str) -> "DataConfig":
+        """Settings written with relative paths (ddad before 0.2 stored them as given): absolute from the
+        current directory where they exist there, else from the nearest folder above ``near`` (the run
+        directory) where they all exist; as they are when neither holds."""
+        relative = {k: v for k, v in self.path_fields().items() if not Path(v).expanduser().is_absolute()}
+        if not relative:
+            return self
+        for base in (Path.cwd(), *Path(near).resolve().parents):
+            if all((base / v).exists() for v in relative.values()):
+                if base != Path.cwd():
+                    print(f"note: data paths of this run are relative ({', '.join(relative.values())}); found them "
+                          f"under {base}")
+                return self.absolute(base)
+        return self
 
 
 def _categories(root: Path) -> list[str]:
@@ -305,6 +331,20 @@ FORMATS: dict[str, Callable[[DataConfig], DatasetIndex]] = {
 
 
 CATEGORY_FORMATS = ("mvtec", "mpdd", "visa", "btad")  # formats whose root holds categories
+
+
+def is_mask_file(path: Path, dataset: str) -> bool:
+    """Whether ``path`` is a ground-truth mask by the naming of format ``dataset`` (so that ``predict``
+    pointed at a dataset folder scores its parts, not its masks)."""
+    path = Path(path)
+    parents = {p.name.lower() for p in path.parents}
+    if dataset in ("mvtec", "mpdd", "btad", "visa"):
+        return "ground_truth" in parents or "masks" in parents or path.stem.endswith("_mask")
+    if dataset == "kolektorsdd":
+        return path.stem.endswith("_label")
+    if dataset == "mtd":  # Imgs/NAME.jpg is the image, Imgs/NAME.png its mask
+        return path.suffix.lower() == ".png" and path.with_suffix(".jpg").is_file()
+    return False
 
 
 def available_categories(config: DataConfig) -> list[str]:

@@ -5,6 +5,7 @@ and the files a user points ``predict`` at. Unreadable files stop with an error 
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dataset import DatasetIndex, ImageSet, Sample
-from .formats import DataConfig, build_index
+from .formats import DataConfig, build_index, is_mask_file
 from .io import DatasetError, is_image_file
 
 Log = Callable[[str], None]
@@ -29,6 +30,27 @@ def report_skipped(skipped: list[tuple[Sample, str]], split: str, log: Log | Non
         print(f"  {reason}")
     if log is not None:
         log(f"skipped {len(skipped)} unreadable {split} file(s): " + "; ".join(r for _, r in skipped))
+
+
+def check_images(samples: Sequence[Sample], data: DataConfig, split: str, progress: bool = True,
+                 log: Log | None = None) -> list[tuple[Sample, str]]:
+    """Decode every image (and mask) of ``samples`` once. Unreadable ones are an error that lists them,
+    or, with ``skip_bad_files``, a warning (they are left out of that split wherever it is used)."""
+    images = ImageSet(samples, data.image_size, data.channels, cache=False)
+    bad = []
+    for i, sample in enumerate(tqdm(samples, desc=f"checking {split} images", unit="img", leave=False,
+                                    disable=not progress)):
+        try:
+            images.load(i)
+        except DatasetError as exc:
+            bad.append((sample, str(exc)))
+    if bad and not data.skip_bad_files:
+        listed = "\n  ".join(reason for _, reason in bad[:10])
+        more = f"\n  and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DatasetError(f"{len(bad)} of the {len(samples)} {split} images cannot be read:\n  {listed}{more}\n"
+                           f"Fix or remove them, or pass --skip-bad-files to leave them out")
+    report_skipped(bad, split, log)
+    return bad
 
 
 def load_train_images(data: DataConfig, index: DatasetIndex | None = None, progress: bool = True,
@@ -99,16 +121,26 @@ def calibration_images(data: DataConfig, count: int, seed: int) -> torch.Tensor:
     return torch.stack(picked)
 
 
-def collect_images(paths: Sequence[Path | str]) -> list[Path]:
-    """Files as given, and image files inside given folders (recursively), in a stable order."""
+def collect_images(paths: Sequence[Path | str], exclude: Sequence[str] = (), dataset: str | None = None
+                   ) -> list[Path]:
+    """Files as given, and image files inside given folders (recursively), in a stable order; inside folders
+    leaving out files whose name or path matches a glob of ``exclude`` and the masks of format ``dataset``."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(q for q in p.rglob("*") if is_image_file(q)))
+            found.extend(sorted(q for q in p.rglob("*") if is_image_file(q) and not _excluded(q, p, exclude, dataset)))
         elif p.is_file():
             found.append(p)
         else:
             raise DatasetError(f"no such file or folder: {p}")
     if not found:
-        raise DatasetError(f"no images found in {', '.join(map(str, paths))}")
+        raise DatasetError(f"no images found in {', '.join(map(str, paths))}"
+                           + (f" (excluding {', '.join(exclude)})" if exclude else ""))
     return found
+
+
+def _excluded(path: Path, folder: Path, patterns: Sequence[str], dataset: str | None) -> bool:
+    relative = path.relative_to(folder).as_posix()
+    if any(fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(relative, g) for g in patterns):
+        return True
+    return dataset is not None and is_mask_file(path, dataset)

@@ -88,21 +88,24 @@ class ThresholdMismatch(ValueError):
     """The stored threshold was chosen under another calibration key."""
 
 
-def store_threshold(run: RunDir, threshold: float, source: str, key: CalibrationKey) -> None:
+def store_threshold(run: RunDir, threshold: float, source: str, key: CalibrationKey,
+                    colour_scale: tuple[float, float] | None = None) -> None:
+    """The decision threshold (and the heatmaps' colour scale of the same test) under ``key``."""
     atomic_write_text(run.threshold_path, json.dumps(
-        {"threshold": threshold, "source": source, "calibration_key": key.digest, "key": key.as_dict()},
-        indent=2, default=str))
+        {"threshold": threshold, "source": source, "colour_scale": colour_scale, "calibration_key": key.digest,
+         "key": key.as_dict()}, indent=2, default=str))
 
 
-def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> float | None:
-    """The run's stored threshold if it was chosen under ``key``; None when there is none. One chosen under
-    another key is an error that lists what differs and says how to make a valid one (``remedy``)."""
+def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> dict | None:
+    """The run's stored threshold record (``threshold``, ``source``, ``colour_scale``) if it was chosen
+    under ``key``; None when there is none. One chosen under another key is an error that lists what
+    differs and says how to make a valid one (``remedy``)."""
     path = run.threshold_path
     if not path.is_file():
         return None
     stored = json.loads(path.read_text())
     if stored.get("calibration_key") == key.digest:
-        return float(stored["threshold"])
+        return stored
     if "key" in stored:
         differences = key_differences(stored["key"], json.loads(json.dumps(key.as_dict(), default=str)))
         why = "it was chosen under other settings (" + "; ".join(differences[:8]) + \

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,12 +21,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text
+from ..data.io import image_size_of
 from ..data.splits import TestSplit, load_test_split
 from ..metrics import evaluate, f1_optimal_threshold
 from ..results import AnomalyResult, SplitMetrics, TestMetrics, image_panel_name
 from ..runs import RunDir
 from ..scoring import crop
-from ..visualize import panel, save_png
+from ..visualize import colour_range, panel, save_png
 from .calibration import store_threshold
 from .detection import LoadedDetector
 
@@ -75,31 +77,32 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     curves: dict = {}
     overall, per_category = measure(split, result, loaded.crop, curves)
     threshold = f1_optimal_threshold(scores, split.labels)
+    sizes = Counter(f"{w}x{h}" for h, w in (image_size_of(s.image) for s in split.samples))
+    info = {**loaded.info, "image_size": loaded.data.image_size, "original_sizes": dict(sizes.most_common())}
     metrics = TestMetrics(dataset=split.name, overall=overall, categories=per_category, threshold=threshold,
                           threshold_source=THRESHOLD_SOURCE, calibration_key=loaded.key.digest,
-                          seconds=time.perf_counter() - t0, settings=loaded.settings, info=loaded.info)
+                          seconds=time.perf_counter() - t0, settings=loaded.settings, info=info)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.save(out_dir / "metrics.json")
     atomic_write_text(out_dir / "curves.json", json.dumps(curves))
     write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score"],
               [(str(s.image), s.category, s.defect_type, s.label, float(v)) for s, v in zip(split.samples, scores)])
+    colours = colour_range(result.anomaly_map)
     if threshold is not None:
-        store_threshold(run, threshold, THRESHOLD_SOURCE, loaded.key)
+        store_threshold(run, threshold, THRESHOLD_SOURCE, loaded.key, colours)
     if save_images:
-        write_panels(split, result, out_dir / "images", progress)
+        write_panels(split, result, out_dir / "images", colours, threshold, progress)
     return metrics
 
 
-def write_panels(split: TestSplit, result: AnomalyResult, folder: Path, progress: bool = True) -> None:
-    """One PNG per test image. Colour scale shared by all panels: the median map value is "cold", the
-    99.9th percentile "hot"."""
-    amap = result.anomaly_map
-    vmin, vmax = (float(q) for q in np.quantile(amap.numpy(), [0.5, 0.999]))
+def write_panels(split: TestSplit, result: AnomalyResult, folder: Path, colours: tuple[float, float],
+                 threshold: float | None = None, progress: bool = True) -> None:
+    """One PNG per test image, all in the colour scale ``colours`` (the report captions them, so they
+    carry no title)."""
     several = len(split.categories) > 1
-    scores = result.pred_score.numpy()
     for i, s in enumerate(tqdm(split.samples, desc="images", unit="img", disable=not progress, leave=False)):
-        title = f"{s.defect_type}/{s.image.name}  score {scores[i]:.4g}"
         mask = split.masks[i] if s.mask is not None or s.label == 0 else None
         recon = None if result.reconstruction is None else result.reconstruction[i]
         name = image_panel_name(s.category if several else "", s.defect_type, s.image)
-        save_png(panel(split.images[i], recon, amap[i], mask, title, vmin, vmax), folder / f"{name}.png")
+        save_png(panel(split.images[i], recon, result.anomaly_map[i], mask, None, *colours, threshold=threshold),
+                 folder / f"{name}.png")

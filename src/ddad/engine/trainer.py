@@ -178,9 +178,12 @@ def fit(
 
     marks_names = {f"{m:07d}.safetensors" for m in marks}
 
-    bar = tqdm(total=max(total_steps - step, 0), desc="train", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    # With a time budget the bar counts training seconds, so its total and ETA are the budget's.
+    budget_s = None if tc.max_minutes is None else max(60 * tc.max_minutes - trained_s, 0.0)
+    bar = tqdm(total=max(total_steps - step, 0) if budget_s is None else round(budget_s), desc="train",
+               unit="step" if budget_s is None else "s", disable=not progress, dynamic_ncols=True)
     t_start, seen = clock(), 0
+    shown = 0.0  # training seconds the time bar has shown
     last_save = t_start
     signals = StopSignals().__enter__()
     try:
@@ -216,8 +219,14 @@ def fit(
                 epoch_loss += last_loss
                 seen += len(idx)
                 rate = seen / max(clock() - t_start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{last_loss:.4g}", img_s=f"{rate:.1f}")
+                if budget_s is None:
+                    bar.update(1)
+                else:
+                    elapsed = min(clock() - t_start, budget_s)
+                    bar.update(round(elapsed) - round(shown))
+                    shown = elapsed
+                bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", step=step, loss=f"{last_loss:.4g}",
+                                img_s=f"{rate:.1f}")
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1

@@ -34,4 +34,5 @@ def load_run_config(run: RunDir) -> RunSettings:
     """The run's settings, typed by its method, from config.yaml as any version wrote it."""
     data = run.read_config()
     settings = method_of(data).settings
-    return settings.from_mapping(settings.upgrade_stored(data), run.config_path)
+    config = settings.from_mapping(settings.upgrade_stored(data), run.config_path)
+    return config.replace(data=config.data.located(run.root))
