@@ -14,7 +14,7 @@ from ddad.diffusion.unet import UNet
 from ddad.runs import RunDir
 import ddad.diffusion.objective as objective
 from ddad.diffusion.objective import timestep_weights
-from ddad.engine.recipe import ema_update
+from ddad.engine.recipe import TrainConfig, ema_update
 from ddad.methods.ddad.loading import load_unet
 from ddad.runs import WeightsConfig
 
@@ -192,3 +192,12 @@ def test_warmup_clipping_and_ema_follow_their_formulas(tmp_path, monkeypatch):
         assert torch.allclose(stored[name], expected, atol=1e-6, rtol=1e-5), name
     raw = ckpt.state_dict("model")
     assert any(not torch.allclose(raw[n], stored[n]) for n in params)  # the EMA is not the raw weights
+
+
+def test_learning_rate_warms_up_then_decays_by_epoch():
+    from ddad.engine.recipe import learning_rate
+
+    tc = TrainConfig(lr=1e-3, warmup_steps=2, lr_decay_epochs=(3, 5), lr_decay=0.1)
+    assert [learning_rate(tc, s, 0) for s in (0, 1, 2)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert [learning_rate(tc, 100, e) for e in (2, 3, 4, 5, 9)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    assert learning_rate(TrainConfig(lr=3e-4, warmup_steps=0), 7, 7) == 3e-4  # no decay: exactly lr

@@ -72,7 +72,7 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
     # Several categories: uint8 in memory (a quarter of float32's; all of VisA at 256 px is ~7 GB as float).
     images = load_train_images(config.data, index, progress, run.log, uint8=len(index.categories) > 1)
-    return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step)
+    return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step, index=index)
 
 
 def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None, save_images: bool = True,

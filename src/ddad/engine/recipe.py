@@ -37,6 +37,8 @@ class TrainConfig:
     timestep_weighting: str = "uniform"  # uniform | min-snr (Hang et al. 2023, weight min(SNR, gamma) / SNR)
     min_snr_gamma: float = 5.0
     warmup_steps: int = 100  # linear learning-rate warm-up from 0
+    lr_decay_epochs: tuple[int, ...] = ()  # step decay: the learning rate is multiplied by lr_decay at each
+    lr_decay: float = 0.1
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     ema_decay: float = 0.999  # EMA of the weights used for detection (0: none); warm-up (1+n)/(10+n)
     seed: int = 0
@@ -71,6 +73,9 @@ class TrainConfig:
             raise ValueError(f"max_timestep must be >= 0 (or null for the whole schedule), got {self.max_timestep}")
         if self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        if any(e < 1 for e in self.lr_decay_epochs) or not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay_epochs must be >= 1 and lr_decay in (0, 1], got {self.lr_decay_epochs}, "
+                             f"{self.lr_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -127,6 +132,13 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate multiplier of optimizer step ``step`` (0-based): linear from 1/warmup to 1."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def learning_rate(config: TrainConfig, step: int, epoch: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) in epoch ``epoch`` (0-based): warm-up, then
+    multiplied by ``lr_decay`` at each of ``lr_decay_epochs`` reached."""
+    decays = sum(epoch >= e for e in config.lr_decay_epochs)
+    return config.lr * warmup_factor(step, config.warmup_steps) * config.lr_decay ** decays
 
 
 def ema_decay_at(step: int, decay: float) -> float:

@@ -31,7 +31,7 @@ import torch
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..runs import RunDir
 from ..runtime import autocast, resolve_device
-from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, make_optimizer, warmup_factor
+from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, learning_rate, make_optimizer
 
 
 @dataclass
@@ -81,6 +81,20 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global generators' states (the CPU's, and the device's on CUDA): what dropout draws from."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def as_float_images(batch: torch.Tensor) -> torch.Tensor:
     """Training images as float in [-1, 1]: float tensors pass through, uint8 ones (0..255) are scaled."""
     if batch.dtype == torch.uint8:
@@ -120,6 +134,7 @@ def fit(
     objective = build_objective(device)
     start_epoch, step, trained_s = 0, 0, 0.0
     last_path: Path | None = None
+    resumed_rng: dict[str, torch.Tensor] | None = None
     if resume:
         path = run.latest_checkpoint()
         if path is None:
@@ -135,6 +150,7 @@ def fit(
         start_epoch, step = int(ckpt.info["epoch"]), int(ckpt.info["step"])
         trained_s = float(ckpt.info.get("train_seconds", 0.0))
         last_path = path
+        resumed_rng = ckpt.state_dict("rng") if ckpt.has("rng") else None
         run.log(f"resumed from {path.name} (epoch {start_epoch}, step {step})")
     else:
         run.log(f"training started: {len(images)} images, device {device}, precision {tc.precision}")
@@ -168,6 +184,7 @@ def fit(
         named = mid_epoch or step in marks or stop is not None
         path = run.checkpoint_path(epoch_done, step if named else None)
         modules = {"model": model} if ema is None else {"model": model, "ema": ema}
+        modules["rng"] = rng_state(device)  # dropout's generator: a mid-epoch resume continues it exactly
         record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
         save_checkpoint(path, modules, record, optimizer)
         if timed is not None and timed != path and timed.name.split("-step-")[-1] not in marks_names:
@@ -192,6 +209,8 @@ def fit(
                 break
             gen = torch.Generator().manual_seed(epoch_seed(tc.seed, epoch))
             torch.manual_seed(epoch_seed(tc.seed, epoch) + 1)  # dropout
+            if skip_batches and resumed_rng is not None:  # resumed mid-epoch: dropout's state at that step
+                set_rng_state(resumed_rng, device)
             perm = torch.randperm(n, generator=gen)
             epoch_loss, t_epoch, done_in_epoch = 0.0, clock(), 0
             for b in range(steps_per_epoch):
@@ -203,7 +222,7 @@ def fit(
                     memory_format=memory_format)
                 draws = tuple(d.to(device) for d in draws)
                 for group in optimizer.param_groups:
-                    group["lr"] = tc.lr * warmup_factor(step, tc.warmup_steps)
+                    group["lr"] = learning_rate(tc, step, epoch)
                 with autocast(device, tc.precision):
                     loss = objective.loss(model, x0, draws)
                 optimizer.zero_grad(set_to_none=True)

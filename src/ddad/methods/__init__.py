@@ -14,8 +14,9 @@ from typing import Any, Mapping
 from ..config import ConfigError, RunSettings
 from ..runs import RunDir
 from .ddad import DDAD
+from .drdc import DRDC
 
-METHODS = {"ddad": DDAD()}
+METHODS = {"ddad": DDAD(), "drdc": DRDC()}
 DEFAULT_METHOD = "ddad"  # config.yaml files written before ddad had several methods
 
 

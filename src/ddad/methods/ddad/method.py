@@ -25,6 +25,9 @@ class DDAD:
     name = "ddad"
     settings = DDADConfig
     with_detection = staticmethod(with_detection)
+    backbone_setting = ("detect", "backbone")  # where ``--backbone`` goes
+    preferred_backbones = ("wide_resnet101_2", "mobilenet_v2")  # the paper's, else ddad's README install's
+    needs_features = False  # pixel-wise scoring works without a backbone
 
     def check_training_set(self, config: DDADConfig, index: DatasetIndex) -> None:
         if len(index.categories) > 1:
@@ -34,7 +37,8 @@ class DDAD:
                 f"(--category {index.categories[0]} --run-dir ...)")
 
     def fit(self, run: RunDir, config: DDADConfig, images: torch.Tensor, resume: bool = False,
-            progress: bool = True, on_step: StepHook | None = None) -> TrainResult:
+            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None
+            ) -> TrainResult:
         """Train the UNet of ``config.model`` on ``images`` (N, C, H, W) with the DDPM objective."""
         model, tc, n_timesteps = config.model, config.train, config.schedule.num_timesteps
         if images.ndim != 4 or images.shape[1] != model.in_channels:

@@ -1,0 +1,130 @@
+"""The unified multi-category benchmark (issue 17): 13 real categories of ../shared/data as one dataset.
+
+    python benchmarks/unified.py layout OUT             # OUT/<category>/... in the MVTec layout (symlinks)
+    ddad train --method drdc --data-root OUT --category all --image-size 224 --minutes 10 --run-dir RUN
+    ddad test RUN --no-images                          # per category and mean
+    python benchmarks/unified.py latency RUN           # ms per image at batch 1, peak memory
+    python benchmarks/unified.py patchcore OUT --out benchmarks/results/unified/patchcore.json
+
+mtd and kolektorsdd are split as ddad splits them (seeded 80 % of the defect-free images train); mpdd's
+metal_plate and the ten deeppcb board groups are in the MVTec layout already. Grey images are read as RGB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MOBILENET = SHARED.parent / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        dst.symlink_to(src.resolve())
+
+
+def cmd_layout(args) -> None:
+    from ddad.data.formats import DataConfig, build_index
+
+    out = Path(args.out)
+    for name, dataset in (("mtd", "mtd"), ("kolektorsdd", "kolektorsdd")):
+        index = build_index(DataConfig(dataset=dataset, root=str(SHARED / name)))
+        for s in index.train:
+            _link(s.image, out / name / "train" / "good" / f"{s.image.parent.name}_{s.image.name}")
+        for s in index.test:
+            stem = f"{s.image.parent.name}_{s.image.stem}"
+            _link(s.image, out / name / "test" / s.defect_type / f"{stem}{s.image.suffix}")
+            if s.mask is not None:
+                _link(s.mask, out / name / "ground_truth" / s.defect_type / f"{stem}_mask{s.mask.suffix}")
+    _link(SHARED / "mpdd" / "metal_plate", out / "metal_plate")
+    for group in sorted((SHARED / "deeppcb").iterdir()):
+        if group.is_dir():
+            _link(group, out / group.name)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+def cmd_latency(args) -> None:
+    """Inference time per image at batch 1 (backbone included) and the process's peak memory."""
+    from ddad import load_config
+    from ddad.data.splits import load_test_split
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    config = load_config(run)
+    loaded = get_method(config.method).load(run, config, progress=False)
+    images = load_test_split(config.data, progress=False).images[: args.images]
+    loaded.detect(images[:1])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(len(images)):
+        loaded.detect(images[i:i + 1])
+    ms = 1000 * (time.perf_counter() - t0) / len(images)
+    row = {"run": str(run.root), "ms_per_image_batch1": ms, "threads": torch.get_num_threads(),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "date": str(date.today())}
+    print(json.dumps(row))
+
+
+def cmd_patchcore(args) -> None:
+    """PatchCore with one memory bank per category, and one bank for all categories (its unified form)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from patchcore import run_patchcore
+
+    from ddad.backbones import create_backbone
+    from ddad.data.formats import DataConfig, build_index
+    from ddad.data.splits import load_test_split, load_train_images
+    from ddad.engine.testing import split_metrics
+
+    base = DataConfig(dataset="mvtec", root=str(args.root), category="all", image_size=args.image_size, channels=3)
+    categories = build_index(base).categories
+    extractor = create_backbone("mobilenet_v2", (2, 3), weights=str(MOBILENET) if MOBILENET.is_file() else None)
+    rows = []
+
+    def evaluate(setting: str, train_data: DataConfig, test_categories: list[str]) -> None:
+        train = load_train_images(train_data, progress=False)
+        for category in test_categories:
+            split = load_test_split(replace(base, category=category), progress=False)
+            pc = run_patchcore(extractor, train, split.images, args.fraction, 4.0 * args.image_size / 256, 1.0)
+            rows.append({"setting": setting, "category": category, "train_images": len(train),
+                         **asdict(split_metrics(split, pc.scores.numpy(), pc.maps, 1.0)),
+                         "fit_s": pc.fit_seconds, "ms_per_image": 1000 * pc.predict_seconds_per_image,
+                         "date": str(date.today())})
+            print(json.dumps(rows[-1]), flush=True)
+
+    for category in categories:
+        evaluate("per category", replace(base, category=category), [category])
+    if args.unified:
+        evaluate("one bank for all", base, categories)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("layout")
+    q.add_argument("out", type=Path)
+    q = sub.add_parser("latency")
+    q.add_argument("run_dir", type=Path)
+    q.add_argument("--images", type=int, default=50)
+    q = sub.add_parser("patchcore")
+    q.add_argument("root", type=Path)
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--fraction", type=float, default=0.1)
+    q.add_argument("--unified", action="store_true")
+    q.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    {"layout": cmd_layout, "latency": cmd_latency, "patchcore": cmd_patchcore}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
