@@ -187,13 +187,11 @@ def fit(
         modules["rng"] = rng_state(device)  # dropout's generator: a mid-epoch resume continues it exactly
         record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
         save_checkpoint(path, modules, record, optimizer)
-        if timed is not None and timed != path and timed.name.split("-step-")[-1] not in marks_names:
+        if timed is not None and timed != path:
             timed.unlink(missing_ok=True)  # superseded
         timed = path if by_time and mid_epoch and step not in marks else None
         last_save = clock()
         return path
-
-    marks_names = {f"{m:07d}.safetensors" for m in marks}
 
     # With a time budget the bar counts training seconds, so its total and ETA are the budget's.
     budget_s = None if tc.max_minutes is None else max(60 * tc.max_minutes - trained_s, 0.0)
