@@ -40,16 +40,21 @@ def jitter(features: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.T
     return features + noise * norms * scale
 
 
+def _feed_forward(cfg: ReconstructionConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.hidden))
+
+
+def _attention(cfg: ReconstructionConfig) -> nn.MultiheadAttention:
+    return nn.MultiheadAttention(cfg.hidden, cfg.heads, dropout=cfg.dropout, batch_first=True)
+
+
 class DecoderLayer(nn.Module):
     """Post-norm decoder layer with its own learned query embedding (one per token)."""
 
     def __init__(self, tokens: int, cfg: ReconstructionConfig) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.randn(tokens, cfg.hidden) * 0.02)
-        self.self_attn = nn.MultiheadAttention(cfg.hidden, cfg.heads, dropout=cfg.dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(cfg.hidden, cfg.heads, dropout=cfg.dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.ReLU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.ffn, cfg.hidden))
+        self.self_attn, self.cross_attn, self.ffn = _attention(cfg), _attention(cfg), _feed_forward(cfg)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(3))
         self.dropouts = nn.ModuleList(nn.Dropout(cfg.dropout) for _ in range(3))
 
@@ -67,9 +72,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: ReconstructionConfig) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(cfg.hidden, cfg.heads, dropout=cfg.dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.ReLU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.ffn, cfg.hidden))
+        self.attn, self.ffn = _attention(cfg), _feed_forward(cfg)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(2))
         self.dropouts = nn.ModuleList(nn.Dropout(cfg.dropout) for _ in range(2))
 
