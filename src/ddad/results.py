@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .checkpoint import atomic_write_text
+
 
 @dataclass
 class AnomalyResult:
@@ -99,8 +101,6 @@ class TestMetrics:
         }
 
     def save(self, path: Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod

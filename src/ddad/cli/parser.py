@@ -10,6 +10,7 @@ from pathlib import Path
 from ..backbones import BACKBONES
 from ..data.formats import FORMATS, DataConfig
 from ..engine.recipe import TrainConfig
+from ..methods import METHODS
 
 # Detection flags whose name is not the setting's: flag dest -> setting name.
 DETECT_RENAMES = {"scoring": "mode", "weights": "average"}
@@ -27,7 +28,7 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="number of network calls (DDAD-n); sets --skip")
     g.add_argument("--scoring", choices=("combined", "pixel", "feature"), help="which distances make the map")
     g.add_argument("--pixel-only", action="store_true", help="same as --scoring pixel (needs no backbone)")
-    g.add_argument("--backbone", help="feature extractor (wide_resnet101_2, wide_resnet50_2, resnet18, resnet50, mobilenet_v2)")
+    g.add_argument("--backbone", help=f"feature extractor ({', '.join(BACKBONES)})")
     g.add_argument("--backbone-weights", help="weights file or folder; 'random' for random weights")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing backbone weights")
     g.add_argument("--sigma", type=float, help="Gaussian smoothing of the map")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+", default=None, help="which categories (default: all: stripes, washer)")
 
     p = add("train", help="train the denoising UNet on defect-free images")
-    p.add_argument("--method", choices=("ddad", "drdc"),
+    p.add_argument("--method", choices=sorted(METHODS),
                    help="ddad: one diffusion model per category (default); drdc: one feature-reconstruction model "
                         "for all the categories of --category (its base model so far)")
     p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections; it "

@@ -57,8 +57,8 @@ class Objective(Protocol):
 
 
 class StopSignals:
-    """While active (in the main thread): the first SIGINT or SIGTERM is only recorded, so that training
-    can finish its step and save; a second one interrupts at once (KeyboardInterrupt)."""
+    """Between :meth:`install` and :meth:`restore` (in the main thread): the first SIGINT or SIGTERM is only
+    recorded, so that training can finish its step and save; a second one interrupts at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -71,12 +71,12 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             self._saved = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for s, handler in self._saved.items():
             signal.signal(s, handler)
 
@@ -200,7 +200,7 @@ def fit(
     t_start, seen = clock(), 0
     shown = 0.0  # training seconds the time bar has shown
     last_save = t_start
-    signals = StopSignals().__enter__()
+    signals = StopSignals().install()
     try:
         for epoch in range(start_epoch, tc.epochs):
             if stop or step >= total_steps:
@@ -275,7 +275,7 @@ def fit(
         run.log(f"interrupted; last saved: {where}")
         raise
     finally:
-        signals.__exit__()
+        signals.restore()
     bar.close()
     if stop == "interrupted":
         run.log(f"{signal.Signals(signals.received).name} received: saved {last_path} at step {step}")
