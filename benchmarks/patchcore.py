@@ -49,12 +49,15 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, projection_dim: int = 12
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(bank.shape[1], min(projection_dim, bank.shape[1]), generator=g) / projection_dim ** 0.5
     z = bank @ proj
+    # squared distances through |z|^2 + |c|^2 - 2 z.c: one matrix-vector product per pick (torch.cdist
+    # against a single row was ~10x slower on this CPU); the same picks as with plain distances
+    sq = (z * z).sum(1)
     selected = [int(torch.randint(m, (1,), generator=g))]
-    dist = torch.cdist(z, z[selected[-1]][None]).squeeze(1)
+    dist = (sq - 2 * (z @ z[selected[-1]]) + sq[selected[-1]]).clamp_min_(0)
     for _ in range(k - 1):
         nxt = int(dist.argmax())
         selected.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(z, z[nxt][None]).squeeze(1))
+        torch.minimum(dist, (sq - 2 * (z @ z[nxt]) + sq[nxt]).clamp_min_(0), out=dist)
     return torch.tensor(selected)
 
 
@@ -65,19 +68,37 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
     return torch.cat(out)
 
 
-def run_patchcore(extractor: FeatureExtractor, train: torch.Tensor, test: torch.Tensor, fraction: float = 0.1,
-                  sigma: float = 4.0, crop: float = 1.0, layers=(2, 3), input_size: int | None = None) -> PatchCoreResult:
-    """``input_size``: the backbone sees the images resized to this size (as ddad's ``feature_size``)."""
-    t0 = time.perf_counter()
+def fit_bank(extractor: FeatureExtractor, train: torch.Tensor, fraction: float = 0.1, layers=(2, 3),
+             input_size: int | None = None, presample: float = 1.0) -> torch.Tensor:
+    """The memory bank: a greedy coreset of ``fraction`` of the training patches. ``presample`` < 1: chosen
+    among a seeded random share of the patches only, for banks too large for the greedy search on a CPU."""
     feats = patch_features(extractor, resize_for_features(train, input_size), layers)
     bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    bank = bank[greedy_coreset(bank, fraction)]
-    fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    if presample < 1.0:
+        m = bank.shape[0]
+        bank = bank[torch.randperm(m, generator=torch.Generator().manual_seed(1))[:int(presample * m)]]
+        fraction = min(1.0, fraction / presample)
+    return bank[greedy_coreset(bank, fraction)]
+
+
+def score_with_bank(extractor: FeatureExtractor, bank: torch.Tensor, test: torch.Tensor, sigma: float = 4.0,
+                    crop: float = 1.0, layers=(2, 3), input_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, maps): nearest-neighbour patch distances, upsampled and smoothed; score = max of the map."""
     tf = patch_features(extractor, resize_for_features(test, input_size), layers)
     n, d, h, w = tf.shape
     dist = nearest_distance(tf.permute(0, 2, 3, 1).reshape(-1, d), bank).view(n, 1, h, w)
     maps = gaussian_blur(F.interpolate(dist, size=test.shape[-2:], mode="bilinear", align_corners=False), sigma)
-    scores = image_scores(maps, crop)
-    per_image = (time.perf_counter() - t0) / n
+    return image_scores(maps, crop), maps
+
+
+def run_patchcore(extractor: FeatureExtractor, train: torch.Tensor, test: torch.Tensor, fraction: float = 0.1,
+                  sigma: float = 4.0, crop: float = 1.0, layers=(2, 3), input_size: int | None = None,
+                  presample: float = 1.0) -> PatchCoreResult:
+    """``input_size``: the backbone sees the images resized to this size (as ddad's ``feature_size``)."""
+    t0 = time.perf_counter()
+    bank = fit_bank(extractor, train, fraction, layers, input_size, presample)
+    fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores, maps = score_with_bank(extractor, bank, test, sigma, crop, layers, input_size)
+    per_image = (time.perf_counter() - t0) / len(test)
     return PatchCoreResult(scores, maps, fit, per_image, bank.shape[0])

@@ -63,7 +63,8 @@ def test_cached_features_equal_fresh_ones(synth_root, tmp_path):
     assert main(["train", "--method", "drdc", "--data-root", str(synth_root), "--category", "washer",
                  "--image-size", "32", "--max-steps", "1", "--batch-size", "4", "--backbone", "mobilenet_v2",
                  "--backbone-weights", "random", "--set", "features.grid=4", "--set", "model.hidden=32",
-                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--run-dir", str(run), "--quiet"]) == 0
+                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "refine.enabled=false",
+                 "--run-dir", str(run), "--quiet"]) == 0
     cached = list((run / "cache").glob("features-*.safetensors"))
     assert len(cached) == 1
     from safetensors.torch import load_file
@@ -82,7 +83,8 @@ def _train_two_categories(root, run, *extra, weights="random") -> int:
                  str(weights), "--set", "features.grid=8", "--set", "model.hidden=64", "--set", "model.heads=4",
                  "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=128",
                  "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--set", "train.lr=0.001",
-                 "--set", "detect.pool=4", "--run-dir", str(run), "--quiet", *extra])
+                 "--set", "detect.pool=4", "--set", "refine.enabled=false", "--run-dir", str(run), "--quiet",
+                 *extra])
 
 
 # Real ImageNet features where ../shared has them (CI does); random ones localise nothing on this data.

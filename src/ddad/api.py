@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,7 +55,9 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     method = get_method(config.method)
     if resume:
         stored = load_config(run)
-        if replace(stored, train=config.train) != replace(config, data=config.data.located(run.root)):
+        trainings = {f.name: getattr(config, f.name) for f in fields(config)
+                     if isinstance(getattr(config, f.name), TrainConfig)}  # DRDC trains two models
+        if replace(stored, **trainings) != replace(config, data=config.data.located(run.root)):
             raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
     elif run.checkpoints():
         raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "

@@ -42,8 +42,14 @@ class Settings(Protocol):
 
 
 class RunDir:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, part: str | None = None) -> None:
         self.root = Path(root)
+        self.part = part  # a second model trained in the same run (see :meth:`part_of`)
+
+    def part_of(self, name: str) -> "RunDir":
+        """The same run for another model trained in it (DRDC's refiner): its checkpoints in
+        checkpoints/<name>/, its log lines in the run's train.log, tagged with ``name``."""
+        return RunDir(self.root, name)
 
     @property
     def config_path(self) -> Path:
@@ -51,7 +57,7 @@ class RunDir:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / "checkpoints" if self.part is None else self.root / "checkpoints" / self.part
 
     @property
     def log_path(self) -> Path:
@@ -142,4 +148,5 @@ class RunDir:
     def log(self, message: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            tag = "" if self.part is None else f"[{self.part}] "
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {tag}{message}\n")

@@ -58,6 +58,9 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
                         "(calibrated), each image, or the batch (the authors' code)")
     g.add_argument("--normalize-over-batch", action="store_const", const="batch", dest="normalization",
                    help="same as --normalization batch")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="detect_set",
+                   help="any detection setting of the run (sections detect, weights, runtime), e.g. "
+                        "--set detect.alpha=0.5 for drdc; repeatable")
     if not DETECT_FLAG_DESTS:
         DETECT_FLAG_DESTS.extend(dict.fromkeys(a.dest for a in g._group_actions[first:]))
 
@@ -123,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=("default", "paper"),
                    help="training recipe: ddad's default, or the paper's exactly (Sec. 5.2, App. 7); default: "
                         "default, or paper with --preset")
-    p.add_argument("--minutes", type=float, dest="max_minutes", help="stop (and save) after this much training time")
-    p.add_argument("--max-steps", type=int, help="stop (and save) after this many optimizer steps")
+    p.add_argument("--minutes", type=float, dest="max_minutes", help="stop (and save) after this much training time (drdc: for each of its "
+                        "two models; --set refine_train.max_minutes=M sets the refiner's alone)")
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many optimizer steps (drdc: for each of its "
+                        "two models)")
     p.add_argument("--max-timestep", type=int, help="train t in [0, N] (default 250: the detector's T'); "
                                                     "-1: the whole schedule")
     p.add_argument("--ema-decay", type=float, help=f"EMA of the weights for detection (0: none; default "

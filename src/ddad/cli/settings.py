@@ -21,14 +21,26 @@ def run_settings(args):
     run = RunDir(args.run_dir).require()
     config = load_config(run)
     changes = {DETECT_RENAMES.get(d, d): getattr(args, d) for d in DETECT_FLAG_DESTS
-               if d not in ("pixel_only", "steps", "pretrained")}
+               if d not in ("pixel_only", "steps", "pretrained", "detect_set")}
     if args.pixel_only:
         changes["mode"] = "pixel"
     if args.pretrained:
         changes["adapted"] = False
-    if args.steps is not None:
+    if args.steps is not None and hasattr(config.detect, "sampler"):  # DDAD-n: steps set the skip
         changes["skip"] = skip_for_steps(args.start_step or config.detect.sampler.start_step, args.steps)
-    return run, with_detection(config, **changes)
+    elif args.steps is not None:
+        changes["steps"] = args.steps
+    config = with_detection(config, **changes)
+    assigned: dict = {}
+    for assignment in args.detect_set:
+        assigned = merge(assigned, parse_assignment(assignment))
+    outside = sorted(set(assigned) - {"detect", "weights", "runtime"})
+    if outside:
+        raise ConfigError(f"--set {', '.join(outside)}.*: a run command changes detection settings only "
+                          f"(detect, weights, runtime); retrain for the others")
+    if assigned:
+        config = type(config).from_dict(merge(config.to_dict(), assigned))
+    return run, config
 
 
 def train_settings(args):
@@ -54,6 +66,8 @@ def train_settings(args):
                               f"{', '.join(RESUMABLE_TRAIN_FIELDS)} may change (got {', '.join(blocked + args.set)})")
         data = config.to_dict()
         data["train"].update(train_over)
+        if "refine_train" in data:  # DRDC: the refiner's budget follows too
+            data["refine_train"].update(train_over)
         return type(config).from_dict(data), args.run_dir
 
     file_data = read_yaml_mapping(args.config) if args.config else {}
@@ -92,6 +106,9 @@ def train_settings(args):
     }
     for section, values in flags.items():
         data[section].update({k: v for k, v in values.items() if v is not None})
+    if "refine_train" in data:  # a second model (DRDC's refiner): its budget, device and seed follow the flags
+        shared = ("device", "precision", "seed", "checkpoint_minutes", "epochs", "max_steps", "max_minutes")
+        data["refine_train"].update({k: v for k, v in flags["train"].items() if k in shared and v is not None})
     if args.max_timestep is not None:
         data["train"]["max_timestep"] = None if args.max_timestep < 0 else args.max_timestep
     assigned: dict = {}
@@ -111,6 +128,8 @@ def train_settings(args):
             data["model"] = default_model(data["data"]["image_size"], data["data"]["channels"],
                                           data["train"]["device"])
         data["model"].update({"image_size": data["data"]["image_size"], "in_channels": data["data"]["channels"]})
+    if method.name == "drdc" and not chosen("refine", "image_size", "unet", "cells"):
+        data = merge(data, default_refinement(data["train"]["device"], chosen("detect", "mean_filter")))
     if not (args.backbone or args.backbone_weights or args.preset or chosen(*method.backbone_setting)
             or chosen("weights", "backbone_weights")):
         data = merge(data, default_detection_backbone(method))
@@ -132,6 +151,19 @@ def default_model(image_size: int, channels: int, device: str) -> dict:
     name = "compact" if image_size < 128 and resolve_device(device).type == "cpu" else "ddad"
     print(f"model: {name} (the default for {image_size} px on {resolve_device(device).type}; --model to choose)")
     return UNetConfig.preset(name, image_size, channels).to_dict()
+
+
+def default_refinement(device: str, keep_filter: bool) -> dict:
+    """DRDC's refinement for a run that sets none: the paper's 224 px on a GPU; on a CPU 64 px with the compact
+    UNet (:data:`ddad.methods.drdc.settings.CPU_REFINEMENT`)."""
+    from ..methods.drdc.settings import CPU_REFINEMENT
+    from ..runtime import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return {}
+    print("refinement: 64 px, compact UNet (the default on a CPU; --set refine.image_size=224 "
+          "--set refine.unet=ddad for the paper's)")
+    return {k: v for k, v in CPU_REFINEMENT.items() if not (k == "detect" and keep_filter)}
 
 
 def default_detection_backbone(method) -> dict:

@@ -23,6 +23,7 @@ Differences from the authors' code, each deliberate:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -78,6 +79,14 @@ def denoising_steps(config: SamplerConfig) -> list[tuple[int, int]]:
         return [(t, t - config.skip if t - config.skip >= 0 else -1) for t in ts]
     ts = list(range(config.start_step, 0, -config.skip))
     return [(t, t - config.skip if t - config.skip > 0 else -1) for t in ts]
+
+
+def image_seed(image: torch.Tensor, seed: int) -> int:
+    """A per-image noise seed from the image's content and the run seed: the same image gets the same
+    noise in ``ddad test`` and ``ddad predict``, alone or in any batch."""
+    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8,
+                             key=int(seed).to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def per_image_noise(seeds: Sequence[int], shape: Sequence[int], draws: int,

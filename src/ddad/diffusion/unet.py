@@ -25,10 +25,16 @@ from torch import nn
 DEFAULT_CHANNEL_MULTS: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
+    224: (1, 1, 2, 2, 4, 4),  # DRDC's 224 px: 256's levels (224 / 32 = 7 at the bottom)
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
     32: (1, 2, 3, 4),
 }
+
+
+def _attention_at(image_size: int) -> tuple[int, ...]:
+    """The authors' attention resolutions (32, 16, 8); at 224 px the same levels (strides 8, 16, 32)."""
+    return (28, 14, 7) if image_size == 224 else (32, 16, 8)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (32, 16, 8)
     num_heads: int = 4
     dropout: float = 0.0
+    # channels of an image condition concatenated to x_t at the input (DRDC's model conditioning, Eq. 10)
+    cond_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.channel_mults is None and self.image_size not in DEFAULT_CHANNEL_MULTS:
@@ -52,6 +60,8 @@ class UNetConfig:
             )
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {self.cond_channels}")
         if self.base_channels % 32:
             raise ValueError(f"base_channels must be a multiple of 32 (GroupNorm(32)), got {self.base_channels}")
         mults = self.resolved_channel_mults
@@ -73,12 +83,14 @@ class UNetConfig:
     @classmethod
     def ddad(cls, image_size: int = 256, in_channels: int = 3) -> "UNetConfig":
         """The paper's DDAD denoiser: base 64 channels, 4 attention heads, no dropout."""
-        return cls(image_size=image_size, in_channels=in_channels, base_channels=64, num_heads=4, dropout=0.0)
+        return cls(image_size=image_size, in_channels=in_channels, base_channels=64, num_heads=4, dropout=0.0,
+                   attention_resolutions=_attention_at(image_size))
 
     @classmethod
     def ddad_s(cls, image_size: int = 256, in_channels: int = 3) -> "UNetConfig":
         """The paper's compact DDAD-S denoiser: base 32 channels, 2 heads, dropout 0.3."""
-        return cls(image_size=image_size, in_channels=in_channels, base_channels=32, num_heads=2, dropout=0.3)
+        return cls(image_size=image_size, in_channels=in_channels, base_channels=32, num_heads=2, dropout=0.3,
+                   attention_resolutions=_attention_at(image_size))
 
     @classmethod
     def compact(cls, image_size: int = 64, in_channels: int = 3) -> "UNetConfig":
@@ -256,7 +268,8 @@ class UNet(nn.Module):
         )
 
         ch = int(base * mults[0])
-        self.down = nn.ModuleList([EmbedSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        self.down = nn.ModuleList([EmbedSequential(nn.Conv2d(config.in_channels + config.cond_channels, ch, 3,
+                                                                   padding=1))])
         skip_channels = [ch]
         res = config.image_size
         for level, mult in enumerate(mults):
@@ -296,12 +309,16 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t), or eps_theta(x_t, t, c) with the condition ``cond`` concatenated on channels."""
+        if (cond is None) != (self.config.cond_channels == 0):
+            raise ValueError(f"this UNet takes {self.config.cond_channels} condition channels; "
+                             f"got {'none' if cond is None else cond.shape[1]}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embedding(t)
         skips = []
-        h = x
+        h = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
         for block in self.down:
             h = block(h, emb)
             skips.append(h)

@@ -103,6 +103,21 @@ class TrainConfig:
         d["checkpoint_steps"] = list(self.checkpoint_steps)
         return d
 
+    def timestep_high(self, n_timesteps: int) -> int:
+        """t_high of the DDPM objective (t ~ U{0 .. t_high - 1}) in a schedule of ``n_timesteps`` steps."""
+        if self.max_timestep is not None and self.max_timestep >= n_timesteps:
+            raise ValueError(f"train.max_timestep = {self.max_timestep} must be below the schedule's {n_timesteps} steps")
+        return n_timesteps if self.max_timestep is None else self.max_timestep + 1
+
+
+def check_trained_timestep(train: TrainConfig, start_step: int, force: bool = False, what: str = "detect") -> None:
+    """Refuse to start a sampler at a T' the denoiser never saw in training (unless ``force``)."""
+    if train.max_timestep is not None and start_step > train.max_timestep and not force:
+        raise ValueError(
+            f"{what}: T' = {start_step} is above the largest timestep the model was trained on "
+            f"(train.max_timestep = {train.max_timestep}); use T' <= {train.max_timestep}, retrain with a larger "
+            f"train.max_timestep, or force it (--force-timestep / force_timestep=True)")
+
 
 # What each recipe sets; everything else keeps the TrainConfig defaults.
 RECIPES: dict[str, dict] = {

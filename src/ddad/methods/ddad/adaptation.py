@@ -35,7 +35,8 @@ from ...runtime import autocast, resolve_device
 from .detector import Detector
 from .extractors import adapted_checkpoints, adapted_dir
 from .loading import load_unet
-from .settings import DDADConfig, check_trained_timestep
+from ...engine.recipe import check_trained_timestep
+from .settings import DDADConfig
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

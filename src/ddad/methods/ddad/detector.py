@@ -9,13 +9,12 @@ the input's features are computed once per image. Where its networks come from i
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import torch
 
 from ...backbones import FeatureExtractor
-from ...diffusion.sampler import conditioned_denoise
+from ...diffusion.sampler import conditioned_denoise, image_seed
 from ...diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ...diffusion.unet import UNet
 from ...results import AnomalyResult
@@ -25,14 +24,6 @@ from .settings import DetectConfig
 
 
 CPU_CHUNK_PIXELS = 64 * 64 * 16
-
-
-def image_seed(image: torch.Tensor, seed: int) -> int:
-    """A per-image noise seed from the image's content and the run seed: the same image gets the same
-    noise in ``ddad test`` and ``ddad predict``, alone or in any batch."""
-    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8,
-                             key=int(seed).to_bytes(8, "little", signed=True)).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class Detector:

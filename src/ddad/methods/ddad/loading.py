@@ -26,7 +26,8 @@ from ...scoring import ScoreScale
 from .detector import Detector
 from .extractors import load_extractor
 from .graphs import EXPORT_DIR, onnx_networks
-from .settings import DDADConfig, check_trained_timestep
+from ...engine.recipe import check_trained_timestep
+from .settings import DDADConfig
 
 
 def load_unet(run: RunDir, model: UNetConfig, device: torch.device | str, weights: WeightsConfig) -> UNet:

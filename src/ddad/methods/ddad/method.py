@@ -45,9 +45,7 @@ class DDAD:
             raise ValueError(f"images must be (N, {model.in_channels}, H, W), got {tuple(images.shape)}")
         if images.shape[-1] != model.image_size or images.shape[-2] != model.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} but the UNet expects {model.image_size}")
-        if tc.max_timestep is not None and tc.max_timestep >= n_timesteps:
-            raise ValueError(f"train.max_timestep = {tc.max_timestep} must be below the schedule's {n_timesteps} steps")
-        t_high = n_timesteps if tc.max_timestep is None else tc.max_timestep + 1  # t ~ U{0 .. t_high - 1}
+        t_high = tc.timestep_high(n_timesteps)
 
         def objective(device: torch.device) -> DDPMObjective:
             table = alphas_cumprod(config.schedule).to(device=device, dtype=torch.float32)

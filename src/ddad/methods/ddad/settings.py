@@ -106,15 +106,6 @@ class AdaptConfig:
         return asdict(self)
 
 
-def check_trained_timestep(train: TrainConfig, start_step: int, force: bool = False, what: str = "detect") -> None:
-    """Refuse to start the sampler at a T' the denoiser never saw in training (unless ``force``)."""
-    if train.max_timestep is not None and start_step > train.max_timestep and not force:
-        raise ValueError(
-            f"{what}: T' = {start_step} is above the largest timestep the model was trained on "
-            f"(train.max_timestep = {train.max_timestep}); use T' <= {train.max_timestep}, retrain with a larger "
-            f"train.max_timestep, or force it (--force-timestep / force_timestep=True)")
-
-
 @dataclass(frozen=True)
 class DDADConfig(RunSettings):
     """A DDAD run's config.yaml."""

@@ -1,6 +1,7 @@
-"""DRDC as a method of the engine. Part 1 (this): the transformer base model, trained on the defect-free
-images of all the categories its data names at once, and its base heatmap. The diffusion refinement
-(part 2) is not built yet."""
+"""DRDC as a method of the engine: one model for all the categories its data names, trained on their
+defect-free images at once. Two models are trained in turn in one run: the transformer base model
+(checkpoints/) and, unless ``refine.enabled`` is off, the inpainting UNet of the diffusion refinement
+(checkpoints/refine/), each with its own budget (``train``, ``refine_train``) and both resumable."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ from ...checkpoint import Checkpoint
 from ...config import override, to_plain
 from ...data.dataset import DatasetIndex
 from ...data.formats import build_index
-from ...engine.calibration import CalibrationKey, file_id
+from ...data.splits import calibration_images
+from ...diffusion.inpainting import InpaintingObjective
+from ...diffusion.objective import DDPMObjective
+from ...diffusion.schedule import alphas_cumprod
+from ...diffusion.unet import UNet
+from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
 from ...engine.trainer import StepHook, TrainResult, fit
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .detector import DRDCDetector
+from .refiner import Refiner, resized
 from .features import build_extractor, cache_key, cached_features, feature_channels, features_in_batches
 from .model import FeatureReconstructionObjective, FeatureReconstructor
 from .settings import DRDCConfig
@@ -51,8 +58,32 @@ class DRDC:
             extractor, images, config.features.grid, config.runtime.batch_size, device, progress))
         channels = feature_channels(extractor)
         info = {"config": config.to_dict(), "categories": index.categories, "channels": channels}
-        return fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
+        base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
                    lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress, on_step)
+        if not config.refine.enabled or base.stopped_by == "interrupted":
+            return base
+        return self.fit_refiner(run, config, images, info, resume, progress, on_step)
+
+    def fit_refiner(self, run: RunDir, config: DRDCConfig, images: torch.Tensor, info: dict, resume: bool = False,
+                    progress: bool = True, on_step: StepHook | None = None) -> TrainResult:
+        """The inpainting UNet (Sec. 4.3, Eq. 10) on ``images`` resized to ``refine.image_size``: epsilon
+        prediction with random masks, the masked image as its condition (or plain DDPM without model
+        conditioning)."""
+        refine, tc = config.refine, config.refine_train
+        part = run.part_of("refine")
+        small = torch.cat([resized(images[i:i + 256], refine.image_size) if images.dtype != torch.uint8 else
+                           _resized_uint8(images[i:i + 256], refine.image_size) for i in range(0, len(images), 256)])
+        unet = refine.unet_config(images.shape[1])
+        t_high = tc.timestep_high(refine.schedule.num_timesteps)
+
+        def objective(device: torch.device):
+            table = alphas_cumprod(refine.schedule).to(device=device, dtype=torch.float32)
+            if refine.model_conditioning:
+                return InpaintingObjective(table, t_high, refine.cells, refine.sets)
+            return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
+
+        return fit(part, tc, lambda: UNet(unet), objective, small, info,
+                   resume and part.latest_checkpoint() is not None, progress, on_step)
 
     def load(self, run: RunDir, config: DRDCConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
@@ -69,15 +100,32 @@ class DRDC:
         model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
         prefix = "ema" if config.weights.average == "ema" and ckpt.has("ema") else "model"
         model.load_state_dict(ckpt.state_dict(prefix))
-        detector = DRDCDetector(extractor, model, config.features, config.detect, device)
         networks = [file_id(path), ["pretrained", config.features.backbone, config.weights.backbone_weights]]
-        key = CalibrationKey.of({"features": config.features, "model": config.model, "detect": config.detect},
-                                config.weights, networks, config.data)
-        settings = {name: to_plain(getattr(config, name)) for name in ("features", "model", "detect", "weights",
-                                                                       "runtime")}
+        refiner = None
+        if config.refine.enabled:
+            unet_path = run.part_of("refine").resolve_checkpoint(None)
+            unet_ckpt = Checkpoint(unet_path)
+            unet = UNet(config.refine.unet_config(config.data.channels))
+            unet.load_state_dict(unet_ckpt.state_dict("ema" if config.weights.average == "ema" and unet_ckpt.has("ema")
+                                                      else "model"))
+            refiner = Refiner(unet, alphas_cumprod(config.refine.schedule), config.refine, config.detect)
+            networks.append(file_id(unet_path))
+        detector = DRDCDetector(extractor, model, config.features, config.detect, device, refiner)
+        sections = ("features", "model", "refine", "detect")
+        key = CalibrationKey.of({name: getattr(config, name) for name in sections}, config.weights, networks,
+                                config.data)
+        if refiner is not None:  # both maps' scale (Eq. 17), stored in the run under the key
+            detector.scale = stored_scale(run, key, lambda: detector.calibrate(calibration_images(
+                config.data, config.detect.calibration_images, config.detect.seed)))
+        settings = {name: to_plain(getattr(config, name)) for name in (*sections, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "trained_categories": trained})
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")
+
+
+def _resized_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (0..255) resized to size x size, kept as uint8 (training sets at 224 px stay small)."""
+    return resized(images.float(), size).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,87 @@
+"""DRDC's diffusion refinement at inference (paper Sec. 4.2-4.4): inpaint every image once per inpainting
+specification (cell size) and disjoint set, combine the sets (Eq. 8) at every step, and turn the step-wise
+predictions into the diffusion heatmap (Eq. 9, 14-16).
+
+All of an image's specifications and sets go through the UNet as one batch. Each image's masks and noise
+come from a seed made of its content and ``detect.seed``, so its heatmap does not depend on the other images
+in the batch or on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...diffusion.inpainting import InpaintingNoise, combine_sets, inpaint, inpainting_masks
+from ...diffusion.sampler import SamplerConfig, denoising_steps, image_seed, skip_for_steps
+from ...diffusion.unet import UNet
+from .fusion import difference_map, mean_filter, spatio_temporal_heatmap
+from .settings import DRDCDetect, RefineConfig
+
+
+@dataclass
+class Refinement:
+    heatmap: torch.Tensor  # (B, 1, H, W) the smoothed diffusion heatmap (Eq. 16), at the refinement's size
+    inpainted: torch.Tensor  # (B, C, H, W) the final inpainted image of the first specification (Eq. 8)
+
+
+def refinement_steps(detect: DRDCDetect) -> list[tuple[int, int]]:
+    """(t, t_next) pairs of the deterministic DDIM from the initial index in ``detect.steps`` steps."""
+    skip = skip_for_steps(detect.start_step, detect.steps)
+    return denoising_steps(SamplerConfig(start_step=detect.start_step, skip=skip, w=0.0, eta=0.0))
+
+
+def _job_seed(seed: int, job: int) -> int:
+    return (seed + 1_000_003 * (job + 1)) % (2**63 - 1)
+
+
+class Refiner:
+    """The inpainting UNet with its schedule and settings: images in [-1, 1] at the refinement's size ->
+    :class:`Refinement`. Runs under the caller's inference mode; the device is the UNet's."""
+
+    def __init__(self, unet: UNet, table: torch.Tensor, refine: RefineConfig, detect: DRDCDetect) -> None:
+        self.unet, self.refine, self.detect = unet, refine, detect
+        self.table = table.to(device=next(unet.parameters()).device, dtype=torch.float32)
+        self.steps = refinement_steps(detect)
+
+    def masks(self, seed: int, height: int, width: int) -> torch.Tensor:
+        """(specifications, sets, 1, H, W): an image's masks, one disjoint split per cell size."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([inpainting_masks(height, width, cell, self.refine.sets, g) for cell in self.refine.cells])
+
+    def __call__(self, x: torch.Tensor) -> Refinement:
+        b, c, h, w = x.shape
+        specs, sets = len(self.refine.cells), self.refine.sets
+        device = next(self.unet.parameters()).device
+        seeds = [image_seed(img, self.detect.seed) for img in x]
+        masks = torch.stack([self.masks(s, h, w) for s in seeds]).to(device)  # (B, S, n, 1, H, W)
+        jobs = specs * sets
+        job_seeds = [_job_seed(s, j) for s in seeds for j in range(jobs)]
+        x_jobs = x.to(device).float().repeat_interleave(jobs, dim=0)
+        hidden = masks.reshape(b * jobs, 1, h, w)
+        noise = InpaintingNoise.draw(job_seeds, (c, h, w), self.steps, device)
+        out = inpaint(lambda xt, t, cond: self.unet(xt, t, cond), x_jobs, hidden, self.table, self.steps, noise,
+                      self.refine.model_conditioning, self.detect.test_time_conditioning)
+
+        def combined(prediction: torch.Tensor) -> torch.Tensor:  # Eq. 8 -> (B * S, C, H, W)
+            per_set = prediction.view(b * specs, sets, c, h, w).transpose(0, 1)
+            return combine_sets(per_set, hidden.view(b * specs, sets, 1, h, w).transpose(0, 1))
+
+        x_specs = x.to(device).float().repeat_interleave(specs, dim=0)
+        if self.detect.fusion:  # every step and scale (Eq. 14-15)
+            per_spec = spatio_temporal_heatmap(x_specs, [combined(p) for p in out.pred_original_samples],
+                                               self.detect.scales)
+        else:  # the final prediction at full scale (Eq. 9)
+            per_spec = difference_map(x_specs, combined(out.sample))
+        heatmap = mean_filter(per_spec.view(b, specs, 1, h, w).mean(dim=1), self.detect.mean_filter)  # Eq. 15-16
+        inpainted = combined(out.sample).view(b, specs, c, h, w)[:, 0]
+        return Refinement(heatmap, inpainted)
+
+
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) float images bilinearly resized (antialiased) to size x size; unchanged at that size."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,222 @@
+"""DRDC part 2: inpainting masks, dual conditioning (Eq. 10-13), spatio-temporal fusion (Eq. 14-17), the
+paper's Table 5 as configurations, batch independence, and training and resuming both models of a run."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ddad.backbones import create_backbone
+from ddad.checkpoint import Checkpoint
+from ddad.cli import main
+from ddad.config import merge
+from ddad.diffusion.inpainting import (InpaintingNoise, InpaintingObjective, inpaint, inpainting_masks,
+                                       masked_condition)
+from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod, q_sample
+from ddad.diffusion.unet import UNet
+from ddad.methods.drdc.detector import DRDCDetector
+from ddad.methods.drdc.fusion import difference_map, fuse, mean_filter, spatio_temporal_heatmap
+from ddad.methods.drdc.model import FeatureReconstructor
+from ddad.methods.drdc.refiner import Refiner, refinement_steps
+from ddad.methods.drdc.settings import TABLE5, DRDCConfig, DRDCDetect, FeatureConfig, ReconstructionConfig, RefineConfig
+from ddad.runs import RunDir
+from ddad.scoring import ScoreScale
+
+TABLE = alphas_cumprod(ScheduleConfig()).float()
+
+
+@pytest.mark.parametrize("cell,sets", [(4, 2), (8, 3), (2, 5)])
+def test_masks_are_disjoint_cover_every_pixel_and_follow_the_seed(cell, sets):
+    masks = inpainting_masks(32, 24, cell, sets, torch.Generator().manual_seed(3))
+    assert masks.shape == (sets, 1, 32, 24) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks.sum(dim=0), torch.ones(1, 32, 24))  # each pixel hidden by exactly one set
+    cells = masks[:, 0].unfold(1, cell, cell).unfold(2, cell, cell)  # (sets, rows, cols, cell, cell)
+    assert torch.all(cells.amin(dim=(-1, -2)) == cells.amax(dim=(-1, -2)))  # whole cells only
+    per_set = cells[..., 0, 0].sum(dim=(1, 2))
+    assert per_set.max() - per_set.min() <= 1  # uniform split: sizes differ by at most one cell
+    again = inpainting_masks(32, 24, cell, sets, torch.Generator().manual_seed(3))
+    other = inpainting_masks(32, 24, cell, sets, torch.Generator().manual_seed(4))
+    assert torch.equal(masks, again) and not torch.equal(masks, other)
+    with pytest.raises(ValueError, match="divide"):
+        inpainting_masks(30, 24, 4, 2, torch.Generator())
+
+
+def _oracle(x: torch.Tensor, seen: list):
+    """The denoiser that knows the clean image: eps = (x_t - sqrt(a_t) x) / sqrt(1 - a_t)."""
+
+    def denoise(xt, t, cond):
+        seen.append((xt.clone(), cond))
+        a = TABLE[t].view(-1, 1, 1, 1)
+        return (xt - a.sqrt() * x) / (1 - a).sqrt()
+
+    return denoise
+
+
+def test_test_time_conditioning_keeps_the_known_pixels_and_an_oracle_inpaints_the_input():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    hidden = torch.stack([inpainting_masks(16, 16, 4, 2, torch.Generator().manual_seed(i))[0] for i in range(3)])
+    steps = refinement_steps(DRDCDetect(start_step=250, steps=10))
+    assert steps[0][0] == 250 and steps[-1][1] == -1 and len(steps) == 10
+    noise = InpaintingNoise.draw([11, 12, 13], (3, 16, 16), steps)
+    seen: list = []
+    out = inpaint(_oracle(x, seen), x, hidden, TABLE, steps, noise)
+    assert torch.allclose(out.sample, x, atol=1e-5)  # the inpainted image equals the input
+    a = TABLE[250]
+    start = a.sqrt() * masked_condition(x, hidden, noise.condition) + (1 - a).sqrt() * noise.start
+    assert torch.allclose(seen[0][0], start)  # c noised to T': the hidden cells hold noise only
+    known = hidden == 0
+    for i, (_, t_next) in enumerate(steps[:-1]):  # the input of step i + 1 is the output of step i
+        xt, cond = seen[i + 1]
+        expected = q_sample(x, torch.full((3,), t_next), noise.known[i], TABLE)  # Eq. 11
+        assert torch.allclose(xt.expand_as(x)[known.expand_as(x)], expected[known.expand_as(x)], atol=1e-6)
+        assert torch.equal(cond, masked_condition(x, hidden, noise.condition))  # Eq. 10's c, hidden = noise
+    # without test-time conditioning the known pixels follow the model, not the forward process
+    seen_free: list = []
+    inpaint(_oracle(x, seen_free), x, hidden, TABLE, steps, noise, test_time_conditioning=False)
+    xt, _ = seen_free[1]
+    expected = q_sample(x, torch.full((3,), steps[0][1]), noise.known[0], TABLE)
+    assert not torch.allclose(xt[known.expand_as(x)], expected[known.expand_as(x)], atol=1e-3)
+    seen_plain: list = []
+    inpaint(_oracle(x, seen_plain), x, hidden, TABLE, steps, noise, model_conditioning=False)
+    assert all(cond is None for _, cond in seen_plain)
+
+
+def test_the_training_objective_hides_one_set_and_conditions_on_noise():
+    objective = InpaintingObjective(TABLE, 250, (4, 8), 2)
+    draws = objective.draw(6, (3, 16, 16), torch.Generator().manual_seed(0))
+    t, noise, cond_noise, hidden = draws
+    assert hidden.shape == (6, 1, 16, 16) and t.max() < 250
+    assert torch.allclose(hidden.mean(dim=(1, 2, 3)), torch.full((6,), 0.5))  # one of two equal sets
+    x0 = torch.rand(6, 3, 16, 16) * 2 - 1
+    calls = []
+
+    def model(xt, tt, cond):
+        calls.append((xt, cond))
+        return torch.zeros_like(xt)
+
+    loss = objective.loss(model, x0, draws)
+    xt, cond = calls[0]
+    assert torch.allclose(xt, q_sample(x0, t, noise, TABLE))
+    assert torch.equal(cond, (1 - hidden) * x0 + hidden * cond_noise)
+    assert loss == pytest.approx(noise.square().mean().item())
+
+
+def test_fusion_weights_and_heatmaps():
+    base, refined = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    assert torch.equal(fuse(base, refined, 0.0), base) and torch.equal(fuse(base, refined, 1.0), refined)
+    assert torch.allclose(fuse(base, refined, 0.9), 0.9 * refined + 0.1 * base)
+    x, p = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    assert torch.allclose(difference_map(x, p), (x - p).abs().mean(dim=1, keepdim=True))
+    coarse = difference_map(x, p, 2)  # Eq. 14: compared on 2 x 2 averages, then upsampled
+    pooled = (torch.nn.functional.avg_pool2d(x, 2) - torch.nn.functional.avg_pool2d(p, 2)).abs().mean(1)
+    assert coarse.shape == (1, 1, 8, 8) and torch.allclose(coarse[0, 0, 3::4, 3::4], pooled[0, 1::2, 1::2], atol=0.2)
+    st = spatio_temporal_heatmap(x, [p, x], (1, 2))  # Eq. 15: the mean of 4 maps, two of them zero
+    assert torch.allclose(st, (difference_map(x, p) + difference_map(x, p, 2)) / 4)
+    m = torch.zeros(1, 1, 5, 5)
+    m[0, 0, 2, 2] = 9.0
+    assert torch.allclose(mean_filter(m, 3)[0, 0, 1:4, 1:4], torch.ones(3, 3))  # Eq. 16
+
+
+def _tiny_detector(detect: DRDCDetect, refine: RefineConfig, seed: int = 0) -> DRDCDetector:
+    torch.manual_seed(seed)
+    extractor = create_backbone("mobilenet_v2", (1, 2, 3, 4), weights="random", strides=(2, 4, 8, 16))
+    features = FeatureConfig(backbone="mobilenet_v2", grid=4)
+    model = FeatureReconstructor(168, 4, ReconstructionConfig(hidden=32, encoder_layers=1, decoder_layers=1,
+                                                              heads=4, ffn=64, neighbour=3))
+    unet = UNet(refine.unet_config(3))
+    for p in unet.parameters():  # a random network predicts noise of some size (the last layer starts at 0)
+        torch.nn.init.normal_(p, std=0.05)
+    refiner = Refiner(unet, alphas_cumprod(refine.schedule), refine, detect)
+    return DRDCDetector(extractor, model, features, detect, "cpu", refiner, ScoreScale(2.0, 3.0, 1))
+
+
+REFINE = RefineConfig(image_size=32, unet="tiny", cells=(4, 8))
+DETECT = DRDCDetect(pool=4, mean_filter=3, steps=4)
+
+
+def test_a_drdc_score_does_not_depend_on_the_batch():
+    detector = _tiny_detector(DETECT, REFINE)
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    together = detector(images)
+    alone = [detector(images[i:i + 1]) for i in range(5)]
+    shuffled = detector(images[[3, 0, 4, 1, 2]])
+    for i in range(5):
+        assert torch.allclose(alone[i].anomaly_map[0], together.anomaly_map[i], atol=1e-5)
+        assert alone[i].pred_score[0] == pytest.approx(together.pred_score[i].item(), rel=1e-5)
+    assert torch.allclose(shuffled.anomaly_map, together.anomaly_map[[3, 0, 4, 1, 2]], atol=1e-5)
+
+
+def test_alpha_chooses_between_the_base_and_the_diffusion_heatmap():
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    for alpha, part in ((0.0, "base_map"), (1.0, "diffusion_map")):
+        result = _tiny_detector(replace(DETECT, alpha=alpha), REFINE)(images)
+        assert torch.allclose(result.anomaly_map, result.extras[part], atol=1e-6)
+    result = _tiny_detector(DETECT, REFINE)(images)
+    maps = _tiny_detector(DETECT, REFINE).maps(images)
+    assert torch.allclose(result.extras["base_map"], maps["base"] / 3.0)  # divided by max_feature
+    assert torch.allclose(result.extras["diffusion_map"], maps["diffusion"] / 2.0)  # by max_pixel
+    assert not torch.allclose(result.extras["base_map"], result.extras["diffusion_map"])
+
+
+def test_every_table5_switch_is_a_configuration_that_changes_the_maps():
+    for ms, fusion, mc, ttc in itertools.product((False, True), repeat=4):
+        config = DRDCConfig.from_dict(merge(DRDCConfig().to_dict(), {
+            "refine": {"model_conditioning": mc},
+            "detect": {"multiscale_base": ms, "fusion": fusion, "test_time_conditioning": ttc}}))
+        assert (config.detect.multiscale_base, config.detect.fusion, config.refine.model_conditioning,
+                config.detect.test_time_conditioning) == (ms, fusion, mc, ttc)
+        assert config.refine.unet_config(3).cond_channels == (3 if mc else 0)
+    rows = {name: DRDCConfig.from_dict(merge(DRDCConfig().to_dict(), row)) for name, row in TABLE5.items()}
+    assert not rows["base"].refine.enabled
+    assert not rows["+test-time conditioning, fusion"].refine.model_conditioning
+    assert rows["+model conditioning"].refine.model_conditioning and not rows["+model conditioning"].detect.multiscale_base
+    assert rows["+multi-scale base"].detect.multiscale_base
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = _tiny_detector(DETECT, REFINE).maps(images)
+    for change in ({"fusion": False}, {"test_time_conditioning": False}):
+        other = _tiny_detector(replace(DETECT, **change), REFINE).maps(images)
+        assert torch.allclose(other["base"], reference["base"])
+        assert not torch.allclose(other["diffusion"], reference["diffusion"], atol=1e-4), change
+    multi = _tiny_detector(replace(DETECT, multiscale_base=True), REFINE).maps(images)
+    assert not torch.allclose(multi["base"], reference["base"]) and torch.equal(multi["diffusion"], reference["diffusion"])
+    plain = _tiny_detector(DETECT, replace(REFINE, model_conditioning=False)).maps(images)
+    assert not torch.allclose(plain["diffusion"], reference["diffusion"], atol=1e-4)
+
+
+def _train(root, run, *extra) -> int:
+    return main(["train", "--method", "drdc", "--data-root", str(root), "--category", "stripes,washer",
+                 "--image-size", "32", "--batch-size", "8", "--backbone", "mobilenet_v2", "--backbone-weights",
+                 "random", "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
+                 "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=64",
+                 "--set", "model.neighbour=3", "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
+                 "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=8", "--set", "detect.pool=4",
+                 "--set", "detect.mean_filter=3", "--set", "detect.steps=3", "--run-dir", str(run), "--quiet", *extra])
+
+
+def test_both_models_train_and_resume_exactly(tmp_path, synth_root):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(synth_root, full, "--max-steps", "4") == 0
+    assert _train(synth_root, part, "--max-steps", "2") == 0
+    assert main(["train", "--resume", "--run-dir", str(part), "--max-steps", "4", "--quiet"]) == 0
+    for sub in (None, "refine"):
+        a = Checkpoint(RunDir(full, sub).latest_checkpoint())
+        b = Checkpoint(RunDir(part, sub).latest_checkpoint())
+        assert a.info["step"] == b.info["step"] == 4, sub
+        for k, v in a.tensors.items():
+            assert torch.equal(v, b.tensors[k]), (sub, k)
+    log = (part / "train.log").read_text()
+    assert "[refine] training started" in log and "[refine] resumed" in log
+    # the run tests per category with the fused map, and its calibration is stored under the key
+    assert main(["test", str(full), "--quiet", "--no-images"]) == 0
+    assert len(list((full / "calibration").glob("scale-*.json"))) == 1
+
+
+def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():
+    stored = DRDCConfig().to_dict()
+    del stored["refine"], stored["refine_train"]
+    config = DRDCConfig.from_mapping(DRDCConfig.upgrade_stored(stored), "config.yaml")
+    assert config.refine.enabled is False
