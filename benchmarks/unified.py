@@ -113,7 +113,8 @@ def cmd_patchcore(args) -> None:
     from ddad.data.splits import load_test_split, load_train_images
     from ddad.engine.testing import split_metrics
 
-    base = DataConfig(dataset="mvtec", root=str(args.root), category="all", image_size=args.image_size, channels=3)
+    base = DataConfig(dataset="mvtec", root=str(args.root), category="all", image_size=args.image_size, channels=3,
+                      val_ratio=0.0)  # the training set of the DRDC runs of BENCHMARKS.md
     categories = build_index(base).categories
     extractor = create_backbone("mobilenet_v2", (2, 3), weights=str(MOBILENET) if MOBILENET.is_file() else None)
     rows = []

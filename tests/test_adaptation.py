@@ -200,6 +200,8 @@ def test_rescoring_a_stored_reconstruction_equals_a_full_run(adapted_run, monkey
     base = config.detect
     rows = sweep(r, config, [base.sampler.w], [0.5, 2.0], ["pixel", "feature", "combined"], ["pretrained"],
                  progress=False)
+    # the validation split's reconstructions (thresholds) are cached by the first full run
+    test_run(r, config, out_dir=r.root / "t", save_images=False, progress=False)
     # every reconstruction is now cached: a full run must not call the sampler again
     def no_diffusion(*a, **k):
         raise AssertionError("diffusion re-ran")

@@ -62,13 +62,14 @@ def test_test_writes_metrics_scores_and_images(trained, capsys):
         fp = sum(s >= threshold and not y for s, y in zip(scores, labels))
         return 2 * tp / (2 * tp + fp + (sum(labels) - tp))
 
-    assert f1(metrics["threshold"]) == pytest.approx(max(f1(s) for s in scores), abs=1e-12)
+    oracle = metrics["oracle_threshold"]["threshold"]  # F1-optimal on the test split, reported apart
+    assert f1(oracle) == pytest.approx(max(f1(s) for s in scores), abs=1e-12)
+    assert "validation" in metrics["threshold_source"] and metrics["decision"]["target"]
     assert len(rows) == 6 and {r["defect_type"] for r in rows} == {"good", "scratch", "spot", "missing"}
     assert len(list((run / "test" / "images").glob("*.png"))) == 6
     assert (run / "threshold.json").is_file()
     # scores are written exactly: the F1-optimal threshold is one of them, bit for bit
-    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
-    assert threshold in {float(r["score"]) for r in rows}
+    assert oracle in {float(r["score"]) for r in rows}
     assert "image AUROC" in capsys.readouterr().out
 
 
@@ -187,7 +188,7 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
     files = list((run / "calibration").glob("scale-*.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
-    assert stored["scale"]["n_images"] == 6  # all six training images (fewer than calibration_images)
+    assert stored["scale"]["n_images"] == 5  # all five training images (one of six held out for validation)
     assert stored["scale"]["max_pixel"] > 0 and stored["scale"]["max_feature"] > 0
     first = json.loads((run / "test" / "metrics.json").read_text())
 

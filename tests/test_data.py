@@ -28,7 +28,7 @@ def _mvtec_tree(root, n_train=2, mask_size=(16, 16)):
 
 
 def test_mvtec_layout_counts_labels_and_masks(synth_root):
-    index = build_index(DataConfig(root=str(synth_root), category="washer", image_size=32))
+    index = build_index(DataConfig(root=str(synth_root), category="washer", image_size=32, val_ratio=0))
     assert len(index.train) == 8
     assert len(index.test) == 3 + 3 * 2
     defective = [s for s in index.test if s.label == 1]

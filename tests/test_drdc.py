@@ -74,7 +74,7 @@ def test_cached_features_equal_fresh_ones(synth_root, tmp_path):
     torch.manual_seed(0)
     extractor = create_backbone("mobilenet_v2", (1, 2, 3, 4), weights="random", strides=(2, 4, 8, 16))
     fresh = token_features(extractor, ImageSet(index.train, 32, 3).stack(), 4)
-    assert stored.shape == (8, 16 + 24 + 32 + 96, 4, 4) and torch.allclose(stored, fresh, atol=1e-5)
+    assert stored.shape == (len(index.train), 16 + 24 + 32 + 96, 4, 4) and torch.allclose(stored, fresh, atol=1e-5)
 
 
 def _train_two_categories(root, run, *extra, weights="random") -> int:

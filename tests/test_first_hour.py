@@ -227,7 +227,7 @@ def test_wall10_panels_share_test_colours_with_predict_and_carry_a_colour_bar(tm
         predicting.panel = real
     assert seen and all(tuple(v) == (lo, hi) for v in seen)  # the test's colour scale, not predict's own
     page = (run / "report" / "index.html").read_text()
-    assert "optimistic" in page and "40x24" in page and "without keeping the aspect ratio" in page
+    assert "before any test image was read" in page and "40x24" in page and "without keeping the aspect ratio" in page
     panel = np.asarray(Image.open(next((run / "test" / "images").glob("*.png"))).convert("RGB"))
     # the colour bar under the heatmap: a row whose colours run from the map's cold blue to its hot red
     rows = [r for r in panel if r[:, 2].max() > 150 and r[:, 0].max() > 150 and len(np.unique(r, axis=0)) > 50]

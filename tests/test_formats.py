@@ -33,9 +33,9 @@ def test_mtd_split_is_seeded_and_counts(tmp_path):
     for i in range(3):
         img(tmp_path / "MT_Crack" / "Imgs" / f"c{i}.jpg")
         mask(tmp_path / "MT_Crack" / "Imgs" / f"c{i}.png", value=200)
-    a = build_index(DataConfig(dataset="mtd", root=str(tmp_path), seed=0))
-    b = build_index(DataConfig(dataset="mtd", root=str(tmp_path), seed=0))
-    c = build_index(DataConfig(dataset="mtd", root=str(tmp_path), seed=1))
+    a = build_index(DataConfig(val_ratio=0, dataset="mtd", root=str(tmp_path), seed=0))
+    b = build_index(DataConfig(val_ratio=0, dataset="mtd", root=str(tmp_path), seed=0))
+    c = build_index(DataConfig(val_ratio=0, dataset="mtd", root=str(tmp_path), seed=1))
     assert len(a.train) == 8 and len(a.test) == 2 + 3
     assert a.train == b.train and a.train != c.train
     crack = [s for s in a.test if s.label == 1]
@@ -48,7 +48,7 @@ def test_mtd_missing_mask_names_both(tmp_path):
     img(tmp_path / "MT_Free" / "Imgs" / "f0.jpg")
     img(tmp_path / "MT_Break" / "Imgs" / "b0.jpg")
     with pytest.raises(DatasetError, match=r"b0\.jpg.*b0\.png"):
-        build_index(DataConfig(dataset="mtd", root=str(tmp_path)))
+        build_index(DataConfig(val_ratio=0, dataset="mtd", root=str(tmp_path)))
 
 
 def test_kolektorsdd_labels_from_non_empty_masks(tmp_path):
@@ -57,13 +57,13 @@ def test_kolektorsdd_labels_from_non_empty_masks(tmp_path):
         mask(tmp_path / "kos01" / f"Part{k}_label.png", box=(1, 1, 3, 3) if k == 2 else None)
     img(tmp_path / "kos02" / "Part0.jpg")
     mask(tmp_path / "kos02" / "Part0_label.bmp", box=None)
-    index = build_index(DataConfig(dataset="kolektorsdd", root=str(tmp_path), train_ratio=0.5))
+    index = build_index(DataConfig(val_ratio=0, dataset="kolektorsdd", root=str(tmp_path), train_ratio=0.5))
     assert len(index.train) == 1 and sum(s.label == 0 for s in index.test) == 2  # floor(0.5 * 3 good)
     defective = [s for s in index.test if s.label == 1]
     assert [s.image.name for s in defective] == ["Part2.jpg"]
     img(tmp_path / "kos03" / "Part0.jpg")
     with pytest.raises(DatasetError, match=r"kos03/Part0\.jpg has no mask"):
-        build_index(DataConfig(dataset="kolektorsdd", root=str(tmp_path)))
+        build_index(DataConfig(val_ratio=0, dataset="kolektorsdd", root=str(tmp_path)))
 
 
 def test_btad_masks_may_differ_in_extension(tmp_path):
@@ -72,7 +72,7 @@ def test_btad_masks_may_differ_in_extension(tmp_path):
     img(base / "test" / "ok" / "0001.bmp")
     img(base / "test" / "ko" / "0002.bmp")
     mask(base / "ground_truth" / "ko" / "0002.png")
-    index = build_index(DataConfig(dataset="btad", root=str(tmp_path), category="01"))
+    index = build_index(DataConfig(val_ratio=0, dataset="btad", root=str(tmp_path), category="01"))
     assert len(index.train) == 1 and [s.label for s in index.test] == [0, 1]
     assert index.test[1].mask.name == "0002.png"
 
@@ -92,15 +92,15 @@ def test_visa_split_csv_and_raw_layout(tmp_path):
         w = csv.writer(fh)
         w.writerow(["object", "split", "label", "image", "mask"])
         w.writerows(rows)
-    index = build_index(DataConfig(dataset="visa", root=str(root), category="candle"))
+    index = build_index(DataConfig(val_ratio=0, dataset="visa", root=str(root), category="candle"))
     assert len(index.train) == 1 and [s.label for s in index.test] == [0, 1]
     with pytest.raises(DatasetError, match="candle, pcb1"):
-        build_index(DataConfig(dataset="visa", root=str(root), category="bottle"))
+        build_index(DataConfig(val_ratio=0, dataset="visa", root=str(root), category="bottle"))
     # raw layout (no split file): seeded split of the normal images
     (root / "split_csv" / "1cls.csv").unlink()
     for i in range(2, 6):
         img(root / "candle" / "Data" / "Images" / "Normal" / f"00{i}.JPG", mode="RGB")
-    raw = build_index(DataConfig(dataset="visa", root=str(root), category="candle", train_ratio=0.5))
+    raw = build_index(DataConfig(val_ratio=0, dataset="visa", root=str(root), category="candle", train_ratio=0.5))
     assert len(raw.train) == 3 and sum(s.label for s in raw.test) == 1
 
 
@@ -110,11 +110,11 @@ def test_folder_format_with_masks_and_split(tmp_path):
     for i in range(2):
         img(tmp_path / "bad" / f"b{i}.png")
         mask(tmp_path / "masks" / f"b{i}.png")
-    cfg = DataConfig(dataset="folder", normal_dir=str(tmp_path / "ok"), abnormal_dir=str(tmp_path / "bad"),
+    cfg = DataConfig(val_ratio=0, dataset="folder", normal_dir=str(tmp_path / "ok"), abnormal_dir=str(tmp_path / "bad"),
                      mask_dir=str(tmp_path / "masks"), train_ratio=0.5)
     index = build_index(cfg)
     assert len(index.train) == 3 and len(index.test) == 5 and index.has_masks
-    no_masks = build_index(DataConfig(dataset="folder", normal_dir=str(tmp_path / "ok"),
+    no_masks = build_index(DataConfig(val_ratio=0, dataset="folder", normal_dir=str(tmp_path / "ok"),
                                       abnormal_dir=str(tmp_path / "bad")))
     assert not no_masks.has_masks and all(s.mask is None for s in no_masks.test)
     (tmp_path / "masks" / "b1.png").unlink()
@@ -127,7 +127,7 @@ def test_skip_bad_files_drops_and_reports(tmp_path):
         img(tmp_path / "ok" / f"{i}.png")
     (tmp_path / "ok" / "1.png").write_bytes(b"garbage")
     img(tmp_path / "test" / "t.png")
-    index = build_index(DataConfig(dataset="folder", normal_dir=str(tmp_path / "ok"),
+    index = build_index(DataConfig(val_ratio=0, dataset="folder", normal_dir=str(tmp_path / "ok"),
                                    normal_test_dir=str(tmp_path / "test")))
     assert len(index.train) == 3  # with a normal_test_dir every normal image trains
     ds = ImageSet(index.train, 8, 1)
@@ -138,13 +138,13 @@ def test_skip_bad_files_drops_and_reports(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "data" / "mtd").is_dir(), reason="../shared/data/mtd absent")
 def test_real_mtd_counts():
-    index = build_index(DataConfig(dataset="mtd", root=str(SHARED / "data" / "mtd")))
+    index = build_index(DataConfig(val_ratio=0, dataset="mtd", root=str(SHARED / "data" / "mtd")))
     st = index.statistics()
     assert (st["train"], st["test_good"], st["test_defective"]) == (761, 191, 392)
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "kolektorsdd").is_dir(), reason="../shared/data/kolektorsdd absent")
 def test_real_kolektorsdd_counts():
-    index = build_index(DataConfig(dataset="kolektorsdd", root=str(SHARED / "data" / "kolektorsdd")))
+    index = build_index(DataConfig(val_ratio=0, dataset="kolektorsdd", root=str(SHARED / "data" / "kolektorsdd")))
     st = index.statistics()
     assert st["train"] + st["test_good"] == 348 and st["test_defective"] == 52

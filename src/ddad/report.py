@@ -193,6 +193,9 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
         notes.append(f"The threshold was chosen {html.escape(metrics.threshold_source)}: the counts of missed defects "
                      "and false alarms below are measured on the same images it was fitted to, so they are "
                      "optimistic.")
+    elif threshold is not None:
+        notes.append(f"The threshold was chosen {html.escape(metrics.threshold_source)}, before any test image was "
+                     "read: the counts of missed defects and false alarms below are what it does on unseen images.")
     sizes = metrics.info.get("original_sizes") or {}
     size = metrics.info.get("image_size")
     stretched = [s for s in sizes if len(set(s.split("x"))) > 1]

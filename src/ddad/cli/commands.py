@@ -99,9 +99,15 @@ def cmd_test(args) -> int:
     from ..api import test_run
 
     run, config = run_settings(args)
-    metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet)
+    metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet,
+                       max_false_alarms=args.max_false_alarms)
     out = args.out or run.test_dir
     print(format_metrics(metrics))
+    decision = metrics.info.get("decision")
+    if decision is not None:
+        rate = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        print(f"threshold {metrics.threshold:.6g} ({metrics.threshold_source}); on the test set: false alarms "
+              f"{rate(decision['false_alarm_rate'])}, misses {rate(decision['miss_rate'])}")
     print(f"metrics: {out / 'metrics.json'}\nscores:  {out / 'scores.csv'}"
           + ("" if args.no_images else f"\nimages:  {out / 'images'}"))
     if args.report:
@@ -141,7 +147,7 @@ def cmd_predict(args) -> int:
 
     run, config = run_settings(args)
     rows = predict(run, args.paths, args.out, args.threshold, config, save_images=not args.no_images,
-                   progress=not args.quiet, exclude=args.exclude)
+                   progress=not args.quiet, exclude=args.exclude, masks=args.masks)
     scored = [r for r in rows if r["error"] is None]
     flagged = sum(r["decision"] == "defective" for r in scored)
     decided = bool(scored) and scored[0]["decision"] is not None

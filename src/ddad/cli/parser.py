@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normal-test-dir", help="folder format: defect-free test images")
     p.add_argument("--train-ratio", type=float, help="share of defect-free images used for training (seeded "
                                                      f"split; default {DataConfig.train_ratio})")
+    p.add_argument("--val-ratio", type=float, help="share of the defect-free training images held out (seeded, "
+                                                   "per category) to choose thresholds on, never trained on "
+                                                   f"(default {DataConfig.val_ratio}; 0: none)")
+    p.add_argument("--val-abnormal-dir", help="your own defective validation images (thresholds are then F1-optimal "
+                                              "on them instead of on synthetic anomalies)")
+    p.add_argument("--val-mask-dir", help="masks of --val-abnormal-dir, matched by stem")
     p.add_argument("--data-seed", type=int, help=f"seed of the train/test split (default {DataConfig.seed})")
     p.add_argument("--skip-bad-files", action="store_true", default=None,
                    help="skip undecodable images with a warning (counted in the run log); without it, every "
@@ -204,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
     p.add_argument("--report", action="store_true", help="also write the HTML report (RUN_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--max-false-alarms", type=float, metavar="RATE",
+                   help="choose the threshold for at most this false-alarm rate on the good validation images "
+                        "(default: F1-optimal on validation defects, real or synthetic)")
     _add_detect_flags(p)
 
     p = add("report", help="a self-contained HTML report of the last ddad test")
@@ -220,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out files in the folders whose name or relative path matches (repeatable); the "
                         "masks of the run's dataset format are always left out")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored by ddad test)")
+    p.add_argument("--masks", action="store_true", help="also write OUT/masks/: the binary pred_mask of each image "
+                                                        "(its heatmap at or above the stored pixel threshold)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)

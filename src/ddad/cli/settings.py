@@ -58,7 +58,8 @@ def train_settings(args):
         blocked = [flag for flag in ("config", "dataset", "data_root", "category", "image_size", "channels", "model",
                                      "batch_size", "lr", "weight_decay", "seed", "recipe", "max_timestep",
                                      "ema_decay", "normal_dir", "abnormal_dir",
-                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files",
+                                     "mask_dir", "normal_test_dir", "train_ratio", "data_seed", "skip_bad_files", "val_ratio",
+                                     "val_abnormal_dir", "val_mask_dir",
                                      "backbone", "backbone_weights", "method")
                    if getattr(args, flag) is not None]
         if blocked or args.set:
@@ -95,7 +96,8 @@ def train_settings(args):
                  "image_size": args.image_size, "channels": args.channels, "normal_dir": args.normal_dir,
                  "abnormal_dir": args.abnormal_dir, "mask_dir": args.mask_dir,
                  "normal_test_dir": args.normal_test_dir, "train_ratio": args.train_ratio,
-                 "seed": args.data_seed, "skip_bad_files": args.skip_bad_files},
+                 "seed": args.data_seed, "skip_bad_files": args.skip_bad_files, "val_ratio": args.val_ratio,
+                 "val_abnormal_dir": args.val_abnormal_dir, "val_mask_dir": args.val_mask_dir},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
                   "device": args.device, "precision": args.precision, "max_minutes": args.max_minutes,

@@ -41,6 +41,7 @@ class DatasetIndex:
     test: tuple[Sample, ...]
     has_masks: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+    val: tuple[Sample, ...] = ()  # held-out defect-free images, and the user's labelled validation defects
 
     @property
     def categories(self) -> list[str]:
@@ -52,6 +53,7 @@ class DatasetIndex:
         return {
             "name": self.name,
             "train": len(self.train),
+            "val": len(self.val),
             "test": len(self.test),
             "test_good": sum(s.label == GOOD for s in self.test),
             "test_defective": sum(s.label == DEFECTIVE for s in self.test),
@@ -62,7 +64,8 @@ class DatasetIndex:
     def describe(self) -> str:
         st = self.statistics()
         types = ", ".join(f"{k} {v}" for k, v in st["test_by_type"].items())
-        return (f"{st['name']}: {st['train']} train images; {st['test']} test images "
+        held = f" ({st['val']} held out for validation)" if st["val"] else ""
+        return (f"{st['name']}: {st['train']} train images{held}; {st['test']} test images "
                 f"({st['test_good']} good, {st['test_defective']} defective: {types})")
 
 

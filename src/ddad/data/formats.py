@@ -37,7 +37,7 @@ import csv
 import random
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 from .dataset import DEFECTIVE, GOOD, DatasetIndex, Sample
@@ -56,6 +56,10 @@ class DataConfig:
     seed: int = 0  # for formats whose split is seeded
     train_ratio: float = 0.8  # for formats whose split is a ratio of defect-free images
     skip_bad_files: bool = False  # skip undecodable images with a warning instead of stopping
+    # defect-free training images held out (seeded, per category) to choose thresholds and settings on
+    val_ratio: float = 0.1
+    val_abnormal_dir: str = field(default="", metadata={"path": True})  # the user's own validation defects
+    val_mask_dir: str = field(default="", metadata={"path": True})  # their masks, matched by stem
     # folder format only
     normal_dir: str = field(default="", metadata={"path": True})
     abnormal_dir: str = field(default="", metadata={"path": True})
@@ -71,9 +75,21 @@ class DataConfig:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if not 0.0 < self.train_ratio < 1.0:
             raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.val_mask_dir and not self.val_abnormal_dir:
+            raise ValueError("val_mask_dir needs val_abnormal_dir (the validation defects the masks belong to)")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def upgrade_stored(data: Mapping[str, Any] | None) -> dict:
+        """A run's stored data section: runs written before validation splits trained on every defect-free
+        training image (val_ratio 0)."""
+        data = dict(data or {})
+        data.setdefault("val_ratio", 0.0)
+        return data
 
     def path_fields(self) -> dict[str, str]:
         """The settings that are paths (marked so on their fields), where set."""
@@ -381,11 +397,40 @@ def build_index(config: DataConfig) -> DatasetIndex:
     for category in selected_categories(config):
         index = read(replace(config, category=category) if category else config)
         tag = category if category else ""
-        parts.append(DatasetIndex(index.name, tuple(replace(s, category=tag) for s in index.train),
-                                  tuple(replace(s, category=tag) for s in index.test), index.has_masks, index.notes))
+        train, val = validation_split(index.train, config.val_ratio, config.seed)
+        parts.append(DatasetIndex(index.name, tuple(replace(s, category=tag) for s in train),
+                                  tuple(replace(s, category=tag) for s in index.test), index.has_masks, index.notes,
+                                  val=tuple(replace(s, category=tag) for s in val)))
+    defects = validation_defects(config)
     if len(parts) == 1:
-        return parts[0]
+        return replace(parts[0], val=parts[0].val + defects)
     root_name = f"{config.dataset}/{','.join(p.train[0].category if p.train else p.name for p in parts)}"
     return DatasetIndex(name=root_name if len(root_name) < 80 else f"{config.dataset}/{len(parts)} categories",
                         train=tuple(s for p in parts for s in p.train), test=tuple(s for p in parts for s in p.test),
-                        has_masks=all(p.has_masks for p in parts), notes=tuple(n for p in parts for n in p.notes))
+                        has_masks=all(p.has_masks for p in parts), notes=tuple(n for p in parts for n in p.notes),
+                        val=tuple(s for p in parts for s in p.val) + defects)
+
+
+def validation_split(train: Sequence[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation): a seeded ``ratio`` of the defect-free training images held out, at least one
+    when ``ratio`` > 0 and there are two or more."""
+    if ratio <= 0 or len(train) < 2:
+        return list(train), []
+    by_path = {s.image: s for s in train}
+    order = sorted(by_path)
+    random.Random(seed + 7919).shuffle(order)
+    held = set(order[:min(len(order) - 1, max(1, round(ratio * len(order))))])
+    return [by_path[p] for p in sorted(by_path) if p not in held], [by_path[p] for p in sorted(held)]
+
+
+def validation_defects(config: DataConfig) -> tuple[Sample, ...]:
+    """The user's labelled validation defects (``val_abnormal_dir``, masks by stem in ``val_mask_dir``)."""
+    if not config.val_abnormal_dir:
+        return ()
+    mask_dir = Path(config.val_mask_dir) if config.val_mask_dir else None
+    if mask_dir is not None:
+        _require_dir(mask_dir, "val_mask_dir")
+    images = list_images(_require_dir(Path(config.val_abnormal_dir), "val_abnormal_dir"))
+    if not images:
+        raise DatasetError(f"val_abnormal_dir {config.val_abnormal_dir} contains no images")
+    return tuple(Sample(p, DEFECTIVE, "abnormal", _mask_for(p, mask_dir) if mask_dir else None) for p in images)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .dataset import DatasetIndex, ImageSet, Sample
+
+if TYPE_CHECKING:
+    from .anomalies import SyntheticAnomalies
 from .formats import DataConfig, build_index, is_mask_file
 from .io import DatasetError, is_image_file
 
@@ -144,3 +147,38 @@ def _excluded(path: Path, folder: Path, patterns: Sequence[str], dataset: str | 
     if any(fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(relative, g) for g in patterns):
         return True
     return dataset is not None and is_mask_file(path, dataset)
+
+
+def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | None" = None, progress: bool = True,
+                          log: Log | None = None) -> TestSplit | None:
+    """The validation split: the held-out defect-free images (``val_ratio``) and the user's validation
+    defects (``val_abnormal_dir``); without real defects, a synthetic anomaly on a copy of each good image
+    (``synthetic``, default :class:`SyntheticAnomalies`). None when the run holds out no images."""
+    from .anomalies import SyntheticAnomalies
+
+    index = build_index(data)
+    if not any(s.label == 0 for s in index.val):
+        return None
+    dataset = ImageSet(index.val, data.image_size, data.channels)
+    if data.skip_bad_files:
+        report_skipped(dataset.drop_unreadable(), "validation", log)
+    items = [dataset[i] for i in tqdm(range(len(dataset)), desc="loading validation images", unit="img",
+                                      disable=not progress, leave=False)]
+    samples = list(dataset.samples)
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"] for it in items])
+    labels = np.array([it["label"] for it in items])
+    has_masks = all(s.mask is not None for s in samples if s.label == 1)
+    name = f"{index.name} (validation)"
+    if not labels.any():
+        good = labels == 0
+        synthetic = synthetic or SyntheticAnomalies()
+        fake, fake_masks = synthetic.apply(images[good])
+        # named apart from their sources (caches key images by name): the file, then how it was altered
+        tag = f"#synthetic-{'+'.join(synthetic.kinds)}-seed{synthetic.seed}"
+        samples += [Sample(Path(f"{s.image}{tag}"), 1, "synthetic", None, s.category)
+                    for s, g in zip(samples, good) if g]
+        images, masks = torch.cat([images, fake]), torch.cat([masks, fake_masks])
+        labels = np.concatenate([labels, np.ones(len(fake), dtype=labels.dtype)])
+        has_masks, name = True, f"{index.name} (validation, synthetic defects)"
+    return TestSplit(samples=samples, images=images, masks=masks, labels=labels, has_masks=has_masks, name=name)

@@ -89,11 +89,12 @@ class ThresholdMismatch(ValueError):
 
 
 def store_threshold(run: RunDir, threshold: float, source: str, key: CalibrationKey,
-                    colour_scale: tuple[float, float] | None = None) -> None:
-    """The decision threshold (and the heatmaps' colour scale of the same test) under ``key``."""
+                    colour_scale: tuple[float, float] | None = None, details: dict | None = None) -> None:
+    """The decision threshold (and the heatmaps' colour scale of the same test) under ``key``; ``details``:
+    its target, the validation score range that normalises scores, the pixel threshold."""
     atomic_write_text(run.threshold_path, json.dumps(
-        {"threshold": threshold, "source": source, "colour_scale": colour_scale, "calibration_key": key.digest,
-         "key": key.as_dict()}, indent=2, default=str))
+        {"threshold": threshold, "source": source, "colour_scale": colour_scale, **(details or {}),
+         "calibration_key": key.digest, "key": key.as_dict()}, indent=2, default=str))
 
 
 def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> dict | None:

@@ -4,7 +4,14 @@
     OUT/curves.json    the PRO curve
     OUT/scores.csv     image, category, defect_type, label, score (scores written exactly)
     OUT/images/        one panel per image: input | reconstruction | heatmap | ground truth
-    RUN_DIR/threshold.json   the decision threshold, under the detector's calibration key
+    RUN_DIR/threshold.json   the decision thresholds (image and pixel), under the detector's calibration key
+
+The thresholds are chosen on the run's validation split (:mod:`ddad.engine.thresholds`) before the test
+split is read: for a target false-alarm rate on the good validation images, or F1-optimal on validation
+defects (real, else synthetic). metrics.json reports what the stored image threshold does on the test set
+beside the threshold-free metrics, and, apart, the F1-optimal test threshold (an oracle a user cannot have).
+A run without a validation split (``val_ratio`` 0 and no validation defects) falls back to that oracle,
+and says so in ``threshold_source``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text
 from ..data.io import image_size_of
-from ..data.splits import TestSplit, load_test_split
+from ..data.splits import TestSplit, load_test_split, load_validation_split
 from ..metrics import evaluate, f1_optimal_threshold
 from ..results import AnomalyResult, SplitMetrics, TestMetrics, image_panel_name
 from ..runs import RunDir
@@ -30,8 +37,9 @@ from ..scoring import crop
 from ..visualize import colour_range, panel, save_png
 from .calibration import store_threshold
 from .detection import LoadedDetector
+from .thresholds import Threshold, choose_threshold, decision_stats
 
-THRESHOLD_SOURCE = "F1-optimal on the test split"
+THRESHOLD_SOURCE = "F1-optimal on the test split (no validation split: an oracle threshold)"
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -66,21 +74,54 @@ def measure(split: TestSplit, result: AnomalyResult, crop_fraction: float, curve
     return overall, per_category
 
 
+def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms: float | None = None,
+                          progress: bool = True, cache: bool = True) -> tuple[Threshold, Threshold | None] | None:
+    """(image threshold, pixel threshold or None) chosen on the run's validation split only; None without
+    one. ``max_false_alarms``: the target false-alarm rate (per image, and per good pixel for the pixel
+    threshold); None: F1-optimal on the validation defects."""
+    val = load_validation_split(loaded.data, progress=progress, log=run.log)
+    if val is None:
+        return None
+    result = loaded.score_split(val, cache, progress)
+    defects = "synthetic" if any(s.defect_type == "synthetic" for s in val.samples) else "real"
+    image = choose_threshold(result.pred_score.numpy(), val.labels, max_false_alarms, defects)
+    pixel = None
+    if val.has_masks:
+        maps = crop(result.anomaly_map, loaded.crop).numpy().ravel()
+        masks = crop(val.masks, loaded.crop).numpy().ravel() > 0.5
+        pixel = choose_threshold(maps, masks, max_false_alarms, defects)
+    return image, pixel
+
+
 def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, save_images: bool = True,
-             progress: bool = True, cache: bool = True) -> TestMetrics:
-    """Evaluate ``loaded`` on the run's test split; writes and returns the metrics."""
+             progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics:
+    """Evaluate ``loaded`` on the run's test split with thresholds chosen on its validation split (see the
+    module docstring); writes and returns the metrics."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else run.test_dir
+    chosen = validation_thresholds(run, loaded, max_false_alarms, progress, cache)  # before the test split is read
     split = load_test_split(loaded.data, progress, run.log)
     result = loaded.score_split(split, cache, progress)
     scores = result.pred_score.numpy()
     curves: dict = {}
     overall, per_category = measure(split, result, loaded.crop, curves)
-    threshold = f1_optimal_threshold(scores, split.labels)
+    oracle = f1_optimal_threshold(scores, split.labels)
     sizes = Counter(f"{w}x{h}" for h, w in (image_size_of(s.image) for s in split.samples))
     info = {**loaded.info, "image_size": loaded.data.image_size, "original_sizes": dict(sizes.most_common())}
+    if oracle is not None:
+        info["oracle_threshold"] = {"threshold": oracle, "source": "F1-optimal on the test split",
+                                    **decision_stats(scores, split.labels, oracle)}
+    if chosen is None:
+        threshold, source, details = oracle, THRESHOLD_SOURCE, {}
+    else:
+        image, pixel = chosen
+        threshold, source = image.value, image.source
+        details = {"target": image.target, "validation_range": [image.low, image.high],
+                   "pixel_threshold": None if pixel is None else pixel.value,
+                   "pixel_source": None if pixel is None else pixel.source}
+        info["decision"] = {"target": image.target, **decision_stats(scores, split.labels, threshold)}
     metrics = TestMetrics(dataset=split.name, overall=overall, categories=per_category, threshold=threshold,
-                          threshold_source=THRESHOLD_SOURCE, calibration_key=loaded.key.digest,
+                          threshold_source=source, calibration_key=loaded.key.digest,
                           seconds=time.perf_counter() - t0, settings=loaded.settings, info=info)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.save(out_dir / "metrics.json")
@@ -89,7 +130,7 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
               [(str(s.image), s.category, s.defect_type, s.label, float(v)) for s, v in zip(split.samples, scores)])
     colours = colour_range(result.anomaly_map)
     if threshold is not None:
-        store_threshold(run, threshold, THRESHOLD_SOURCE, loaded.key, colours)
+        store_threshold(run, threshold, source, loaded.key, colours, details)
     if save_images:
         write_panels(split, result, out_dir / "images", colours, threshold, progress)
     return metrics

@@ -162,9 +162,10 @@ class DDADConfig(RunSettings):
     @classmethod
     def upgrade_stored(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
         """A run directory's config.yaml: runs written before ddad had recipes were trained with the
-        paper's (their ``train`` section has no ``optimizer``)."""
+        paper's (their ``train`` section has no ``optimizer``); before validation splits, on every image."""
         data = dict(data)
         train = data.get("train") or {}
         if "optimizer" not in train:
             data["train"] = {**RECIPES["paper"], **train}
+        data["data"] = DataConfig.upgrade_stored(data.get("data"))
         return data

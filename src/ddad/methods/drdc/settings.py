@@ -183,10 +183,12 @@ class DRDCConfig(RunSettings):
 
     @classmethod
     def upgrade_stored(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Runs written before the refinement existed (no ``refine`` section) are base models."""
+        """Runs written before the refinement existed (no ``refine`` section) are base models; before
+        validation splits, trained on every image."""
         data = dict(data)
         if "refine" not in data:
             data["refine"] = {"enabled": False}
+        data["data"] = DataConfig.upgrade_stored(data.get("data"))
         return data
 
     def with_recipe(self, name: str, **train_overrides: Any) -> "DRDCConfig":

@@ -1,0 +1,100 @@
+"""Synthetic anomalies on defect-free images, for choosing thresholds and settings where no real defects are
+at hand (the recipe of DRAEM, Zavrtanik et al. 2021, and CutPaste's pasted patches, Li et al. 2021):
+
+- ``perlin``: a Perlin-noise region (noise of a random scale 2^0..2^5 cells per side, thresholded at 0.5)
+  filled with another image blended in: x' = (1 - M) x + M ((1 - b) s + b x), b ~ U(0, 0.8) (DRAEM, Eq. 1;
+  the texture comes from another image of the set instead of DTD, which ddad does not download);
+- ``paste``: a rectangle of another image pasted at a random place (CutPaste).
+
+Everything an image gets is drawn from ``numpy.random.default_rng((seed, index))``: the same seed gives the
+same anomalies, whatever else is in the set. The returned mask is exactly the set of changed pixels.
+No maintained pip package offers these without a deep-learning framework of its own, so they are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+KINDS = ("perlin", "paste")
+
+
+def perlin_noise(height: int, width: int, cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(height, width) 2-D Perlin gradient noise with ``cells`` = (rows, cols) lattice cells, about in [-1, 1]."""
+    ry, rx = cells
+    gy, gx = -(-height // ry) * ry, -(-width // rx) * rx  # a multiple of the lattice, cropped at the end
+    angles = rng.uniform(0, 2 * np.pi, (ry + 1, rx + 1))
+    grads = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    y = np.arange(gy) / (gy / ry)
+    x = np.arange(gx) / (gx / rx)
+    yi, xi = np.floor(y).astype(int), np.floor(x).astype(int)
+    yf, xf = (y - yi)[:, None], (x - xi)[None, :]
+
+    def dot(dy: int, dx: int) -> np.ndarray:
+        g = grads[yi[:, None] + dy, xi[None, :] + dx]
+        return g[..., 0] * (yf - dy) + g[..., 1] * (xf - dx)
+
+    def fade(t: np.ndarray) -> np.ndarray:
+        return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+    u, v = fade(xf), fade(yf)
+    top = dot(0, 0) * (1 - u) + dot(0, 1) * u
+    bottom = dot(1, 0) * (1 - u) + dot(1, 1) * u
+    return (np.sqrt(2) * (top * (1 - v) + bottom * v))[:height, :width]
+
+
+def perlin_region(height: int, width: int, rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
+    """A boolean region: Perlin noise of a random scale above ``threshold`` (redrawn until it is not empty)."""
+    while True:
+        cells = (2 ** int(rng.integers(0, 6)), 2 ** int(rng.integers(0, 6)))
+        region = perlin_noise(height, width, cells, rng) > threshold
+        if region.any():
+            return region
+
+
+def pasted_region(height: int, width: int, rng: np.random.Generator) -> tuple[slice, slice, slice, slice]:
+    """(target rows, target cols, source rows, source cols) of a rectangle of 2-15 % of each side squared."""
+    area = rng.uniform(0.02, 0.15) * height * width
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    h = int(np.clip(round(np.sqrt(area * aspect)), 1, height))
+    w = int(np.clip(round(np.sqrt(area / aspect)), 1, width))
+    ty, tx, sy, sx = (int(rng.integers(0, n - s + 1)) for n, s in ((height, h), (width, w), (height, h), (width, w)))
+    return slice(ty, ty + h), slice(tx, tx + w), slice(sy, sy + h), slice(sx, sx + w)
+
+
+@dataclass(frozen=True)
+class SyntheticAnomalies:
+    """Which anomalies to make, and the seed they are drawn from."""
+
+    kinds: tuple[str, ...] = KINDS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if not self.kinds or unknown:
+            raise ValueError(f"synthetic anomaly kinds must be among {', '.join(KINDS)}, got {list(self.kinds)}")
+
+    def apply(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomalous images, masks (N, 1, H, W) of 0/1): image i altered with image i's draws and a texture
+        from another image of ``images`` (N >= 2; with one image, its own mirror image)."""
+        x = images.detach().float().cpu().numpy()
+        n, _, height, width = x.shape
+        out, masks = x.copy(), np.zeros((n, 1, height, width), dtype=np.float32)
+        for i in range(n):
+            rng = np.random.default_rng((self.seed, i))
+            while not masks[i].any():  # redrawn (from the same generator) until some pixel changes
+                kind = self.kinds[int(rng.integers(len(self.kinds)))]
+                j = (i + 1 + int(rng.integers(n - 1))) % n if n > 1 else i
+                source = x[j] if j != i else x[i][:, ::-1, ::-1]
+                out[i] = x[i]
+                if kind == "perlin":
+                    region = perlin_region(height, width, rng)[None]
+                    beta = rng.uniform(0.0, 0.8)
+                    out[i] = np.where(region, (1 - beta) * source + beta * x[i], x[i])
+                else:
+                    ty, tx, sy, sx = pasted_region(height, width, rng)
+                    out[i][:, ty, tx] = source[:, sy, sx]
+                masks[i, 0] = (out[i] != x[i]).any(axis=0)
+        return torch.from_numpy(out).to(images.dtype), torch.from_numpy(masks)

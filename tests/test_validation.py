@@ -1,0 +1,157 @@
+"""Decisions without test labels: the validation split, synthetic anomalies, thresholds for a false-alarm
+target, normalised scores, and a test that never reads a test image while it chooses them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import beta, norm
+
+from ddad.cli import main
+from ddad.data.anomalies import SyntheticAnomalies, perlin_noise
+from ddad.data.formats import DataConfig, build_index
+from ddad.engine.thresholds import Threshold, choose_threshold, decision_stats, false_alarm_threshold
+
+
+def test_synthetic_anomalies_follow_the_seed_and_their_masks_are_the_changed_pixels():
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    a, ma = SyntheticAnomalies(seed=3).apply(images)
+    b, mb = SyntheticAnomalies(seed=3).apply(images)
+    c, _ = SyntheticAnomalies(seed=4).apply(images)
+    assert torch.equal(a, b) and torch.equal(ma, mb) and not torch.equal(a, c)
+    changed = (a != images).any(dim=1, keepdim=True).float()
+    assert torch.equal(ma, changed) and torch.all(ma.sum(dim=(1, 2, 3)) > 0)  # exactly the changed pixels, never none
+    for kind in ("perlin", "paste"):
+        out, m = SyntheticAnomalies(kinds=(kind,), seed=0).apply(images)
+        assert torch.equal(m, (out != images).any(dim=1, keepdim=True).float())
+    single, m1 = SyntheticAnomalies().apply(images[:1])
+    assert m1.sum() > 0
+    noise = perlin_noise(40, 24, (4, 2), np.random.default_rng(0))
+    assert noise.shape == (40, 24) and np.abs(noise).max() <= 1.5 and noise.std() > 0.05
+
+
+def test_the_false_alarm_rate_on_fresh_good_images_is_within_binomial_bounds_of_the_target():
+    rng = np.random.default_rng(0)
+    n, target = 2000, 0.05
+    for trial in range(5):
+        val = rng.standard_normal(n)
+        threshold = false_alarm_threshold(val, target)
+        assert (val >= threshold).mean() <= target  # on the validation images: at most the target
+        k = int(np.floor(target * n))
+        true_rate = norm.sf(threshold)  # the threshold is the (k+1)-th largest: true rate ~ Beta(k+1, n-k)
+        assert beta.ppf(0.0005, k + 1, n - k) <= true_rate <= beta.ppf(0.9995, k + 1, n - k), trial
+        fresh = rng.standard_normal(50_000)
+        rate = (fresh >= threshold).mean()
+        sd = np.sqrt(true_rate * (1 - true_rate) / fresh.size)
+        assert abs(rate - true_rate) < 4 * sd and abs(rate - target) < 0.015, (trial, rate)
+    assert false_alarm_threshold([1.0, 2.0, 3.0], 0.0) > 3.0  # no false alarm allowed: above every good score
+    assert false_alarm_threshold([1.0, 2.0, 2.0, 3.0], 0.5) == np.nextafter(2.0, 3)  # ties stay below
+
+
+def test_normalised_scores_are_one_half_at_the_threshold_and_monotone():
+    t = choose_threshold([0.1, 0.2, 0.3, 0.9, 1.0], [0, 0, 0, 1, 1])
+    assert 0.3 < t.value <= 0.9 and t.target == {"f1": "validation defects (real)"}
+    assert t.normalise(t.value) == 0.5
+    s = np.linspace(-2, 3, 501)
+    p = t.normalise(s)
+    assert np.all(np.diff(p) >= 0) and p.min() == 0.0 and p.max() == 1.0
+    assert np.array_equal(t.label(s), p >= 0.5)  # the normalised decision is the raw one
+    stats = decision_stats([0.1, 0.5, 0.95, 0.2], [0, 0, 1, 1], 0.4)
+    assert stats["false_alarm_rate"] == 0.5 and stats["miss_rate"] == 0.5 and stats["precision"] == 0.5
+    restored = Threshold(**json.loads(json.dumps(t.to_dict())))
+    assert restored.normalise(0.7) == t.normalise(0.7)
+
+
+def test_the_validation_split_is_held_out_seeded_and_per_category(synth_root):
+    base = DataConfig(root=str(synth_root), category="stripes,washer", image_size=32)
+    index = build_index(base)
+    none = build_index(DataConfig(root=str(synth_root), category="stripes,washer", image_size=32, val_ratio=0))
+    train, val = {s.image for s in index.train}, {s.image for s in index.val}
+    assert not train & val and train | val == {s.image for s in none.train}
+    assert {s.category for s in index.val} == {"stripes", "washer"}  # every category holds some out
+    assert [s.image for s in build_index(base).val] == [s.image for s in index.val]
+    other = build_index(DataConfig(root=str(synth_root), category="stripes,washer", image_size=32, seed=5))
+    assert {s.image for s in other.val} != val
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synth_root):
+    run = tmp_path_factory.mktemp("val") / "run"
+    assert main(["train", "--data-root", str(synth_root), "--category", "washer", "--image-size", "32", "--model",
+                 "tiny", "--epochs", "2", "--batch-size", "4", "--val-ratio", "0.25", "--quiet", "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_no_test_image_is_read_while_the_threshold_is_chosen(tiny_run, monkeypatch):
+    from ddad import load_config
+    from ddad.data import dataset
+    from ddad.engine.testing import validation_thresholds
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    config = load_config(tiny_run)
+    test_files = {str(s.image) for s in build_index(config.data).test}
+    real_read = dataset.read_image
+    read = []
+
+    def guarded(path, *args, **kwargs):
+        assert str(path) not in test_files, f"test image {path} read while choosing the threshold"
+        read.append(str(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_image", guarded)
+    loaded = get_method(config.method).load(RunDir(tiny_run), config, progress=False)
+    image, pixel = validation_thresholds(RunDir(tiny_run), loaded, max_false_alarms=0.0, progress=False)
+    assert read and image.target == {"max_false_alarms": 0.0} and pixel is not None
+    monkeypatch.setattr(dataset, "read_image", real_read)
+    assert main(["test", str(tiny_run), "--quiet", "--no-images", "--max-false-alarms", "0"]) == 0
+    metrics = json.loads((tiny_run / "test" / "metrics.json").read_text())
+    assert metrics["threshold"] == image.value and "on 2 good validation images" in metrics["threshold_source"]
+    assert metrics["decision"]["target"] == {"max_false_alarms": 0.0}
+    assert "oracle_threshold" in metrics and metrics["oracle_threshold"]["source"] == "F1-optimal on the test split"
+
+
+def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root, tmp_path):
+    assert main(["test", str(tiny_run), "--quiet", "--no-images"]) == 0  # F1 on synthetic validation defects
+    stored = json.loads((tiny_run / "threshold.json").read_text())
+    assert "synthetic" in stored["source"] and stored["pixel_threshold"] is not None
+    out = tmp_path / "pred"
+    folder = synth_root / "washer" / "test"
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--masks", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    t = Threshold(stored["threshold"], stored["source"], stored["target"], *stored["validation_range"])
+    for r in rows:
+        score = float(r["score"])
+        assert float(r["pred_score"]) == pytest.approx(float(t.normalise(score)))
+        assert int(r["pred_label"]) == int(score >= t.value) == int(float(r["pred_score"]) >= 0.5)
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(masks) == len(rows)
+    from ddad import load_config
+    from ddad.data.io import read_image
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    loaded = get_method("ddad").load(RunDir(tiny_run), load_config(tiny_run), progress=False)
+    first = loaded.detect(read_image(rows[0]["image"], 3, 32)[None])
+    expected = (first.anomaly_map[0, 0].numpy() >= stored["pixel_threshold"]) * 255
+    got = np.asarray(Image.open(out / "masks" / f"{Path(rows[0]['image']).stem}.png"))
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_without_a_validation_split_the_test_threshold_is_labelled_an_oracle(synth_root, tmp_path):
+    from ddad.engine.testing import THRESHOLD_SOURCE
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(synth_root), "--category", "washer", "--image-size", "32", "--model",
+                 "tiny", "--epochs", "1", "--batch-size", "4", "--val-ratio", "0", "--quiet", "--run-dir", str(run)]) == 0
+    assert main(["test", str(run), "--quiet", "--no-images", "--report"]) == 0
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    assert metrics["threshold_source"] == THRESHOLD_SOURCE and "decision" not in metrics
+    assert metrics["threshold"] == metrics["oracle_threshold"]["threshold"]
+    assert "optimistic" in (run / "report" / "index.html").read_text()
