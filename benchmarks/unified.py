@@ -5,6 +5,7 @@
     ddad test RUN --no-images                          # per category and mean
     python benchmarks/unified.py latency RUN           # ms per image at batch 1, peak memory
     python benchmarks/unified.py patchcore OUT --out benchmarks/results/unified/patchcore.json
+    python benchmarks/unified.py curve 5=A/metrics.json 10=B/metrics.json --patchcore P.json --out curve.png
 
 mtd and kolektorsdd are split as ddad splits them (seeded 80 % of the defect-free images train); mpdd's
 metal_plate and the ten deeppcb board groups are in the MVTec layout already. Grey images are read as RGB.
@@ -116,6 +117,7 @@ def cmd_patchcore(args) -> None:
     base = DataConfig(dataset="mvtec", root=str(args.root), category="all", image_size=args.image_size, channels=3,
                       val_ratio=0.0)  # the training set of the DRDC runs of BENCHMARKS.md
     categories = build_index(base).categories
+    tested = args.test_categories.split(",") if args.test_categories else categories
     extractor = create_backbone("mobilenet_v2", (2, 3), weights=str(MOBILENET) if MOBILENET.is_file() else None)
     rows = []
 
@@ -136,12 +138,45 @@ def cmd_patchcore(args) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     if args.unified:
-        evaluate("one bank for all", base, categories)
+        evaluate("one bank for all", base, tested)
     else:
-        for category in categories:
+        for category in tested:
             evaluate("per category", replace(base, category=category), [category])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def cmd_curve(args) -> None:
+    """Quality against training minutes: MINUTES=metrics.json pairs -> a JSON table and a PNG plot, with the
+    per-category PatchCore mean as a line where ``--patchcore`` gives its rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for pair in args.points:
+        minutes, path = pair.split("=", 1)
+        mean = json.loads(Path(path).read_text())["category_mean"]
+        points.append({"minutes": float(minutes), **{k: mean[k] for k in ("image_auroc", "pixel_auroc", "pro")}})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {"image_auroc": "tab:blue", "pixel_auroc": "tab:orange", "pro": "tab:green"}
+    for key, colour in colours.items():
+        ax.plot([p["minutes"] for p in points], [p[key] for p in points], "o-", color=colour,
+                label=f"DRDC base, unified: {key.replace('_', ' ')}")
+    if args.patchcore:
+        rows = json.loads(Path(args.patchcore).read_text())
+        for key, colour in colours.items():
+            ax.axhline(sum(r[key] for r in rows) / len(rows), color=colour, ls="--", lw=1,
+                       label=f"PatchCore per category: {key.replace('_', ' ')}")
+    ax.set_xlabel("training minutes (steps at the idle rate of CPU-2)")
+    ax.set_ylabel("mean over 13 categories")
+    ax.set_ylim(0.3, 1.0)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(json.dumps(points))
 
 
 def main() -> None:
@@ -157,11 +192,16 @@ def main() -> None:
     q.add_argument("--image-size", type=int, default=224)
     q.add_argument("--fraction", type=float, default=0.1)
     q.add_argument("--unified", action="store_true", help="one bank for all categories (default: one per category)")
+    q.add_argument("--test-categories", help="a,b,c: test only these (the bank still holds every category)")
     q.add_argument("--presample", type=float, default=1.0,
                    help="choose the coreset among this random share of the patches (large banks on a CPU)")
     q.add_argument("--out", type=Path, required=True)
+    q = sub.add_parser("curve")
+    q.add_argument("points", nargs="+", help="MINUTES=path/to/metrics.json")
+    q.add_argument("--patchcore", type=Path, help="per-category PatchCore rows (a line for their mean)")
+    q.add_argument("--out", type=Path, required=True, help="the PNG")
     args = p.parse_args()
-    {"layout": cmd_layout, "latency": cmd_latency, "patchcore": cmd_patchcore}[args.command](args)
+    {"layout": cmd_layout, "latency": cmd_latency, "patchcore": cmd_patchcore, "curve": cmd_curve}[args.command](args)
 
 
 if __name__ == "__main__":

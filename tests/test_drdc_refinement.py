@@ -66,8 +66,11 @@ def test_test_time_conditioning_keeps_the_known_pixels_and_an_oracle_inpaints_th
     out = inpaint(_oracle(x, seen), x, hidden, TABLE, steps, noise)
     assert torch.allclose(out.sample, x, atol=1e-5)  # the inpainted image equals the input
     a = TABLE[250]
+    assert torch.allclose(seen[0][0], a.sqrt() * x + (1 - a).sqrt() * noise.start)  # the input noised to T' (Eq. 4)
+    seen_c: list = []
+    inpaint(_oracle(x, seen_c), x, hidden, TABLE, steps, noise, start_from_condition=True)
     start = a.sqrt() * masked_condition(x, hidden, noise.condition) + (1 - a).sqrt() * noise.start
-    assert torch.allclose(seen[0][0], start)  # c noised to T': the hidden cells hold noise only
+    assert torch.allclose(seen_c[0][0], start)  # the other reading: c noised, the hidden cells hold noise only
     known = hidden == 0
     for i, (_, t_next) in enumerate(steps[:-1]):  # the input of step i + 1 is the output of step i
         xt, cond = seen[i + 1]
