@@ -52,7 +52,7 @@ def pixel_auroc(maps, masks, chunk: int = 1 << 22) -> float | None:
     greater, ties = 0, 0
     neg_idx = np.flatnonzero(~y)
     for start in range(0, neg_idx.size, chunk):
-        neg = s[neg_idx[start:start + chunk]]
+        neg = np.sort(s[neg_idx[start:start + chunk]])  # sorted queries: numpy's search reuses the last bound
         right = np.searchsorted(pos, neg, side="right")
         left = np.searchsorted(pos, neg, side="left")
         greater += int((n_pos - right).sum())
