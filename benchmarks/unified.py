@@ -6,6 +6,8 @@
     python benchmarks/unified.py latency RUN           # ms per image at batch 1, peak memory
     python benchmarks/unified.py patchcore OUT --out benchmarks/results/unified/patchcore.json
     python benchmarks/unified.py curve 5=A/metrics.json 10=B/metrics.json --patchcore P.json --out curve.png
+    python benchmarks/unified.py with-refiner BASE_RUN RUN --step 270 --refine-steps 310   # DRDC part 2
+    python benchmarks/unified.py subset RUN SUB --categories kolektorsdd,metal_plate      # test some categories
 
 mtd and kolektorsdd are split as ddad splits them (seeded 80 % of the defect-free images train); mpdd's
 metal_plate and the ten deeppcb board groups are in the MVTec layout already. Grey images are read as RGB.
@@ -146,6 +148,49 @@ def cmd_patchcore(args) -> None:
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
+def cmd_with_refiner(args) -> None:
+    """A new run with the base model of ``args.base`` at step ``args.step`` and the CPU refinement settings,
+    to be trained by ``ddad train --resume --run-dir OUT`` (the base is done; the refiner trains)."""
+    import os
+    import shutil
+
+    from ddad import load_config
+    from ddad.config import merge
+    from ddad.methods.drdc.settings import CPU_REFINEMENT, DRDCConfig
+
+    base, out = Path(args.base), Path(args.out)
+    data = merge(load_config(base).to_dict(), CPU_REFINEMENT)
+    data["refine"].update(enabled=True, model_conditioning=not args.no_model_conditioning)
+    data["train"]["max_steps"] = args.step
+    data["refine_train"].update(max_steps=args.refine_steps, batch_size=16)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    (out / "config.yaml").write_text(DRDCConfig.from_dict(data).to_yaml())
+    shutil.copy(base / "dataset.json", out / "dataset.json")
+    for f in (base / "cache").iterdir():
+        os.link(f, out / "cache" / f.name)
+    found = [p for p in (base / "checkpoints").iterdir() if p.name.endswith(f"step-{args.step:07d}.safetensors")]
+    if len(found) != 1:
+        raise SystemExit(f"no single checkpoint of step {args.step} in {base / 'checkpoints'}")
+    shutil.copy(found[0], out / "checkpoints" / found[0].name)
+    print(f"wrote {out}: ddad train --resume --run-dir {out}")
+
+
+def cmd_subset(args) -> None:
+    """The run's models tested on some of its categories: OUT/config.yaml with data.category changed, and
+    OUT/checkpoints a link to the run's (a unified model's per-category metrics do not depend on the others)."""
+    from ddad import load_config
+
+    run, out = Path(args.run), Path(args.out)
+    config = load_config(run)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.replace(data=replace(config.data, category=args.categories)).to_yaml())
+    link = out / "checkpoints"
+    if not link.exists():
+        link.symlink_to((run / "checkpoints").resolve(), target_is_directory=True)
+    print(f"wrote {out}: ddad test {out}")
+
+
 def cmd_curve(args) -> None:
     """Quality against training minutes: MINUTES=metrics.json pairs -> a JSON table and a PNG plot, with the
     per-category PatchCore mean as a line where ``--patchcore`` gives its rows."""
@@ -196,12 +241,23 @@ def main() -> None:
     q.add_argument("--presample", type=float, default=1.0,
                    help="choose the coreset among this random share of the patches (large banks on a CPU)")
     q.add_argument("--out", type=Path, required=True)
+    q = sub.add_parser("with-refiner")
+    q.add_argument("base", type=Path, help="a base-model run with a checkpoint at --step")
+    q.add_argument("out", type=Path)
+    q.add_argument("--step", type=int, required=True)
+    q.add_argument("--refine-steps", type=int, required=True)
+    q.add_argument("--no-model-conditioning", action="store_true")
+    q = sub.add_parser("subset")
+    q.add_argument("run", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--categories", required=True, help="a,b,c")
     q = sub.add_parser("curve")
     q.add_argument("points", nargs="+", help="MINUTES=path/to/metrics.json")
     q.add_argument("--patchcore", type=Path, help="per-category PatchCore rows (a line for their mean)")
     q.add_argument("--out", type=Path, required=True, help="the PNG")
     args = p.parse_args()
-    {"layout": cmd_layout, "latency": cmd_latency, "patchcore": cmd_patchcore, "curve": cmd_curve}[args.command](args)
+    {"layout": cmd_layout, "latency": cmd_latency, "patchcore": cmd_patchcore, "curve": cmd_curve,
+     "with-refiner": cmd_with_refiner, "subset": cmd_subset}[args.command](args)
 
 
 if __name__ == "__main__":
