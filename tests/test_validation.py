@@ -155,3 +155,66 @@ def test_without_a_validation_split_the_test_threshold_is_labelled_an_oracle(syn
     assert metrics["threshold_source"] == THRESHOLD_SOURCE and "decision" not in metrics
     assert metrics["threshold"] == metrics["oracle_threshold"]["threshold"]
     assert "optimistic" in (run / "report" / "index.html").read_text()
+
+
+def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypatch, tmp_path):
+    import shutil
+
+    from scipy.stats import mannwhitneyu
+
+    from ddad import load_config
+    from ddad.data import dataset
+    from ddad.data.splits import load_validation_split
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = load_config(run)
+    test_files = {str(s.image) for s in build_index(config.data).test}
+    real_read = dataset.read_image
+
+    def guarded(path, *args, **kwargs):
+        assert str(path) not in test_files, f"test image {path} read while tuning"
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_image", guarded)
+    assert main(["tune", str(run), "--grid", "mode=pixel,combined", "--grid", "v=0.5,2.0", "--quiet"]) == 0
+    stored = json.loads((run / "tune.json").read_text())
+    rows = stored["rows"]
+    assert len(rows) == 5 and rows[0] == {**rows[0], "mode": "combined", "v": 1.0}  # the run's own settings first
+    # every row's objective, recomputed with scipy on the validation split from the detector it names
+    split = load_validation_split(config.data, progress=False)
+    from ddad import with_detection
+
+    for row in rows:
+        loaded = get_method("ddad").load(RunDir(run), with_detection(config, mode=row["mode"], v=row["v"]),
+                                         progress=False)
+        scores = loaded.detect(split.images).pred_score.numpy()
+        good, bad = scores[split.labels == 0], scores[split.labels == 1]
+        assert row["image_auroc"] == pytest.approx(mannwhitneyu(bad, good).statistic / (len(bad) * len(good)))
+    best = max(rows, key=lambda r: r["objective"])
+    tuned = load_config(run)
+    assert (tuned.detect.scoring.mode, tuned.detect.scoring.v) == (best["mode"], best["v"])
+    assert stored["chosen"] == {"mode": best["mode"], "v": best["v"]}
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    text = (bare / "config.yaml").read_text().replace("val_ratio: 0.25", "val_ratio: 0.0")
+    (bare / "config.yaml").write_text(text)
+    assert main(["tune", str(bare), "--quiet"]) == 2  # no validation split: an error with the remedy
+
+
+def test_tune_keeps_the_best_candidate_and_the_earlier_one_on_ties(tiny_run, monkeypatch):
+    from ddad import load_config, with_detection
+    from ddad.engine import tuning
+    from ddad.runs import RunDir
+
+    values = {(0.5,): 0.6, (1.0,): 0.7, (2.0,): 0.9, (3.0,): 0.9, (4.0,): 0.2}
+    monkeypatch.setattr(tuning, "validation_score", lambda loaded, split: {
+        "image_auroc": None, "pixel_auroc": None, "objective": values[(loaded,)]})
+    config = load_config(tiny_run)
+    best, rows = tuning.tune(RunDir(tiny_run), config, lambda c: c.detect.scoring.v,
+                             with_detection,
+                             {"v": (0.5, 2.0, 3.0, 4.0)}, {"v": 1.0}, progress=False)
+    assert [r["v"] for r in rows] == [1.0, 0.5, 2.0, 3.0, 4.0]  # the current setting first
+    assert best.detect.scoring.v == 2.0  # the maximum; 3.0 ties and comes later

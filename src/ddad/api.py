@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .backbones import WeightsNotFound, resolve_weights
 from .checkpoint import atomic_write_text
@@ -96,6 +96,29 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
     config = config or load_config(run)
     loaded = get_method(config.method).load(run, config, progress)
     return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress, exclude, masks)
+
+
+def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
+             progress: bool = True) -> tuple[Any, list[dict]]:
+    """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
+    :data:`ddad.engine.tuning.GRIDS` of its method) and store them in its config.yaml and RUN_DIR/tune.json.
+    Returns the new settings and one row per candidate."""
+    from .engine import tuning
+
+    run = _run(run_dir).require()
+    config = load_config(run)
+    method = get_method(config.method)
+    grid = dict(grid or tuning.GRIDS[config.method])
+    current = tuning.current_values(config, list(grid))
+    best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), method.with_detection,
+                             grid, current, progress)
+    chosen = tuning.current_values(best, list(grid))
+    run.save_config(best)
+    atomic_write_text(run.root / "tune.json", json.dumps({"chosen": chosen, "before": current, "rows": rows,
+                                                          "objective": "mean of image and pixel AUROC on the "
+                                                                       "validation split"}, indent=2, default=str))
+    run.log(f"tune: {current} -> {chosen} (on the validation split)")
+    return best, rows
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None) -> Path:

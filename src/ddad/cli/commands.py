@@ -117,6 +117,31 @@ def cmd_test(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import yaml
+
+    from ..api import tune_run
+    from ..config import ConfigError
+
+    grid = {}
+    for item in args.grid:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--grid {item!r}: expected NAME=V1,V2")
+        grid[name.strip()] = tuple(yaml.safe_load(v) for v in values.split(","))
+    _, rows = tune_run(args.run_dir, grid or None, progress=not args.quiet)
+    names = [k for k in rows[0] if k not in ("image_auroc", "pixel_auroc", "objective")]
+    show = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("  ".join(names) + "  image AUROC  pixel AUROC  objective (validation)")
+    for r in rows:
+        print("  ".join(show(r[n]) for n in names) + f"  {show(r['image_auroc'])}  {show(r['pixel_auroc'])}  "
+              f"{show(r['objective'])}")
+    best = max(rows, key=lambda r: -1 if r["objective"] is None else r["objective"])
+    print(f"chosen: {', '.join(f'{n}={best[n]}' for n in names)} (stored in {args.run_dir / 'config.yaml'}; "
+          f"run ddad test for its threshold and test metrics)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from ..report import write_report
     from ..runs import RunDir

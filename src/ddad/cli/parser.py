@@ -215,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: F1-optimal on validation defects, real or synthetic)")
     _add_detect_flags(p)
 
+    p = add("tune", help="choose detection settings on the run's validation split (never the test split) "
+                         "and store them in its config.yaml")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train with a validation split)")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                   help="values to try for a detection setting (repeatable); default for ddad: mode, v, w; "
+                        "for drdc: alpha, start_step")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = add("report", help="a self-contained HTML report of the last ddad test")
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--test-dir", type=Path, help="ddad test output (default RUN_DIR/test)")
