@@ -20,7 +20,7 @@ from .data.splits import check_images, load_train_images
 from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
-from .engine import predicting, testing
+from .engine import distributed, predicting, testing
 from .engine.recipe import TrainConfig
 from .engine.trainer import TrainResult
 from .methods import get_method, load_run_config
@@ -30,7 +30,7 @@ from .methods.ddad.settings import DDADConfig, DetectConfig
 from .report import write_report
 from .results import TestMetrics
 from .runs import RunDir
-from .runtime import RuntimeConfig
+from .runtime import RuntimeConfig, resolve_device
 from .scoring import ScoringConfig
 
 
@@ -69,11 +69,14 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     print(index.describe())
     if not resume:  # a bad test file stops now, not after the training
         check_images(index.test, config.data, "test", progress=progress)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.save_config(config)
-    atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
+    main_rank = distributed.context(resolve_device(config.train.device).type).is_main  # torchrun: rank 0 writes
+    if main_rank:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.save_config(config)
+        atomic_write_text(run.root / "dataset.json", json.dumps(index.statistics(), indent=2))
     # Several categories: uint8 in memory (a quarter of float32's; all of VisA at 256 px is ~7 GB as float).
-    images = load_train_images(config.data, index, progress, run.log, uint8=len(index.categories) > 1)
+    images = load_train_images(config.data, index, progress and main_rank, run.log if main_rank else None,
+                               uint8=len(index.categories) > 1)
     return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step, index=index)
 
 

@@ -31,6 +31,7 @@ import torch
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..runs import RunDir
 from ..runtime import autocast, resolve_device
+from .distributed import context
 from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, learning_rate, make_optimizer
 
 
@@ -122,6 +123,12 @@ def fit(
     from tqdm.auto import tqdm
 
     device = resolve_device(tc.device)
+    ctx = context(device.type)  # a single process, or this rank of a torchrun job
+    device = ctx.device(device)
+    if ctx.distributed and tc.batch_size % ctx.world_size:
+        raise ValueError(f"the global batch size {tc.batch_size} is not divisible by the world size "
+                         f"{ctx.world_size}: choose a batch size that is, or another number of processes")
+    log = run.log if ctx.is_main else (lambda message: None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)  # initial weights follow the seed, without touching the caller's RNG
         model = build_model()
@@ -132,6 +139,10 @@ def fit(
         ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, tc, device)
     objective = build_objective(device)
+    forward = model  # what the objective calls: the model, or its DDP wrapper that averages gradients
+    if ctx.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
     start_epoch, step, trained_s = 0, 0, 0.0
     last_path: Path | None = None
     resumed_rng: dict[str, torch.Tensor] | None = None
@@ -151,9 +162,11 @@ def fit(
         trained_s = float(ckpt.info.get("train_seconds", 0.0))
         last_path = path
         resumed_rng = ckpt.state_dict("rng") if ckpt.has("rng") else None
-        run.log(f"resumed from {path.name} (epoch {start_epoch}, step {step})")
+        log(f"resumed from {path.name} (epoch {start_epoch}, step {step}); world size {ctx.world_size}, "
+            f"backend {ctx.backend}")
     else:
-        run.log(f"training started: {len(images)} images, device {device}, precision {tc.precision}")
+        log(f"training started: {len(images)} images, device {device}, precision {tc.precision}; world size "
+            f"{ctx.world_size}, backend {ctx.backend}")
 
     n = images.shape[0]
     batch = min(tc.batch_size, n)
@@ -186,7 +199,8 @@ def fit(
         modules = {"model": model} if ema is None else {"model": model, "ema": ema}
         modules["rng"] = rng_state(device)  # dropout's generator: a mid-epoch resume continues it exactly
         record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
-        save_checkpoint(path, modules, record, optimizer)
+        if ctx.is_main:
+            save_checkpoint(path, modules, record, optimizer)
         if timed is not None and timed != path:
             timed.unlink(missing_ok=True)  # superseded
         timed = path if by_time and mid_epoch and step not in marks else None
@@ -196,7 +210,7 @@ def fit(
     # With a time budget the bar counts training seconds, so its total and ETA are the budget's.
     budget_s = None if tc.max_minutes is None else max(60 * tc.max_minutes - trained_s, 0.0)
     bar = tqdm(total=max(total_steps - step, 0) if budget_s is None else round(budget_s), desc="train",
-               unit="step" if budget_s is None else "s", disable=not progress, dynamic_ncols=True)
+               unit="step" if budget_s is None else "s", disable=not progress or not ctx.is_main, dynamic_ncols=True)
     t_start, seen = clock(), 0
     shown = 0.0  # training seconds the time bar has shown
     last_save = t_start
@@ -216,13 +230,21 @@ def fit(
                 draws = objective.draw(len(idx), images.shape[1:], gen)  # drawn for skipped batches too
                 if b < skip_batches:  # resumed mid-epoch: trained before the checkpoint
                     continue
+                share = 1.0
+                if ctx.distributed:  # this rank's part of the global batch and of its draws
+                    part = ctx.shard(len(idx))
+                    draws = tuple(d[part] if d.ndim and d.shape[0] == len(idx) else d for d in draws)
+                    share = (part.stop - part.start) * ctx.world_size / len(idx)  # DDP's mean = the batch mean
+                    idx = idx[part]
                 x0 = as_float_images(data_on_device[idx.to(data_on_device.device)]).contiguous(
                     memory_format=memory_format)
                 draws = tuple(d.to(device) for d in draws)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(tc, step, epoch)
                 with autocast(device, tc.precision):
-                    loss = objective.loss(model, x0, draws)
+                    loss = objective.loss(forward, x0, draws)
+                    if share != 1.0:
+                        loss = loss * share
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip is not None:
@@ -247,9 +269,9 @@ def fit(
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1
-                if signals.received is not None:
+                if ctx.any(signals.received is not None):  # any rank's signal stops every rank
                     stop = "interrupted"
-                elif tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes:
+                elif ctx.any(tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes):
                     stop = "max_minutes"
                 elif tc.max_steps is not None and step >= tc.max_steps:
                     stop = "max_steps"
@@ -261,28 +283,31 @@ def fit(
             skip_batches = 0
             if step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
                 done = epoch + 1
-                run.log(f"epoch {done} step {step} loss {epoch_loss / max(done_in_epoch, 1):.6g} "
+                log(f"epoch {done} step {step} loss {epoch_loss / max(done_in_epoch, 1):.6g} "
                         f"({done_in_epoch * batch / max(clock() - t_epoch, 1e-9):.2f} img/s)")
                 time_due = tc.checkpoint_minutes is not None and clock() - last_save >= 60 * tc.checkpoint_minutes
                 if done % tc.checkpoint_every == 0 or done == tc.epochs or step in marks or stop or time_due:
                     last_path = save(done, mid_epoch=False)
-                    _prune(run, tc.keep_checkpoints)
+                    if ctx.is_main:
+                        _prune(run, tc.keep_checkpoints)
             if stop:
                 break
     except KeyboardInterrupt:
         bar.close()
         where = f"the checkpoint {last_path}" if last_path else "no checkpoint yet"
-        run.log(f"interrupted; last saved: {where}")
+        log(f"interrupted; last saved: {where}")
         raise
     finally:
         signals.restore()
     bar.close()
+    ctx.barrier()  # rank 0 has written its last checkpoint before any rank returns
     if stop == "interrupted":
-        run.log(f"{signal.Signals(signals.received).name} received: saved {last_path} at step {step}")
+        name = signal.Signals(signals.received).name if signals.received else "a stop signal on another rank"
+        log(f"{name} received: saved {last_path} at step {step}")
     rate = seen / max(clock() - t_start, 1e-9)
     epochs_done = step // steps_per_epoch
     stopped_by = stop or "epochs"
-    run.log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
+    log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
     return TrainResult(epochs_done, last_loss, str(last_path), rate, step, stopped_by)
 
 

@@ -22,6 +22,7 @@ from ...backbones import FeatureExtractor, create_backbone, resolve_weights
 from ...checkpoint import atomic_write
 from ...config import to_plain
 from ...engine.calibration import file_id
+from ...engine.distributed import context
 from ...engine.trainer import as_float_images
 from ...runs import RunDir, WeightsConfig
 from ...runtime import RuntimeConfig
@@ -68,5 +69,6 @@ def cached_features(run: RunDir, key: str, compute) -> torch.Tensor:
     if path.is_file():
         return load_file(str(path))["features"]
     feats = compute()
-    atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp))
+    if context().is_main:  # under torchrun every rank computes them, rank 0 keeps them
+        atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp))
     return feats

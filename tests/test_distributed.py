@@ -1,0 +1,90 @@
+"""Data-parallel training with torch.distributed (gloo, 2 processes on this CPU): the same weights as one
+process with the same global batch, resumable with another world size, and only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddad.checkpoint import Checkpoint
+from ddad.runs import RunDir
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(args: list[str], world: int, cwds: list[Path]) -> None:
+    """``ddad train args`` in ``world`` processes (rank r in cwds[r]), as torchrun would start them."""
+    port = _port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        cwds[rank].mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen([sys.executable, "-m", "ddad", "train", *args], cwd=cwds[rank], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+
+
+def _ddad_args(root: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(root), "--category", "washer", "--image-size", "32", "--model", "tiny",
+            "--batch-size", "4", "--val-ratio", "0", "--quiet", *extra]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return Checkpoint(RunDir(run).latest_checkpoint()).tensors
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch_and_only_rank_0_writes(synth_root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # 7 training images (one held out), global batch 4: every second batch has 3 images, split 2 + 1
+    args = [*_ddad_args(synth_root, "--max-steps", "4", "--run-dir", "run"), "--val-ratio", "0.125"]
+    _train(args, 1, [one])
+    _train(args, 2, [two / "rank0", two / "rank1"])
+    a, b = _weights(one / "run"), _weights(two / "rank0" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert not any((two / "rank1").iterdir())  # the other rank wrote nothing
+    log = (two / "rank0" / "run" / "train.log").read_text()
+    assert "world size 2, backend gloo" in log
+
+
+def test_a_run_stopped_with_two_processes_resumes_with_one(synth_root, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(_ddad_args(synth_root, "--max-steps", "4", "--run-dir", str(full / "run")), 2, [full / "r0", full / "r1"])
+    _train(_ddad_args(synth_root, "--max-steps", "2", "--run-dir", str(part / "run")), 2, [part / "r0", part / "r1"])
+    _train(["--resume", "--run-dir", str(part / "run"), "--max-steps", "4", "--quiet"], 1, [part / "r0"])
+    a, b = _weights(full / "run"), _weights(part / "run")
+    assert Checkpoint(RunDir(part / "run").latest_checkpoint()).info["step"] == 4
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert "world size 1" in (part / "run" / "train.log").read_text().splitlines()[-3]
+
+
+def test_a_global_batch_the_world_size_does_not_divide_is_an_error(synth_root, tmp_path):
+    port = _port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "ddad", "train",
+                               *_ddad_args(synth_root, "--max-steps", "1", "--batch-size", "3", "--run-dir",
+                                           str(tmp_path / "run"))],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert any("not divisible by the world size 2" in o for o in outs), outs
