@@ -88,3 +88,20 @@ def test_a_global_batch_the_world_size_does_not_divide_is_an_error(synth_root, t
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode != 0 for p in procs)
     assert any("not divisible by the world size 2" in o for o in outs), outs
+
+
+def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
+    args = ["--method", "drdc", "--data-root", str(synth_root), "--category", "stripes,washer", "--image-size", "32",
+            "--batch-size", "6", "--backbone", "mobilenet_v2", "--backbone-weights", "random", "--val-ratio", "0",
+            "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
+            "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=64",
+            "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--set", "refine.enabled=false",
+            "--max-steps", "4", "--quiet", "--run-dir", "run"]  # 16 images, batch 6: the last batch of 4 splits 2 + 2
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(args, 1, [one])
+    _train(args, 2, [two / "rank0", two / "rank1"])
+    a, b = _weights(one / "run"), _weights(two / "rank0" / "run")
+    for k in a:
+        if k.startswith("model."):
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert not any((two / "rank1").iterdir())
