@@ -15,12 +15,12 @@ from typing import Any, Mapping, Sequence
 from .backbones import WeightsNotFound, resolve_weights
 from .checkpoint import atomic_write_text
 from .config import ConfigError, RunSettings
-from .data.formats import DataConfig, build_index
+from .data.formats import DataConfig, build_index, selected_categories
 from .data.splits import check_images, load_train_images
 from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
-from .engine import distributed, predicting, testing
+from .engine import distributed, per_category, predicting, testing
 from .engine.recipe import TrainConfig
 from .engine.trainer import TrainResult
 from .methods import get_method, load_run_config
@@ -50,9 +50,14 @@ def _run(run_dir: Path | str | RunDir) -> RunDir:
 
 def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: bool = True,
               on_step=None) -> TrainResult:
-    """Train ``config`` (any method's settings) into ``run_dir`` (created), or continue it with ``resume``."""
+    """Train ``config`` (any method's settings) into ``run_dir`` (created), or continue it with ``resume``.
+    A one-model-per-category method (DDAD) given several categories trains them one after another into
+    RUN_DIR/<category>/ (see :mod:`ddad.engine.per_category`) and returns {category: TrainResult}."""
     run = RunDir(run_dir)
     method = get_method(config.method)
+    if getattr(method, "one_model_per_category", False) and len(selected_categories(config.data)) > 1:
+        return per_category.train_each(config.replace(data=config.data.absolute()), run, lambda c, r, again:
+                                       train_run(c, r.root, again, progress, on_step))
     if resume:
         stored = load_config(run)
         trainings = {f.name: getattr(config, f.name) for f in fields(config)
@@ -83,8 +88,13 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
 def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None, save_images: bool = True,
              progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics:
     """Evaluate the run on its test split with ``config`` (default: the run's settings); the threshold is
-    chosen on its validation split, for ``max_false_alarms`` or F1-optimal on validation defects."""
-    run = _run(run_dir).require()
+    chosen on its validation split, for ``max_false_alarms`` or F1-optimal on validation defects. A parent
+    run of one model per category tests each and writes their table with the mean."""
+    run = _run(run_dir)
+    if per_category.is_parent(run):
+        return per_category.test_each(run, lambda r, out: test_run(r, None, out, save_images, progress, cache,
+                                                                   max_false_alarms), out_dir)
+    run = run.require()
     config = config or load_config(run)
     loaded = get_method(config.method).load(run, config, progress)
     return testing.test_run(run, loaded, out_dir, save_images, progress, cache, max_false_alarms)

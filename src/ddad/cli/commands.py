@@ -12,6 +12,15 @@ def cmd_train(args) -> int:
 
     config, run_dir = train_settings(args)
     result = train_run(config, run_dir, resume=args.resume, progress=not args.quiet)
+    if isinstance(result, dict):  # one model per category
+        for category, r in result.items():
+            print(f"{category}: {r.epochs_done} epochs ({r.steps_done} steps, stopped by {r.stopped_by})")
+            if r.stopped_by == "interrupted":
+                print(f"ddad train: interrupted in {category}; run the same command again to continue",
+                      file=sys.stderr)
+                return 130
+        print(f"run: {run_dir} (one run per category; ddad test {run_dir} tests them all)")
+        return 0
     if result.stopped_by == "interrupted":
         print(f"ddad train: interrupted at step {result.steps_done}; saved {result.checkpoint}\n"
               f"continue with: ddad train --resume --run-dir {run_dir}", file=sys.stderr)
@@ -97,7 +106,15 @@ def cmd_presets(args) -> int:
 
 def cmd_test(args) -> int:
     from ..api import test_run
+    from ..engine import per_category
+    from ..runs import RunDir
 
+    if per_category.is_parent(RunDir(args.run_dir)):  # one run per category: each with its own settings
+        metrics = test_run(args.run_dir, None, args.out, save_images=not args.no_images, progress=not args.quiet,
+                           max_false_alarms=args.max_false_alarms)
+        print(format_metrics(metrics))
+        print(f"metrics: {(args.out or RunDir(args.run_dir).test_dir) / 'metrics.json'} (each category's in its folder)")
+        return 0
     run, config = run_settings(args)
     metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet,
                        max_false_alarms=args.max_false_alarms)

@@ -24,6 +24,7 @@ class DDAD:
 
     name = "ddad"
     settings = DDADConfig
+    one_model_per_category = True  # several categories: trained one after another (ddad.engine.per_category)
     with_detection = staticmethod(with_detection)
     backbone_setting = ("detect", "backbone")  # where ``--backbone`` goes
     preferred_backbones = ("wide_resnet101_2", "mobilenet_v2")  # the paper's, else ddad's README install's
