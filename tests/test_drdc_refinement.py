@@ -223,3 +223,22 @@ def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():
     del stored["refine"], stored["refine_train"]
     config = DRDCConfig.from_mapping(DRDCConfig.upgrade_stored(stored), "config.yaml")
     assert config.refine.enabled is False
+
+
+def test_a_cpu_run_refines_at_the_cpu_profile_unless_told_otherwise(synth_root):
+    from ddad.cli.parser import build_parser
+    from ddad.cli.settings import train_settings
+
+    def settings(*extra):
+        args = build_parser().parse_args(["train", "--method", "drdc", "--data-root", str(synth_root), "--category",
+                                          "washer", "--device", "cpu", "--backbone-weights", "random", *extra])
+        return train_settings(args)[0]
+
+    cpu = settings()
+    assert (cpu.refine.image_size, cpu.refine.unet, cpu.refine.cells, cpu.detect.mean_filter) == (64, "compact", (4, 8), 3)
+    assert cpu.refine_train.device == "cpu"
+    chosen = settings("--set", "refine.image_size=32", "--set", "refine.unet=tiny", "--set", "refine.cells=[4]")
+    assert (chosen.refine.image_size, chosen.refine.unet, chosen.refine.cells, chosen.detect.mean_filter) == (32, "tiny", (4,), 5)
+    budget = settings("--max-steps", "7", "--set", "refine_train.max_steps=3")
+    assert budget.train.max_steps == 7 and budget.refine_train.max_steps == 3
+    assert settings("--minutes", "2").refine_train.max_minutes == 2.0  # each model's budget
