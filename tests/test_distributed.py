@@ -105,3 +105,39 @@ def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
         if k.startswith("model."):
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     assert not any((two / "rank1").iterdir())
+
+
+def _run(args: list[str], world: int, cwd: Path) -> list[str]:
+    port = _port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "ddad", *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return outs
+
+
+def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_root, tmp_path):
+    import csv
+    import json
+
+    run = tmp_path / "run"
+    _train(_ddad_args(synth_root, "--epochs", "1", "--run-dir", str(run), "--val-ratio", "0.25",
+                      "--set", "detect.scoring.mode=pixel"), 1, [tmp_path])
+    _run(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "one")], 1, tmp_path)
+    outs = _run(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "two")], 2, tmp_path)
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one["n_images"] == two["n_images"] == 9  # 3 good + 6 defective: odd, no padding, no repeats
+    for key in ("image_auroc", "pixel_auroc", "pro", "threshold"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    rows_one = list(csv.DictReader(open(tmp_path / "one" / "scores.csv")))
+    rows_two = list(csv.DictReader(open(tmp_path / "two" / "scores.csv")))
+    assert [r["image"] for r in rows_one] == [r["image"] for r in rows_two]
+    assert [float(r["score"]) for r in rows_two] == pytest.approx([float(r["score"]) for r in rows_one], abs=1e-6)
+    assert sum("image AUROC" in o for o in outs) == 1  # rank 0 reports, rank 1 is quiet

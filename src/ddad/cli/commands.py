@@ -118,6 +118,8 @@ def cmd_test(args) -> int:
     run, config = run_settings(args)
     metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet,
                        max_false_alarms=args.max_false_alarms)
+    if metrics is None:  # another rank of a torchrun job: rank 0 reports
+        return 0
     out = args.out or run.test_dir
     print(format_metrics(metrics))
     decision = metrics.info.get("decision")

@@ -81,6 +81,11 @@ class TestSplit:
     def categories(self) -> list[str]:
         return list(dict.fromkeys(s.category for s in self.samples))
 
+    def subset(self, part: slice) -> "TestSplit":
+        """The images ``part`` of the split (e.g. one rank's share)."""
+        return TestSplit(self.samples[part], self.images[part], self.masks[part], self.labels[part],
+                         self.has_masks, self.name)
+
 
 def load_test_split(data: DataConfig, progress: bool = True, log: Log | None = None) -> TestSplit:
     index = build_index(data)

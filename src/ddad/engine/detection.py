@@ -16,6 +16,7 @@ import torch
 from ..data.formats import DataConfig
 from ..data.splits import TestSplit
 from ..results import AnomalyResult
+from . import distributed
 from .calibration import CalibrationKey
 
 BatchDetector = Callable[[torch.Tensor], AnomalyResult]
@@ -43,6 +44,18 @@ class LoadedDetector:
     split_scorer: Callable[[TestSplit, bool, bool], AnomalyResult] | None = None  # (split, cache, progress)
 
     def score_split(self, split: TestSplit, cache: bool = True, progress: bool = True) -> AnomalyResult:
+        """Every image of ``split`` scored once. Under torchrun each rank scores its contiguous part (no
+        padding, no repeats) and every rank gets the whole result, in the split's order."""
+        ctx = distributed.context("cuda" if torch.cuda.is_available() else "cpu")
+        if not ctx.distributed:
+            return self._score(split, cache, progress)
+        part = ctx.shard(len(split.samples))
+        local = self._score(split.subset(part), cache, progress and ctx.is_main) if part.stop > part.start else None
+        gathered: list = [None] * ctx.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return AnomalyResult.concat([g for g in gathered if g is not None])
+
+    def _score(self, split: TestSplit, cache: bool, progress: bool) -> AnomalyResult:
         if self.split_scorer is not None:
             return self.split_scorer(split, cache, progress)
         from tqdm.auto import tqdm

@@ -36,6 +36,7 @@ from ..runs import RunDir
 from ..scoring import crop
 from ..visualize import colour_range, panel, save_png
 from .calibration import store_threshold
+from . import distributed
 from .detection import LoadedDetector
 from .thresholds import Threshold, choose_threshold, decision_stats
 
@@ -94,14 +95,17 @@ def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms:
 
 
 def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, save_images: bool = True,
-             progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics:
+             progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics | None:
     """Evaluate ``loaded`` on the run's test split with thresholds chosen on its validation split (see the
-    module docstring); writes and returns the metrics."""
+    module docstring); writes and returns the metrics (under torchrun: rank 0; the other ranks score their
+    share of the images and return None)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else run.test_dir
     chosen = validation_thresholds(run, loaded, max_false_alarms, progress, cache)  # before the test split is read
     split = load_test_split(loaded.data, progress, run.log)
-    result = loaded.score_split(split, cache, progress)
+    result = loaded.score_split(split, cache, progress)  # under torchrun: each image once, on some rank
+    if not distributed.context().is_main:
+        return None  # rank 0 measures and writes
     scores = result.pred_score.numpy()
     curves: dict = {}
     overall, per_category = measure(split, result, loaded.crop, curves)
