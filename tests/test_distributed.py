@@ -141,3 +141,21 @@ def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_r
     assert [r["image"] for r in rows_one] == [r["image"] for r in rows_two]
     assert [float(r["score"]) for r in rows_two] == pytest.approx([float(r["score"]) for r in rows_one], abs=1e-6)
     assert sum("image AUROC" in o for o in outs) == 1  # rank 0 reports, rank 1 is quiet
+
+
+def test_drdc_with_its_refiner_trains_the_same_on_two_processes(synth_root, tmp_path):
+    args = ["--method", "drdc", "--data-root", str(synth_root), "--category", "washer", "--image-size", "32",
+            "--batch-size", "4", "--backbone", "mobilenet_v2", "--backbone-weights", "random", "--val-ratio", "0",
+            "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
+            "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=64",
+            "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--set", "refine.image_size=32",
+            "--set", "refine.unet=tiny", "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=4",
+            "--max-steps", "2", "--quiet", "--run-dir", "run"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(args, 1, [one])
+    _train(args, 2, [two / "rank0", two / "rank1"])
+    a = Checkpoint(RunDir(one / "run", "refine").latest_checkpoint()).tensors
+    b = Checkpoint(RunDir(two / "rank0" / "run", "refine").latest_checkpoint()).tensors
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
