@@ -297,3 +297,26 @@ def test_train_settings_take_precedence_in_order(tmp_path):
     # a file in the 0.1.0 layout (runtime keys under detect) still works
     c = parse(yaml_text="detect: {batch_size: 3, backbone_weights: random, device: cpu}\n")
     assert c.runtime.batch_size == 3 and c.runtime.device == "cpu" and c.weights.backbone_weights == "random"
+
+
+def test_exported_graphs_give_the_same_normalised_scores_and_labels(trained, tmp_path):
+    """pred_score and pred_label from ONNX Runtime equal PyTorch's, each with the threshold its own `ddad test`
+    chose on the validation split."""
+    root, run = trained
+    data = root / "data" / "washer" / "test"
+    flags = ["--scoring", "combined", "--backbone", "mobilenet_v2", "--backbone-weights", "random"]
+    assert main(["export", str(run), *flags]) == 0
+    rows = {}
+    for backend in ("torch", "onnxruntime"):
+        assert main(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / f"t-{backend}"), *flags,
+                     "--backend", backend]) == 0
+        assert main(["predict", str(run), str(data), "--out", str(tmp_path / backend), "--quiet", "--no-images",
+                     *flags, "--backend", backend]) == 0
+        rows[backend] = {r["image"]: r for r in csv.DictReader(open(tmp_path / backend / "scores.csv"))}
+    assert rows["torch"].keys() == rows["onnxruntime"].keys()
+    for image, a in rows["torch"].items():
+        b = rows["onnxruntime"][image]
+        assert float(b["pred_score"]) == pytest.approx(float(a["pred_score"]), abs=1e-3), image
+        assert 0.0 <= float(a["pred_score"]) <= 1.0
+        if abs(float(a["pred_score"]) - 0.5) > 1e-3:  # away from the threshold the decisions agree
+            assert a["pred_label"] == b["pred_label"], image
