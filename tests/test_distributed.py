@@ -22,8 +22,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train(args: list[str], world: int, cwds: list[Path]) -> None:
-    """``ddad train args`` in ``world`` processes (rank r in cwds[r]), as torchrun would start them."""
+def _launch(args: list[str], world: int, cwds: list[Path]) -> list[str]:
+    """``ddad args`` in ``world`` processes (rank r in cwds[r]), as torchrun would start them; their outputs."""
     port = _port()
     procs = []
     for rank in range(world):
@@ -32,10 +32,15 @@ def _train(args: list[str], world: int, cwds: list[Path]) -> None:
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
         cwds[rank].mkdir(parents=True, exist_ok=True)
-        procs.append(subprocess.Popen([sys.executable, "-m", "ddad", "train", *args], cwd=cwds[rank], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "ddad", *args], cwd=cwds[rank], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    return outs
+
+
+def _train(args: list[str], world: int, cwds: list[Path]) -> None:
+    _launch(["train", *args], world, cwds)
 
 
 def _ddad_args(root: Path, *extra: str) -> list[str]:
@@ -90,13 +95,19 @@ def test_a_global_batch_the_world_size_does_not_divide_is_an_error(synth_root, t
     assert any("not divisible by the world size 2" in o for o in outs), outs
 
 
-def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
-    args = ["--method", "drdc", "--data-root", str(synth_root), "--category", "stripes,washer", "--image-size", "32",
-            "--batch-size", "6", "--backbone", "mobilenet_v2", "--backbone-weights", "random", "--val-ratio", "0",
-            "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
+def _drdc_args(root: Path, category: str, batch: int, steps: int, *extra: str) -> list[str]:
+    """A tiny DRDC run (random backbone, dropout off so that the ranks' dropout draws cannot differ)."""
+    return ["--method", "drdc", "--data-root", str(root), "--category", category, "--image-size", "32",
+            "--batch-size", str(batch), "--backbone", "mobilenet_v2", "--backbone-weights", "random", "--val-ratio",
+            "0", "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
             "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=64",
-            "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--set", "refine.enabled=false",
-            "--max-steps", "4", "--quiet", "--run-dir", "run"]  # 16 images, batch 6: the last batch of 4 splits 2 + 2
+            "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--max-steps", str(steps), "--quiet",
+            "--run-dir", "run", *extra]
+
+
+def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
+    # 16 images, batch 6: the last batch of 4 splits 2 + 2
+    args = _drdc_args(synth_root, "stripes,washer", 6, 4, "--set", "refine.enabled=false")
     one, two = tmp_path / "one", tmp_path / "two"
     _train(args, 1, [one])
     _train(args, 2, [two / "rank0", two / "rank1"])
@@ -107,21 +118,6 @@ def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
     assert not any((two / "rank1").iterdir())
 
 
-def _run(args: list[str], world: int, cwd: Path) -> list[str]:
-    port = _port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "ddad", *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    return outs
-
-
 def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_root, tmp_path):
     import csv
     import json
@@ -129,8 +125,9 @@ def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_r
     run = tmp_path / "run"
     _train(_ddad_args(synth_root, "--epochs", "1", "--run-dir", str(run), "--val-ratio", "0.25",
                       "--set", "detect.scoring.mode=pixel"), 1, [tmp_path])
-    _run(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "one")], 1, tmp_path)
-    outs = _run(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "two")], 2, tmp_path)
+    _launch(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "one")], 1, [tmp_path])
+    outs = _launch(["test", str(run), "--quiet", "--no-images", "--out", str(tmp_path / "two")], 2,
+                   [tmp_path, tmp_path])
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["n_images"] == two["n_images"] == 9  # 3 good + 6 defective: odd, no padding, no repeats
@@ -144,13 +141,8 @@ def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_r
 
 
 def test_drdc_with_its_refiner_trains_the_same_on_two_processes(synth_root, tmp_path):
-    args = ["--method", "drdc", "--data-root", str(synth_root), "--category", "washer", "--image-size", "32",
-            "--batch-size", "4", "--backbone", "mobilenet_v2", "--backbone-weights", "random", "--val-ratio", "0",
-            "--set", "features.grid=4", "--set", "model.hidden=32", "--set", "model.heads=4",
-            "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1", "--set", "model.ffn=64",
-            "--set", "model.neighbour=3", "--set", "model.dropout=0.0", "--set", "refine.image_size=32",
-            "--set", "refine.unet=tiny", "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=4",
-            "--max-steps", "2", "--quiet", "--run-dir", "run"]
+    args = _drdc_args(synth_root, "washer", 4, 2, "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
+                      "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=4")
     one, two = tmp_path / "one", tmp_path / "two"
     _train(args, 1, [one])
     _train(args, 2, [two / "rank0", two / "rank1"])
