@@ -36,6 +36,10 @@ class WeightsConfig:
         if self.average not in ("ema", "raw"):
             raise ValueError(f"weights.average must be 'ema' or 'raw', got {self.average!r}")
 
+    def state_dict(self, ckpt: Checkpoint) -> dict:
+        """The weights these settings choose from ``ckpt``: its EMA where kept and ``average`` is "ema", else raw."""
+        return ckpt.state_dict("ema" if self.average == "ema" and ckpt.has("ema") else "model")
+
 
 class Settings(Protocol):
     def to_yaml(self) -> str: ...

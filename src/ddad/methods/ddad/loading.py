@@ -36,8 +36,7 @@ def load_unet(run: RunDir, model: UNetConfig, device: torch.device | str, weight
     else the raw weights."""
     ckpt = Checkpoint(run.resolve_checkpoint(weights.checkpoint))
     unet = UNet(model)
-    prefix = "ema" if weights.average == "ema" and ckpt.has("ema") else "model"
-    unet.load_state_dict(ckpt.state_dict(prefix))
+    unet.load_state_dict(weights.state_dict(ckpt))
     return unet.to(device).eval().requires_grad_(False)
 
 

@@ -34,7 +34,6 @@ class DRDCDetector:
         self.refiner = refiner
         if refiner is not None:
             refiner.unet.to(self.device).eval().requires_grad_(False)
-            refiner.table = refiner.table.to(self.device)
         self.scale = scale
 
     def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -71,8 +71,7 @@ class DRDC:
         conditioning)."""
         refine, tc = config.refine, config.refine_train
         part = run.part_of("refine")
-        small = torch.cat([resized(images[i:i + 256], refine.image_size) if images.dtype != torch.uint8 else
-                           _resized_uint8(images[i:i + 256], refine.image_size) for i in range(0, len(images), 256)])
+        small = torch.cat([resized(images[i:i + 256], refine.image_size) for i in range(0, len(images), 256)])
         unet = refine.unet_config(images.shape[1])
         t_high = tc.timestep_high(refine.schedule.num_timesteps)
 
@@ -98,16 +97,13 @@ class DRDC:
         device = resolve_device(config.runtime.device)
         extractor = build_extractor(config.features, config.weights, config.runtime)
         model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
-        prefix = "ema" if config.weights.average == "ema" and ckpt.has("ema") else "model"
-        model.load_state_dict(ckpt.state_dict(prefix))
+        model.load_state_dict(config.weights.state_dict(ckpt))
         networks = [file_id(path), ["pretrained", config.features.backbone, config.weights.backbone_weights]]
         refiner = None
         if config.refine.enabled:
             unet_path = run.part_of("refine").resolve_checkpoint(None)
-            unet_ckpt = Checkpoint(unet_path)
             unet = UNet(config.refine.unet_config(config.data.channels))
-            unet.load_state_dict(unet_ckpt.state_dict("ema" if config.weights.average == "ema" and unet_ckpt.has("ema")
-                                                      else "model"))
+            unet.load_state_dict(config.weights.state_dict(Checkpoint(unet_path)))
             refiner = Refiner(unet, alphas_cumprod(config.refine.schedule), config.refine, config.detect)
             networks.append(file_id(unet_path))
         detector = DRDCDetector(extractor, model, config.features, config.detect, device, refiner)
@@ -124,8 +120,3 @@ class DRDC:
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")
-
-
-def _resized_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 images (0..255) resized to size x size, kept as uint8 (training sets at 224 px stay small)."""
-    return resized(images.float(), size).round().clamp(0, 255).to(torch.uint8)

@@ -43,7 +43,7 @@ class Refiner:
 
     def __init__(self, unet: UNet, table: torch.Tensor, refine: RefineConfig, detect: DRDCDetect) -> None:
         self.unet, self.refine, self.detect = unet, refine, detect
-        self.table = table.to(device=next(unet.parameters()).device, dtype=torch.float32)
+        self.table = table.to(torch.float32)  # moved to the UNet's device at each call (1000 numbers)
         self.steps = refinement_steps(detect)
 
     def masks(self, seed: int, height: int, width: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ class Refiner:
         x_jobs = x.to(device).float().repeat_interleave(jobs, dim=0)
         hidden = masks.reshape(b * jobs, 1, h, w)
         noise = InpaintingNoise.draw(job_seeds, (c, h, w), self.steps, device)
-        out = inpaint(lambda xt, t, cond: self.unet(xt, t, cond), x_jobs, hidden, self.table, self.steps, noise,
+        out = inpaint(lambda xt, t, cond: self.unet(xt, t, cond), x_jobs, hidden, self.table.to(device), self.steps, noise,
                       self.refine.model_conditioning, self.detect.test_time_conditioning)
 
         def combined(prediction: torch.Tensor) -> torch.Tensor:  # Eq. 8 -> (B * S, C, H, W)
@@ -81,7 +81,9 @@ class Refiner:
 
 
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) float images bilinearly resized (antialiased) to size x size; unchanged at that size."""
+    """(B, C, H, W) images bilinearly resized (antialiased) to size x size, unchanged at that size; uint8
+    images (0..255, training sets kept small) stay uint8."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else out
