@@ -216,6 +216,14 @@ def test_both_models_train_and_resume_exactly(tmp_path, synth_root):
     # the run tests per category with the fused map, and its calibration is stored under the key
     assert main(["test", str(full), "--quiet", "--no-images"]) == 0
     assert len(list((full / "calibration").glob("scale-*.json"))) == 1
+    # Eq. 17's weight, the pooling and the crop do not change the maps: their scale is reused (tuning alpha
+    # does not re-run the calibration's diffusion); the number of steps does
+    assert main(["test", str(full), "--quiet", "--no-images", "--set", "detect.alpha=0.5", "--set", "detect.pool=2",
+                 "--out", str(tmp_path / "alpha")]) == 0
+    assert len(list((full / "calibration").glob("scale-*.json"))) == 1
+    assert main(["test", str(full), "--quiet", "--no-images", "--set", "detect.steps=2",
+                 "--out", str(tmp_path / "steps")]) == 0
+    assert len(list((full / "calibration").glob("scale-*.json"))) == 2
 
 
 def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():

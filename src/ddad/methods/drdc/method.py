@@ -110,8 +110,11 @@ class DRDC:
         sections = ("features", "model", "refine", "detect")
         key = CalibrationKey.of({name: getattr(config, name) for name in sections}, config.weights, networks,
                                 config.data)
-        if refiner is not None:  # both maps' scale (Eq. 17), stored in the run under the key
-            detector.scale = stored_scale(run, key, lambda: detector.calibrate(calibration_images(
+        if refiner is not None:  # both maps' scale (Eq. 17), stored in the run under the maps' own key
+            scale_key = CalibrationKey.of({**{name: getattr(config, name) for name in sections},
+                                           "detect": config.detect.map_settings()}, config.weights, networks,
+                                          config.data)
+            detector.scale = stored_scale(run, scale_key, lambda: detector.calibrate(calibration_images(
                 config.data, config.detect.calibration_images, config.detect.seed)))
         settings = {name: to_plain(getattr(config, name)) for name in (*sections, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,

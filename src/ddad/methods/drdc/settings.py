@@ -156,6 +156,11 @@ class DRDCDetect:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
+    def map_settings(self) -> "DRDCDetect":
+        """These settings as far as the two unscaled maps depend on them: not Eq. 17's weight, the pooling
+        of the image score or the crop (the key of the calibration scale, so tuning alpha reuses it)."""
+        return replace(self, alpha=DRDCDetect.alpha, pool=DRDCDetect.pool, crop=DRDCDetect.crop)
+
 
 @dataclass(frozen=True)
 class DRDCConfig(RunSettings):
