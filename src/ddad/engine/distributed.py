@@ -44,13 +44,14 @@ class Context:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (a stop decided by one rank's clock or signal)."""
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true on every rank when it is true on any (a stop decided by one rank's clock or
+        signal); one all-reduce for all of them."""
         if not self.distributed:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return tuple(bool(v) for v in t.tolist())
 
     def barrier(self) -> None:
         if self.distributed:

@@ -269,9 +269,12 @@ def fit(
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1
-                if ctx.any(signals.received is not None):  # any rank's signal stops every rank
+                # any rank's signal or clock stops every rank
+                signalled, out_of_time = ctx.any(signals.received is not None, tc.max_minutes is not None and
+                                                 trained_s + clock() - t_start >= 60 * tc.max_minutes)
+                if signalled:
                     stop = "interrupted"
-                elif ctx.any(tc.max_minutes is not None and trained_s + clock() - t_start >= 60 * tc.max_minutes):
+                elif out_of_time:
                     stop = "max_minutes"
                 elif tc.max_steps is not None and step >= tc.max_steps:
                     stop = "max_steps"
