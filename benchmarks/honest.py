@@ -46,14 +46,14 @@ def summary(metrics) -> dict:
             "oracle_threshold": d.get("oracle_threshold")}
 
 
-def grid_from(assignments: list[str], method: str) -> dict:
+def grids_from(assignments: list[str], method: str) -> list[dict]:
     if not assignments:
-        return dict(tuning.GRIDS[method])
+        return [dict(g) for g in tuning.GRIDS[method]]
     grid: dict = {}
     for text in assignments:
         name, raw = text.split("=", 1)
         grid[name] = tuple(parse_assignment(f"x={v}")["x"] for v in raw.split(","))
-    return grid
+    return [grid]
 
 
 def main(argv=None) -> None:
@@ -67,17 +67,19 @@ def main(argv=None) -> None:
     run = RunDir(args.run_dir).require()
     config = load_config(run)
     method = get_method(config.method)
-    grid = grid_from(args.grid, config.method)
-    current = tuning.current_values(config, list(grid))
+    grids = grids_from(args.grid, config.method)
+    names = tuning.setting_names(grids)
+    current = tuning.current_values(config, names)
     load = lambda c: method.load(run, c, progress=False)  # noqa: E731
-    out: dict = {"run": str(run.root), "method": config.method, "grid": {k: list(v) for k, v in grid.items()},
+    out: dict = {"run": str(run.root), "method": config.method, "names": names,
+                 "grids": [{k: list(v) for k, v in g.items()} for g in grids],
                  "target": args.target, "date": date.today().isoformat(), "command": " ".join(sys.argv)}
     t0 = time.perf_counter()
 
     # 1. Honest: everything chosen on the validation split (tuning first, as a user would).
-    tuned, rows = tuning.tune(run, config, load, method.with_detection, grid, current, progress=False)
+    tuned, rows = tuning.tune(run, config, load, grids, progress=False)
     out["validation_rows"] = rows
-    out["tuned_settings"] = tuning.current_values(tuned, list(grid))
+    out["tuned_settings"] = tuning.current_values(tuned, names)
     for name, cfg in (("default", config), ("tuned", tuned)):
         loaded = load(cfg)
         for suffix, target in (("f1", None), ("far", args.target)):
@@ -89,15 +91,15 @@ def main(argv=None) -> None:
     # 2. Oracle: settings and threshold tuned on the test split.
     split = load_test_split(config.data, progress=False)
     best, best_value, oracle_rows = None, -np.inf, []
-    for candidate in tuning.candidates(grid, current):
-        loaded = load(method.with_detection(config, **candidate))
+    for candidate in tuning.candidates(grids, current):
+        loaded = load(tuning.with_candidate(config, candidate))
         row = {**candidate, **tuning.validation_score(loaded, split)}  # the same objective, on test
         oracle_rows.append(row)
         if row["objective"] is not None and row["objective"] > best_value:
             best, best_value = candidate, row["objective"]
     out["test_rows"] = oracle_rows
     out["oracle_settings"] = best
-    metrics = testing.test_run(run, load(method.with_detection(config, **best)),
+    metrics = testing.test_run(run, load(tuning.with_candidate(config, best)),
                                args.out.parent / "tests" / f"{args.out.stem}-oracle", save_images=False,
                                progress=False)
     oracle = summary(metrics)
@@ -123,7 +125,7 @@ def table(out: dict) -> str:
         row = out[key]
         settings = out["oracle_settings"] if key == "oracle" else (
             out["tuned_settings"] if key.startswith("tuned") else out["validation_rows"][0])
-        settings = {k: settings[k] for k in out["grid"]}
+        settings = {k: settings[k] for k in out["names"]}
         d = row["decision"] or {}
         lines.append(f"| {label} | {settings} | {fmt(row['image_auroc'])} | {fmt(row['pixel_auroc'])} | "
                      f"{fmt(row['pro'])} | {row['threshold_source'] if key != 'oracle' else 'F1 on test'} | "

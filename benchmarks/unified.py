@@ -3,7 +3,7 @@
     python benchmarks/unified.py layout OUT             # OUT/<category>/... in the MVTec layout (symlinks)
     ddad train --method drdc --data-root OUT --category all --image-size 224 --minutes 10 --run-dir RUN
     ddad test RUN --no-images                          # per category and mean
-    python benchmarks/unified.py latency RUN           # ms per image at batch 1, peak memory
+    python benchmarks/unified.py latency RUN [--set steps=5]   # ms per image at batch 1, peak memory
     python benchmarks/unified.py patchcore OUT --out benchmarks/results/unified/patchcore.json
     python benchmarks/unified.py curve 5=A/metrics.json 10=B/metrics.json --patchcore P.json --out curve.png
     python benchmarks/unified.py with-refiner BASE_RUN RUN --step 270 --refine-steps 310   # DRDC part 2
@@ -58,13 +58,17 @@ def cmd_layout(args) -> None:
 
 def cmd_latency(args) -> None:
     """Inference time per image at batch 1 (backbone included) and the process's peak memory."""
+    import yaml
+
     from ddad import load_config
+    from ddad.api import with_detection
     from ddad.data.splits import load_test_split
     from ddad.methods import get_method
     from ddad.runs import RunDir
 
     run = RunDir(args.run_dir)
-    config = load_config(run)
+    changes = {name: yaml.safe_load(value) for name, value in (s.split("=", 1) for s in args.set)}
+    config = with_detection(load_config(run), **changes)
     loaded = get_method(config.method).load(run, config, progress=False)
     images = load_test_split(config.data, progress=False).images[: args.images]
     loaded.detect(images[:1])  # warm-up
@@ -73,7 +77,7 @@ def cmd_latency(args) -> None:
     for i in range(len(images)):
         loaded.detect(images[i:i + 1])
     ms = 1000 * (time.perf_counter() - t0) / len(images)
-    row = {"run": str(run.root), "ms_per_image_batch1": ms, "threads": torch.get_num_threads(),
+    row = {"run": str(run.root), "settings": changes, "ms_per_image_batch1": ms, "threads": torch.get_num_threads(),
            "parts_ms_per_image": {k: 1000 * v[0] / len(images) for k, v in parts.items()},
            "calls_per_image": {k: v[1] / len(images) for k, v in parts.items()},
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "date": str(date.today())}
@@ -232,6 +236,7 @@ def main() -> None:
     q = sub.add_parser("latency")
     q.add_argument("run_dir", type=Path)
     q.add_argument("--images", type=int, default=50)
+    q.add_argument("--set", action="append", default=[], help="NAME=VALUE: a detection setting by name (steps=5)")
     q = sub.add_parser("patchcore")
     q.add_argument("root", type=Path)
     q.add_argument("--image-size", type=int, default=224)

@@ -213,9 +213,27 @@ def test_tune_keeps_the_best_candidate_and_the_earlier_one_on_ties(tiny_run, mon
     values = {(0.5,): 0.6, (1.0,): 0.7, (2.0,): 0.9, (3.0,): 0.9, (4.0,): 0.2}
     monkeypatch.setattr(tuning, "validation_score", lambda loaded, split: {
         "image_auroc": None, "pixel_auroc": None, "objective": values[(loaded,)]})
-    config = load_config(tiny_run)
+    config = with_detection(load_config(tiny_run), v=1.0)
     best, rows = tuning.tune(RunDir(tiny_run), config, lambda c: c.detect.scoring.v,
-                             with_detection,
-                             {"v": (0.5, 2.0, 3.0, 4.0)}, {"v": 1.0}, progress=False)
+                             [{"v": (0.5, 2.0, 3.0, 4.0)}], progress=False)
     assert [r["v"] for r in rows] == [1.0, 0.5, 2.0, 3.0, 4.0]  # the current setting first
     assert best.detect.scoring.v == 2.0  # the maximum; 3.0 ties and comes later
+
+
+def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():
+    from ddad.engine import tuning
+    from ddad.methods.ddad.settings import DDADConfig
+
+    current = {"mode": "combined", "v": 1.0, "w": 3.0, "feature_size": 224}
+    found = tuning.candidates(tuning.GRIDS["ddad"], current)
+    assert found[0] == current and len(found) == len({tuple(sorted(c.items(), key=str)) for c in found})
+    pixel = [c for c in found if c["mode"] == "pixel"]
+    assert sorted(c["v"] for c in pixel) == [0.5, 1.0, 2.0]  # w and the backbone's size are not tried
+    assert all((c["w"], c["feature_size"]) == (3.0, 224) for c in pixel)
+    combined = [c for c in found if c["mode"] == "combined"]
+    assert len(combined) == 3 * 3 * 2 and len(found) == 3 + 3 * 2 + 18
+    # None is a value: a run that resizes for the backbone can be tuned back to the image's own size
+    resized = tuning.with_candidate(DDADConfig(), current)
+    assert tuning.current_values(resized, list(current)) == current
+    config = tuning.with_candidate(resized, {**current, "feature_size": None, "v": 2.0})
+    assert config.detect.scoring.feature_size is None and config.detect.scoring.v == 2.0

@@ -114,18 +114,18 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
              progress: bool = True) -> tuple[Any, list[dict]]:
     """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
-    :data:`ddad.engine.tuning.GRIDS` of its method) and store them in its config.yaml and RUN_DIR/tune.json.
-    Returns the new settings and one row per candidate."""
+    the grids of :data:`ddad.engine.tuning.GRIDS` for its method) and store them in its config.yaml and
+    RUN_DIR/tune.json. Returns the new settings and one row per candidate."""
     from .engine import tuning
 
     run = _run(run_dir).require()
     config = load_config(run)
     method = get_method(config.method)
-    grid = dict(grid or tuning.GRIDS[config.method])
-    current = tuning.current_values(config, list(grid))
-    best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), method.with_detection,
-                             grid, current, progress)
-    chosen = tuning.current_values(best, list(grid))
+    grids = [dict(grid)] if grid else list(tuning.GRIDS[config.method])
+    names = tuning.setting_names(grids)
+    current = tuning.current_values(config, names)
+    best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress)
+    chosen = tuning.current_values(best, names)
     run.save_config(best)
     atomic_write_text(run.root / "tune.json", json.dumps({"chosen": chosen, "before": current, "rows": rows,
                                                           "objective": "mean of image and pixel AUROC on the "

@@ -114,11 +114,14 @@ class RunSettings:
         return dataclasses.replace(self, **sections)
 
 
-def override(settings: Any, changes: Mapping[str, Any], within: tuple[str, ...] | None = None) -> Any:
+def override(settings: Any, changes: Mapping[str, Any], within: tuple[str, ...] | None = None,
+             ignore_none: bool = True) -> Any:
     """``settings`` (a dataclass) with fields replaced wherever they are in its tree of dataclasses (only
-    under its top-level fields ``within``, if given), found by name; None values are ignored. A name that
-    no field has, or that two fields share, is an error."""
-    changes = {k: v for k, v in changes.items() if v is not None}
+    under its top-level fields ``within``, if given), found by name; None values are ignored unless
+    ``ignore_none`` is false (then None is a value, e.g. ``feature_size=None``). A name that no field has, or
+    that two fields share, is an error."""
+    if ignore_none:
+        changes = {k: v for k, v in changes.items() if v is not None}
     owners: dict[str, list[str]] = {}
 
     def visit(obj: Any, path: str, top: bool) -> None:

@@ -2,10 +2,13 @@
 and the user's validation defects, else synthetic anomalies on the held-out images), never on the test split,
 and store the choice in the run's config.yaml.
 
-Each candidate is a set of detection settings by name (as :func:`ddad.api.with_detection` takes them); it is
+Each candidate is a set of detection settings by name (found anywhere under the config's ``detect``); it is
 scored on the validation split by the mean of image and pixel AUROC there (pixel AUROC alone where the
 validation images have no masks, image AUROC alone where they have no defects of either kind). Ties keep the
 earlier candidate, so the run's current settings (listed first) stay unless another one is better.
+
+A search space is one or more grids, each the product of its values; a name a grid does not list keeps the
+run's value, so that settings which do not matter in a mode (DDAD's w in pixel scoring) are not tried there.
 """
 
 from __future__ import annotations
@@ -16,17 +19,29 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..config import override
 from ..data.splits import load_validation_split
 from ..metrics import pixel_auroc, roc_auc
 from ..runs import RunDir
 from ..scoring import crop
 from .detection import LoadedDetector
 
-# What ``ddad tune`` tries by default, per method: detection settings by name -> values.
-GRIDS: dict[str, dict[str, tuple]] = {
-    "ddad": {"mode": ("pixel", "feature", "combined"), "v": (0.5, 1.0, 2.0), "w": (1.0, 3.0, 5.0)},
-    "drdc": {"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},
+Grid = Mapping[str, Sequence[Any]]
+
+# What ``ddad tune`` tries by default, per method. DDAD (Eq. 7-9): the conditioning weight v in every mode;
+# the backbone's input size (None: the image's own) where features are used; w where both are combined.
+_V, _W, _FEATURE_SIZE = (0.5, 1.0, 2.0), (1.0, 3.0, 5.0), (None, 224)
+GRIDS: dict[str, tuple[Grid, ...]] = {
+    "ddad": ({"mode": ("pixel",), "v": _V},
+             {"mode": ("feature",), "v": _V, "feature_size": _FEATURE_SIZE},
+             {"mode": ("combined",), "v": _V, "w": _W, "feature_size": _FEATURE_SIZE}),
+    "drdc": ({"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
 }
+
+
+def setting_names(grids: Sequence[Grid]) -> list[str]:
+    """Every name some grid lists, in order of first appearance."""
+    return list(dict.fromkeys(name for grid in grids for name in grid))
 
 
 def current_values(config: Any, names: Sequence[str]) -> dict[str, Any]:
@@ -48,11 +63,22 @@ def current_values(config: Any, names: Sequence[str]) -> dict[str, Any]:
     return found
 
 
-def candidates(grid: Mapping[str, Sequence[Any]], current: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The current settings first, then every combination of the grid (without repeating the current one)."""
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    first = {k: current[k] for k in grid}
-    return [first] + [c for c in combos if c != first]
+def candidates(grids: Sequence[Grid], current: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The current settings first, then every combination of each grid, the names it does not list at their
+    current values (each candidate once)."""
+    first = dict(current)
+    out = [first]
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            candidate = {**current, **dict(zip(grid, values))}
+            if candidate not in out:
+                out.append(candidate)
+    return out
+
+
+def with_candidate(config: Any, candidate: Mapping[str, Any]) -> Any:
+    """``config`` with a candidate's detection settings (None is a value here: ``feature_size=None``)."""
+    return override(config, candidate, within=("detect",), ignore_none=False)
 
 
 def validation_score(loaded: LoadedDetector, split) -> dict[str, float | None]:
@@ -66,20 +92,20 @@ def validation_score(loaded: LoadedDetector, split) -> dict[str, float | None]:
     return {"image_auroc": image, "pixel_auroc": pixel, "objective": float(np.mean(parts)) if parts else None}
 
 
-def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], with_settings: Callable[..., Any],
-         grid: Mapping[str, Sequence[Any]], current: Mapping[str, Any], progress: bool = True
-         ) -> tuple[Any, list[dict]]:
+def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
+         progress: bool = True) -> tuple[Any, list[dict]]:
     """(the config with the best candidate's settings, one row per candidate). ``load`` turns a config into
-    its detector; ``with_settings(config, **candidate)`` applies a candidate."""
+    its detector."""
     from tqdm.auto import tqdm
 
     split = load_validation_split(config.data, progress=False, log=run.log)
     if split is None:
         raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
                          "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
+    current = current_values(config, setting_names(grids))
     rows, best, best_value = [], config, -np.inf
-    for candidate in tqdm(candidates(grid, current), desc="tune", unit="setting", disable=not progress):
-        tried = with_settings(config, **candidate)
+    for candidate in tqdm(candidates(grids, current), desc="tune", unit="setting", disable=not progress):
+        tried = with_candidate(config, candidate)
         row = {**candidate, **validation_score(load(tried), split)}
         rows.append(row)
         if row["objective"] is not None and row["objective"] > best_value:
