@@ -224,6 +224,34 @@ def test_both_models_train_and_resume_exactly(tmp_path, synth_root):
     assert main(["test", str(full), "--quiet", "--no-images", "--set", "detect.steps=2",
                  "--out", str(tmp_path / "steps")]) == 0
     assert len(list((full / "calibration").glob("scale-*.json"))) == 2
+    _maps_are_reused_across_alpha(full)
+
+
+def _maps_are_reused_across_alpha(run_dir):
+    """A split scored again with another alpha or pooling takes the maps of the last scoring (ddad tune runs
+    the diffusion once per map setting), and scores exactly as a fresh computation; other steps do not."""
+    from ddad import load_config, with_detection
+    from ddad.data.splits import load_test_split
+    from ddad.methods import get_method
+
+    run, config, method = RunDir(run_dir), load_config(run_dir), get_method("drdc")
+    split = load_test_split(config.data, progress=False)
+    calls = []
+    original = DRDCDetector.maps
+    pytest.MonkeyPatch().setattr(DRDCDetector, "maps", lambda self, x: calls.append(len(x)) or original(self, x))
+    try:
+        method.load(run, config, progress=False).score_split(split, True, False)
+        assert sum(calls) == len(split.images)
+        other = with_detection(config, alpha=0.3, pool=2)
+        cached = method.load(run, other, progress=False).score_split(split, True, False)
+        assert sum(calls) == len(split.images)  # no map computed again
+        fresh = method.load(run, other, progress=False).score_split(split, False, False)
+        assert sum(calls) == 2 * len(split.images)
+        assert torch.equal(cached.pred_score, fresh.pred_score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
+        method.load(run, with_detection(config, steps=2), progress=False).score_split(split, True, False)
+        assert sum(calls) == 3 * len(split.images)  # the steps change the maps (their scale is stored above)
+    finally:
+        DRDCDetector.maps = original
 
 
 def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():

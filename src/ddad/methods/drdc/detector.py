@@ -60,7 +60,11 @@ class DRDCDetector:
         return ScoreScale.from_distances(torch.cat([m["diffusion"] for m in maps]), torch.cat([m["base"] for m in maps]))
 
     def __call__(self, images: torch.Tensor) -> AnomalyResult:
-        maps = self.maps(images)
+        return self.score_maps(self.maps(images))
+
+    def score_maps(self, maps: dict[str, torch.Tensor]) -> AnomalyResult:
+        """The fused map (Eq. 17) and the pooled image score from the unscaled :meth:`maps` of a batch."""
+        maps = {k: v.to(self.device) for k, v in maps.items()}
         extras = {"feature_error": maps["feature_error"].cpu()}
         if self.refiner is None:
             fused = maps["base"]
@@ -74,3 +78,33 @@ class DRDCDetector:
         scores = pooled_max(crop(fused, self.detect.crop), self.detect.pool)
         return AnomalyResult(pred_score=scores.float().cpu(), anomaly_map=fused.float().cpu(),
                              reconstruction=None if self.refiner is None else maps["inpainted"].cpu(), extras=extras)
+
+
+# The unscaled maps of the last split scored, by the maps' calibration key and the split's images: alpha, the
+# pooling and the crop only re-weigh them, so ``ddad tune`` runs the diffusion once per map setting. Kept for
+# validation-sized splits only (a test split's maps would double the memory its result already takes).
+CACHED_SPLIT_IMAGES = 1024
+_last_maps: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def score_split(detector: DRDCDetector, split, batch_size: int, maps_key: str, cache: bool = True,
+                progress: bool = True) -> AnomalyResult:
+    """Every image of ``split`` scored once, its maps taken from the last split's where the maps' key and
+    the images are the same."""
+    from tqdm.auto import tqdm
+
+    key = (maps_key, tuple(str(s.image) for s in split.samples))
+    maps = _last_maps.get(key) if cache else None
+    if maps is None:
+        bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+        parts = []
+        for start in range(0, len(split.images), batch_size):
+            parts.append({k: v.cpu() for k, v in detector.maps(split.images[start:start + batch_size]).items()})
+            bar.update(len(parts[-1]["base"]))
+        bar.close()
+        maps = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if cache and len(split.images) <= CACHED_SPLIT_IMAGES:
+            _last_maps.clear()
+            _last_maps[key] = maps
+    return AnomalyResult.concat([detector.score_maps({k: v[i:i + batch_size] for k, v in maps.items()})
+                                 for i in range(0, len(split.images), batch_size)])

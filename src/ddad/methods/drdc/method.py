@@ -23,7 +23,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.trainer import StepHook, TrainResult, fit
 from ...runs import RunDir
 from ...runtime import resolve_device
-from .detector import DRDCDetector
+from .detector import DRDCDetector, score_split
 from .refiner import Refiner, resized
 from .features import build_extractor, cache_key, cached_features, feature_channels, features_in_batches
 from .model import FeatureReconstructionObjective, FeatureReconstructor
@@ -110,16 +110,18 @@ class DRDC:
         sections = ("features", "model", "refine", "detect")
         key = CalibrationKey.of({name: getattr(config, name) for name in sections}, config.weights, networks,
                                 config.data)
-        if refiner is not None:  # both maps' scale (Eq. 17), stored in the run under the maps' own key
-            scale_key = CalibrationKey.of({**{name: getattr(config, name) for name in sections},
-                                           "detect": config.detect.map_settings()}, config.weights, networks,
-                                          config.data)
-            detector.scale = stored_scale(run, scale_key, lambda: detector.calibrate(calibration_images(
+        # the unscaled maps' own key: their scale (Eq. 17) is stored in the run under it
+        maps_key = CalibrationKey.of({**{name: getattr(config, name) for name in sections},
+                                      "detect": config.detect.map_settings()}, config.weights, networks, config.data)
+        if refiner is not None:
+            detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(calibration_images(
                 config.data, config.detect.calibration_images, config.detect.seed)))
         settings = {name: to_plain(getattr(config, name)) for name in (*sections, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
-                              info={"extractor": "pretrained", "trained_categories": trained})
+                              info={"extractor": "pretrained", "trained_categories": trained},
+                              split_scorer=lambda split, cache, show: score_split(
+                                  detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")
