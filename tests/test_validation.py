@@ -228,8 +228,8 @@ def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():
     found = tuning.candidates(tuning.GRIDS["ddad"], current)
     assert found[0] == current and len(found) == len({tuple(sorted(c.items(), key=str)) for c in found})
     pixel = [c for c in found if c["mode"] == "pixel"]
-    assert sorted(c["v"] for c in pixel) == [0.5, 1.0, 2.0]  # w and the backbone's size are not tried
-    assert all((c["w"], c["feature_size"]) == (3.0, 224) for c in pixel)
+    assert sorted(c["w"] for c in pixel) == [1.0, 3.0, 5.0]  # v and the backbone's size are not tried
+    assert all((c["v"], c["feature_size"]) == (1.0, 224) for c in pixel)
     combined = [c for c in found if c["mode"] == "combined"]
     assert len(combined) == 3 * 3 * 2 and len(found) == 3 + 3 * 2 + 18
     # None is a value: a run that resizes for the backbone can be tuned back to the image's own size

@@ -8,7 +8,7 @@ validation images have no masks, image AUROC alone where they have no defects of
 earlier candidate, so the run's current settings (listed first) stay unless another one is better.
 
 A search space is one or more grids, each the product of its values; a name a grid does not list keeps the
-run's value, so that settings which do not matter in a mode (DDAD's w in pixel scoring) are not tried there.
+run's value, so that settings which do not matter in a mode (DDAD's v in pixel scoring) are not tried there.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from .detection import LoadedDetector
 
 Grid = Mapping[str, Sequence[Any]]
 
-# What ``ddad tune`` tries by default, per method. DDAD (Eq. 7-9): the conditioning weight v in every mode;
-# the backbone's input size (None: the image's own) where features are used; w where both are combined.
-_V, _W, _FEATURE_SIZE = (0.5, 1.0, 2.0), (1.0, 3.0, 5.0), (None, 224)
+# What ``ddad tune`` tries by default, per method. DDAD: the conditioning weight w (Eq. 7) in every mode; the
+# backbone's input size (None: the image's own) where features are used; v (Eq. 9) where both are combined.
+_W, _V, _FEATURE_SIZE = (1.0, 3.0, 5.0), (0.5, 1.0, 2.0), (None, 224)
 GRIDS: dict[str, tuple[Grid, ...]] = {
-    "ddad": ({"mode": ("pixel",), "v": _V},
-             {"mode": ("feature",), "v": _V, "feature_size": _FEATURE_SIZE},
-             {"mode": ("combined",), "v": _V, "w": _W, "feature_size": _FEATURE_SIZE}),
+    "ddad": ({"mode": ("pixel",), "w": _W},
+             {"mode": ("feature",), "w": _W, "feature_size": _FEATURE_SIZE},
+             {"mode": ("combined",), "w": _W, "v": _V, "feature_size": _FEATURE_SIZE}),
     "drdc": ({"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
 }
 
