@@ -269,15 +269,10 @@ def fit(
                 if on_step is not None:
                     on_step(epoch, step, last_loss)
                 end_of_epoch = b == steps_per_epoch - 1
-                # any rank's signal or clock stops every rank
                 signalled, out_of_time = ctx.any(signals.received is not None, tc.max_minutes is not None and
-                                                 trained_s + clock() - t_start >= 60 * tc.max_minutes)
-                if signalled:
-                    stop = "interrupted"
-                elif out_of_time:
-                    stop = "max_minutes"
-                elif tc.max_steps is not None and step >= tc.max_steps:
-                    stop = "max_steps"
+                                                 trained_s + clock() - t_start >= 60 * tc.max_minutes)  # any rank's
+                stop = ("interrupted" if signalled else "max_minutes" if out_of_time else
+                        "max_steps" if tc.max_steps is not None and step >= tc.max_steps else stop)
                 time_due = tc.checkpoint_minutes is not None and clock() - last_save >= 60 * tc.checkpoint_minutes
                 if not end_of_epoch and (stop or step in marks or time_due):
                     last_path = save(epoch, mid_epoch=True, by_time=time_due and not stop and step not in marks)
