@@ -27,11 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ddad.api import load_config
-from ddad.config import parse_assignment
 from ddad.data.splits import load_test_split
 from ddad.engine import testing, tuning
-from ddad.engine.thresholds import decision_stats
-from ddad.metrics import f1_optimal_threshold
 from ddad.methods import get_method
 from ddad.runs import RunDir
 
@@ -46,16 +43,6 @@ def summary(metrics) -> dict:
             "oracle_threshold": d.get("oracle_threshold")}
 
 
-def grids_from(assignments: list[str], method: str) -> list[dict]:
-    if not assignments:
-        return [dict(g) for g in tuning.GRIDS[method]]
-    grid: dict = {}
-    for text in assignments:
-        name, raw = text.split("=", 1)
-        grid[name] = tuple(parse_assignment(f"x={v}")["x"] for v in raw.split(","))
-    return [grid]
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
@@ -67,7 +54,7 @@ def main(argv=None) -> None:
     run = RunDir(args.run_dir).require()
     config = load_config(run)
     method = get_method(config.method)
-    grids = grids_from(args.grid, config.method)
+    grids = [tuning.parse_grid(args.grid)] if args.grid else list(tuning.GRIDS[config.method])
     names = tuning.setting_names(grids)
     current = tuning.current_values(config, names)
     load = lambda c: method.load(run, c, progress=False)  # noqa: E731

@@ -200,7 +200,7 @@ def _train(root, run, *extra) -> int:
                  "--set", "detect.mean_filter=3", "--set", "detect.steps=3", "--run-dir", str(run), "--quiet", *extra])
 
 
-def test_both_models_train_and_resume_exactly(tmp_path, synth_root):
+def test_both_models_train_and_resume_exactly(tmp_path, synth_root, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(synth_root, full, "--max-steps", "4") == 0
     assert _train(synth_root, part, "--max-steps", "2") == 0
@@ -224,10 +224,10 @@ def test_both_models_train_and_resume_exactly(tmp_path, synth_root):
     assert main(["test", str(full), "--quiet", "--no-images", "--set", "detect.steps=2",
                  "--out", str(tmp_path / "steps")]) == 0
     assert len(list((full / "calibration").glob("scale-*.json"))) == 2
-    _maps_are_reused_across_alpha(full)
+    _maps_are_reused_across_alpha(full, monkeypatch)
 
 
-def _maps_are_reused_across_alpha(run_dir):
+def _maps_are_reused_across_alpha(run_dir, monkeypatch):
     """A split scored again with another alpha or pooling takes the maps of the last scoring (ddad tune runs
     the diffusion once per map setting), and scores exactly as a fresh computation; other steps do not."""
     from ddad import load_config, with_detection
@@ -238,20 +238,17 @@ def _maps_are_reused_across_alpha(run_dir):
     split = load_test_split(config.data, progress=False)
     calls = []
     original = DRDCDetector.maps
-    pytest.MonkeyPatch().setattr(DRDCDetector, "maps", lambda self, x: calls.append(len(x)) or original(self, x))
-    try:
-        method.load(run, config, progress=False).score_split(split, True, False)
-        assert sum(calls) == len(split.images)
-        other = with_detection(config, alpha=0.3, pool=2)
-        cached = method.load(run, other, progress=False).score_split(split, True, False)
-        assert sum(calls) == len(split.images)  # no map computed again
-        fresh = method.load(run, other, progress=False).score_split(split, False, False)
-        assert sum(calls) == 2 * len(split.images)
-        assert torch.equal(cached.pred_score, fresh.pred_score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
-        method.load(run, with_detection(config, steps=2), progress=False).score_split(split, True, False)
-        assert sum(calls) == 3 * len(split.images)  # the steps change the maps (their scale is stored above)
-    finally:
-        DRDCDetector.maps = original
+    monkeypatch.setattr(DRDCDetector, "maps", lambda self, x: calls.append(len(x)) or original(self, x))
+    method.load(run, config, progress=False).score_split(split, True, False)
+    assert sum(calls) == len(split.images)
+    other = with_detection(config, alpha=0.3, pool=2)
+    cached = method.load(run, other, progress=False).score_split(split, True, False)
+    assert sum(calls) == len(split.images)  # no map computed again
+    fresh = method.load(run, other, progress=False).score_split(split, False, False)
+    assert sum(calls) == 2 * len(split.images)
+    assert torch.equal(cached.pred_score, fresh.pred_score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
+    method.load(run, with_detection(config, steps=2), progress=False).score_split(split, True, False)
+    assert sum(calls) == 3 * len(split.images)  # the steps change the maps (their scale is stored above)
 
 
 def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():

@@ -137,18 +137,10 @@ def cmd_test(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    import yaml
-
     from ..api import tune_run
-    from ..config import ConfigError
+    from ..engine.tuning import parse_grid
 
-    grid = {}
-    for item in args.grid:
-        name, sep, values = item.partition("=")
-        if not sep or not values:
-            raise ConfigError(f"--grid {item!r}: expected NAME=V1,V2")
-        grid[name.strip()] = tuple(yaml.safe_load(v) for v in values.split(","))
-    _, rows = tune_run(args.run_dir, grid or None, progress=not args.quiet)
+    _, rows = tune_run(args.run_dir, parse_grid(args.grid) or None, progress=not args.quiet)
     names = [k for k in rows[0] if k not in ("image_auroc", "pixel_auroc", "objective")]
     show = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("  ".join(names) + "  image AUROC  pixel AUROC  objective (validation)")

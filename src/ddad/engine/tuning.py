@@ -39,6 +39,21 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
 }
 
 
+def parse_grid(items: Sequence[str]) -> dict[str, tuple]:
+    """``["NAME=V1,V2", ...]`` (each value parsed as YAML: ``null`` is None) to one grid."""
+    import yaml
+
+    from ..config import ConfigError
+
+    grid: dict[str, tuple] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--grid {item!r}: expected NAME=V1,V2")
+        grid[name.strip()] = tuple(yaml.safe_load(v) for v in values.split(","))
+    return grid
+
+
 def setting_names(grids: Sequence[Grid]) -> list[str]:
     """Every name some grid lists, in order of first appearance."""
     return list(dict.fromkeys(name for grid in grids for name in grid))
