@@ -180,7 +180,8 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
         return real_read(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset, "read_image", guarded)
-    assert main(["tune", str(run), "--grid", "mode=pixel,combined", "--grid", "v=0.5,2.0", "--quiet"]) == 0
+    assert main(["tune", str(run), "--grid", "mode=pixel,combined", "--grid", "v=0.5,2.0", "--quiet",
+                 "--max-false-alarms", "0"]) == 0
     stored = json.loads((run / "tune.json").read_text())
     rows = stored["rows"]
     assert len(rows) == 5 and rows[0] == {**rows[0], "mode": "combined", "v": 1.0}  # the run's own settings first
@@ -198,6 +199,24 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     tuned = load_config(run)
     assert (tuned.detect.scoring.mode, tuned.detect.scoring.v) == (best["mode"], best["v"])
     assert stored["chosen"] == {"mode": best["mode"], "v": best["v"]}
+    # the tuned settings' threshold is stored for predict: just above every good validation score (target 0;
+    # equal up to float32 noise, as these scores come from another batch than tune's)
+    loaded = get_method("ddad").load(RunDir(run), tuned, progress=False)
+    good = split.images[torch.from_numpy(split.labels == 0)]
+    good_scores = loaded.detect(good).pred_score.numpy().astype(np.float64)
+    threshold = json.loads((run / "threshold.json").read_text())
+    assert threshold["calibration_key"] == loaded.key.digest
+    assert threshold["threshold"] == pytest.approx(good_scores.max(), rel=1e-5)
+    assert threshold["target"] == {"max_false_alarms": 0.0} == stored["threshold"]["target"]
+    # predict decides with it, no ddad test needed: the lowest-scoring held-out good image is good
+    held_out = [s.image for s in split.samples if s.label == 0]
+    assert len(held_out) == len(good_scores)
+    lowest = held_out[int(good_scores.argmin())]
+    assert main(["predict", str(run), str(lowest), "--out", str(tmp_path / "pred"), "--no-images", "--quiet"]) == 0
+    with open(tmp_path / "pred" / "scores.csv") as f:
+        (predicted,) = list(csv.DictReader(f))
+    assert float(predicted["score"]) == pytest.approx(good_scores.min(), rel=1e-5)
+    assert predicted["pred_label"] == "0" and float(predicted["pred_score"]) < 0.5
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)
     text = (bare / "config.yaml").read_text().replace("val_ratio: 0.25", "val_ratio: 0.0")

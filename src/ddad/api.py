@@ -112,10 +112,12 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
 
 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
-             progress: bool = True) -> tuple[Any, list[dict]]:
+             progress: bool = True, max_false_alarms: float | None = None) -> tuple[Any, list[dict], Any]:
     """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
     the grids of :data:`ddad.engine.tuning.GRIDS` for its method) and store them in its config.yaml and
-    RUN_DIR/tune.json. Returns the new settings and one row per candidate."""
+    RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
+    or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
+    Returns the new settings, one row per candidate and the image :class:`~ddad.engine.thresholds.Threshold`."""
     from .engine import tuning
 
     run = _run(run_dir).require()
@@ -127,11 +129,15 @@ def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | N
     best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress)
     chosen = tuning.current_values(best, names)
     run.save_config(best)
-    atomic_write_text(run.root / "tune.json", json.dumps({"chosen": chosen, "before": current, "rows": rows,
-                                                          "objective": "mean of image and pixel AUROC on the "
-                                                                       "validation split"}, indent=2, default=str))
-    run.log(f"tune: {current} -> {chosen} (on the validation split)")
-    return best, rows
+    image, _ = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,
+                                                   progress=False)
+    atomic_write_text(run.root / "tune.json", json.dumps({
+        "chosen": chosen, "before": current, "rows": rows,
+        "objective": "mean of image and pixel AUROC on the validation split",
+        "threshold": {"value": image.value, "source": image.source, "target": image.target}},
+        indent=2, default=str))
+    run.log(f"tune: {current} -> {chosen} (on the validation split); threshold {image.value:.6g} ({image.source})")
+    return best, rows, image
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None) -> Path:

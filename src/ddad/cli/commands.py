@@ -140,7 +140,8 @@ def cmd_tune(args) -> int:
     from ..api import tune_run
     from ..engine.tuning import parse_grid
 
-    _, rows = tune_run(args.run_dir, parse_grid(args.grid) or None, progress=not args.quiet)
+    _, rows, threshold = tune_run(args.run_dir, parse_grid(args.grid) or None, progress=not args.quiet,
+                                  max_false_alarms=args.max_false_alarms)
     names = [k for k in rows[0] if k not in ("image_auroc", "pixel_auroc", "objective")]
     show = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("  ".join(names) + "  image AUROC  pixel AUROC  objective (validation)")
@@ -148,8 +149,9 @@ def cmd_tune(args) -> int:
         print("  ".join(show(r[n]) for n in names) + f"  {show(r['image_auroc'])}  {show(r['pixel_auroc'])}  "
               f"{show(r['objective'])}")
     best = max(rows, key=lambda r: -1 if r["objective"] is None else r["objective"])
-    print(f"chosen: {', '.join(f'{n}={best[n]}' for n in names)} (stored in {args.run_dir / 'config.yaml'}; "
-          f"run ddad test for its threshold and test metrics)")
+    print(f"chosen: {', '.join(f'{n}={best[n]}' for n in names)} (stored in {args.run_dir / 'config.yaml'})")
+    print(f"threshold {threshold.value:.6g} ({threshold.source}; stored in {args.run_dir / 'threshold.json'}); "
+          "run ddad test for the test metrics")
     return 0
 
 

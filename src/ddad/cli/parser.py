@@ -17,6 +17,12 @@ DETECT_RENAMES = {"scoring": "mode", "weights": "average"}
 DETECT_FLAG_DESTS: list[str] = []  # filled by _add_detect_flags: every detection flag's dest
 
 
+def _add_false_alarm_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-false-alarms", type=float, metavar="RATE",
+                   help=f"{what} for at most this false-alarm rate on the good validation images "
+                        "(default: F1-optimal on validation defects, real or synthetic)")
+
+
 def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detection (defaults: the run's config)")
     first = len(g._group_actions)
@@ -210,18 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
     p.add_argument("--report", action="store_true", help="also write the HTML report (RUN_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--max-false-alarms", type=float, metavar="RATE",
-                   help="choose the threshold for at most this false-alarm rate on the good validation images "
-                        "(default: F1-optimal on validation defects, real or synthetic)")
+    _add_false_alarm_flag(p, "choose the threshold")
     _add_detect_flags(p)
 
     p = add("tune", help="choose detection settings on the run's validation split (never the test split) "
                          "and store them in its config.yaml")
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train with a validation split)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
-                   help="values to try for a detection setting (repeatable); default for ddad: mode, v, w; "
-                        "for drdc: alpha, start_step")
+                   help="values to try for a detection setting (repeatable); default for ddad: mode, w, v and "
+                        "feature_size (the backbone's input size); for drdc: alpha, start_step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_false_alarm_flag(p, "then store the chosen settings' threshold")
 
     p = add("report", help="a self-contained HTML report of the last ddad test")
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")

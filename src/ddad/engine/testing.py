@@ -94,6 +94,29 @@ def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms:
     return image, pixel
 
 
+def threshold_details(image: Threshold, pixel: Threshold | None) -> dict:
+    """What threshold.json keeps beside the image threshold: its target, the validation score range that
+    normalises scores (``pred_score``), the pixel threshold of ``pred_mask``."""
+    return {"target": image.target, "validation_range": [image.low, image.high],
+            "pixel_threshold": None if pixel is None else pixel.value,
+            "pixel_source": None if pixel is None else pixel.source}
+
+
+def store_validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms: float | None = None,
+                                progress: bool = True, cache: bool = True) -> tuple[Threshold, Threshold | None]:
+    """Choose the thresholds of ``loaded`` on the run's validation split and store them under its calibration
+    key, so that ``ddad predict`` decides without a ``ddad test`` (``ddad tune`` does this for the settings it
+    chose). The heatmaps' colour scale is left to the next ``ddad test``."""
+    chosen = validation_thresholds(run, loaded, max_false_alarms, progress, cache)
+    if chosen is None:
+        raise ValueError(f"run {run.root} holds out no validation images: no threshold can be chosen without "
+                         "the test split")
+    image, pixel = chosen
+    if distributed.context().is_main:
+        store_threshold(run, image.value, image.source, loaded.key, None, threshold_details(image, pixel))
+    return image, pixel
+
+
 def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, save_images: bool = True,
              progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics | None:
     """Evaluate ``loaded`` on the run's test split with thresholds chosen on its validation split (see the
@@ -120,9 +143,7 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     else:
         image, pixel = chosen
         threshold, source = image.value, image.source
-        details = {"target": image.target, "validation_range": [image.low, image.high],
-                   "pixel_threshold": None if pixel is None else pixel.value,
-                   "pixel_source": None if pixel is None else pixel.source}
+        details = threshold_details(image, pixel)
         info["decision"] = {"target": image.target, **decision_stats(scores, split.labels, threshold)}
     metrics = TestMetrics(dataset=split.name, overall=overall, categories=per_category, threshold=threshold,
                           threshold_source=source, calibration_key=loaded.key.digest,
