@@ -104,7 +104,7 @@ def test_empty_train_folder_error(tmp_path):
 
 
 def test_mask_size_mismatch_error_names_both(tmp_path):
-    cat = _mvtec_tree(tmp_path, mask_size=(20, 16))
+    _mvtec_tree(tmp_path, mask_size=(20, 16))
     index = build_index(DataConfig(root=str(tmp_path), category="widget", image_size=8))
     defective = [i for i, s in enumerate(index.test) if s.label == 1]
     with pytest.raises(DatasetError, match="000_mask.png.*20x16.*000.jpg.*16x16"):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from ddad.cli import main
 from ddad.data.dataset import ImageSet
 from ddad.data.formats import DataConfig, build_index
 from ddad.data.io import DatasetError

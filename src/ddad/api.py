@@ -21,6 +21,7 @@ from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
 from .engine import distributed, per_category, predicting, testing
+from .engine.thresholds import Threshold
 from .engine.recipe import TrainConfig
 from .engine.trainer import TrainResult
 from .methods import get_method, load_run_config
@@ -112,12 +113,12 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
 
 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
-             progress: bool = True, max_false_alarms: float | None = None) -> tuple[Any, list[dict], Any]:
+             progress: bool = True, max_false_alarms: float | None = None) -> tuple[Any, list[dict], Threshold]:
     """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
     the grids of :data:`ddad.engine.tuning.GRIDS` for its method) and store them in its config.yaml and
     RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
     or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
-    Returns the new settings, one row per candidate and the image :class:`~ddad.engine.thresholds.Threshold`."""
+    Returns the new settings, one row per candidate and the image threshold."""
     from .engine import tuning
 
     run = _run(run_dir).require()

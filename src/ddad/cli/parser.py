@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_flags(p)
 
     p = add("tune", help="choose detection settings on the run's validation split (never the test split) "
-                         "and store them in its config.yaml")
+                         "and store them in its config.yaml, and their threshold")
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train with a validation split)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="values to try for a detection setting (repeatable); default for ddad: mode, w, v and "
