@@ -24,8 +24,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
 from ddad.api import load_config
 from ddad.data.splits import load_test_split
 from ddad.engine import testing, tuning
@@ -56,7 +54,6 @@ def main(argv=None) -> None:
     method = get_method(config.method)
     grids = [tuning.parse_grid(args.grid)] if args.grid else list(tuning.GRIDS[config.method])
     names = tuning.setting_names(grids)
-    current = tuning.current_values(config, names)
     load = lambda c: method.load(run, c, progress=False)  # noqa: E731
     out: dict = {"run": str(run.root), "method": config.method, "names": names,
                  "grids": [{k: list(v) for k, v in g.items()} for g in grids],
@@ -76,17 +73,10 @@ def main(argv=None) -> None:
         print(f"{name} {out[f'{name}_f1']}", file=sys.stderr)
 
     # 2. Oracle: settings and threshold tuned on the test split.
-    split = load_test_split(config.data, progress=False)
-    best, best_value, oracle_rows = None, -np.inf, []
-    for candidate in tuning.candidates(grids, current):
-        loaded = load(tuning.with_candidate(config, candidate))
-        row = {**candidate, **tuning.validation_score(loaded, split)}  # the same objective, on test
-        oracle_rows.append(row)
-        if row["objective"] is not None and row["objective"] > best_value:
-            best, best_value = candidate, row["objective"]
-    out["test_rows"] = oracle_rows
-    out["oracle_settings"] = best
-    metrics = testing.test_run(run, load(tuning.with_candidate(config, best)),
+    oracle_config, out["test_rows"] = tuning.search(config, load, grids, load_test_split(config.data, progress=False),
+                                                    progress=False)  # the same objective, on test
+    out["oracle_settings"] = tuning.current_values(oracle_config, names)
+    metrics = testing.test_run(run, load(oracle_config),
                                args.out.parent / "tests" / f"{args.out.stem}-oracle", save_images=False,
                                progress=False)
     oracle = summary(metrics)

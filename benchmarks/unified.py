@@ -58,16 +58,17 @@ def cmd_layout(args) -> None:
 
 def cmd_latency(args) -> None:
     """Inference time per image at batch 1 (backbone included) and the process's peak memory."""
-    import yaml
-
     from ddad import load_config
     from ddad.api import with_detection
+    from ddad.config import parse_assignment
     from ddad.data.splits import load_test_split
     from ddad.methods import get_method
     from ddad.runs import RunDir
 
     run = RunDir(args.run_dir)
-    changes = {name: yaml.safe_load(value) for name, value in (s.split("=", 1) for s in args.set)}
+    changes: dict = {}
+    for assignment in args.set:
+        changes.update(parse_assignment(assignment))
     config = with_detection(load_config(run), **changes)
     loaded = get_method(config.method).load(run, config, progress=False)
     images = load_test_split(config.data, progress=False).images[: args.images]

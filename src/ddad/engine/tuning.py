@@ -107,16 +107,12 @@ def validation_score(loaded: LoadedDetector, split) -> dict[str, float | None]:
     return {"image_auroc": image, "pixel_auroc": pixel, "objective": float(np.mean(parts)) if parts else None}
 
 
-def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
-         progress: bool = True) -> tuple[Any, list[dict]]:
-    """(the config with the best candidate's settings, one row per candidate). ``load`` turns a config into
-    its detector."""
+def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid], split,
+           progress: bool = True) -> tuple[Any, list[dict]]:
+    """(the config with the candidate best on ``split``, one row per candidate); ties keep the earlier one.
+    ``load`` turns a config into its detector."""
     from tqdm.auto import tqdm
 
-    split = load_validation_split(config.data, progress=False, log=run.log)
-    if split is None:
-        raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
-                         "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
     current = current_values(config, setting_names(grids))
     rows, best, best_value = [], config, -np.inf
     for candidate in tqdm(candidates(grids, current), desc="tune", unit="setting", disable=not progress):
@@ -126,3 +122,13 @@ def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids:
         if row["objective"] is not None and row["objective"] > best_value:
             best, best_value = tried, row["objective"]
     return best, rows
+
+
+def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
+         progress: bool = True) -> tuple[Any, list[dict]]:
+    """:func:`search` on the run's validation split (an error naming the remedy where it has none)."""
+    split = load_validation_split(config.data, progress=False, log=run.log)
+    if split is None:
+        raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
+                         "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
+    return search(config, load, grids, split, progress)
