@@ -173,3 +173,78 @@ def test_drdc_resumes_exactly(tmp_path, synth_root):
     assert a.info["step"] == b.info["step"] == 6
     for k, v in a.tensors.items():
         assert torch.equal(v, b.tensors[k]), k
+
+
+def test_the_neighbour_mask_reaches_every_attention_as_the_model_runs():
+    """Every attention of the running model (encoder self-attention, decoder self- and cross-attention) gets
+    the k x k mask; and a token's layer output does not move when a token inside its window changes."""
+    grid = 6
+    torch.manual_seed(0)
+    model = FeatureReconstructor(8, grid, SMALL).eval()
+    attentions = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    assert len(attentions) == 3  # one encoder layer, one decoder layer with two attentions
+    given = {}
+
+    def record(name):
+        return lambda module, args, kwargs: given.__setitem__(name, kwargs.get("attn_mask"))
+
+    handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in attentions.items()]
+    model(torch.randn(2, 8, grid, grid))
+    for h in handles:
+        h.remove()
+    expected = torch.tensor([[abs(i // grid - j // grid) <= 1 and abs(i % grid - j % grid) <= 1
+                              for j in range(grid * grid)] for i in range(grid * grid)])
+    assert set(given) == set(attentions)
+    for name, mask in given.items():
+        assert mask is not None and torch.equal(mask, expected), name
+    # behaviour: token i = (2, 2); j = (3, 3) lies in its 3 x 3 window, far = (5, 5) does not
+    i, j, far = 2 * grid + 2, 3 * grid + 3, 5 * grid + 5
+    pos = model.pos.detach()
+    x = torch.randn(1, grid * grid, SMALL.hidden)
+    for change in (j, far):
+        y = x.clone()
+        y[0, change] += 3.0
+        encoder = model.encoder[0]
+        moved = not torch.allclose(encoder(x, pos, model.mask)[0, i], encoder(y, pos, model.mask)[0, i], atol=1e-6)
+        assert moved == (change == far), ("encoder", change)
+        decoder = model.decoder[0]
+        moved = not torch.allclose(decoder(x, pos, model.mask)[0, i], decoder(y, pos, model.mask)[0, i], atol=1e-6)
+        assert moved == (change == far), ("decoder cross-attention", change)
+        # the decoder's own queries attend to each other under the mask too
+        with torch.no_grad():
+            before = decoder(x, pos, model.mask)[0, i]
+            saved = decoder.query[change].clone()
+            decoder.query[change] += 3.0
+            after = decoder(x, pos, model.mask)[0, i]
+            decoder.query[change] = saved
+        assert (not torch.allclose(before, after, atol=1e-6)) == (change == far), ("decoder self-attention", change)
+
+
+def test_feature_jitter_follows_the_objectives_coin_and_probability():
+    """The path training takes: FeatureReconstructionObjective draws a coin and noise per batch and jitters
+    the batch when coin < jitter_prob (and jitter_scale > 0), against a loss computed by hand."""
+    import torch.nn.functional as F
+
+    from ddad.methods.drdc.model import FeatureReconstructionObjective
+
+    f = torch.randn(3, 8, 4, 4)
+    for prob, scale in ((0.0, 20.0), (1.0, 20.0), (0.5, 20.0), (1.0, 0.0)):
+        cfg = ReconstructionConfig(hidden=32, encoder_layers=1, decoder_layers=1, heads=4, ffn=64, dropout=0.0,
+                                   neighbour=3, jitter_scale=scale, jitter_prob=prob)
+        torch.manual_seed(0)
+        model = FeatureReconstructor(8, 4, cfg).train()
+        objective = FeatureReconstructionObjective(cfg)
+        gen = torch.Generator().manual_seed(5)
+        outcomes = set()
+        for _ in range(12):
+            coin, noise = draws = objective.draw(3, (8, 4, 4), gen)
+            assert coin.shape == () and noise.shape == (3, 8, 4, 4)
+            jittered = float(coin) < prob and scale > 0
+            outcomes.add(jittered)
+            seen = f + noise * f.norm(dim=1, keepdim=True) / 8 * scale if jittered else f
+            with torch.no_grad():
+                plain = model.eval()(seen)  # dropout 0: the same network, nothing random left
+                model.train()
+                loss = objective.loss(model, f, draws)
+            assert loss.item() == pytest.approx(F.mse_loss(plain, f).item(), rel=1e-5), (prob, scale)
+        assert outcomes == ({True, False} if prob == 0.5 else {prob == 1.0 and scale > 0})

@@ -4,6 +4,7 @@ paper's Table 5 as configurations, batch independence, and training and resuming
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 
 import pytest
@@ -275,3 +276,57 @@ def test_a_cpu_run_refines_at_the_cpu_profile_unless_told_otherwise(synth_root):
     budget = settings("--max-steps", "7", "--set", "refine_train.max_steps=3")
     assert budget.train.max_steps == 7 and budget.refine_train.max_steps == 3
     assert settings("--minutes", "2").refine_train.max_minutes == 2.0  # each model's budget
+
+
+# Another valid value of every field of the sections a DRDC score depends on (a field added to a section
+# without one here fails the test below until it is decided whether it changes the maps).
+OTHER_VALUES = {
+    "features": {"backbone": "mobilenet_v2", "strides": (4, 8, 16), "grid": 7},
+    "model": {"hidden": 128, "encoder_layers": 2, "decoder_layers": 3, "heads": 4, "ffn": 512, "dropout": 0.2,
+              "neighbour": 5, "jitter_scale": 10.0, "jitter_prob": 0.5},
+    "refine": {"enabled": False, "image_size": 64, "unet": "compact", "model_conditioning": False, "cells": (4, 8),
+               "sets": 3, "schedule": ScheduleConfig(beta_end=0.03)},
+    "detect": {"pool": 8, "crop": 0.9, "precision": "bf16", "start_step": 200, "steps": 5,
+               "test_time_conditioning": False, "fusion": False, "scales": (1, 2), "mean_filter": 3, "alpha": 0.5,
+               "multiscale_base": True, "calibration_images": 8, "seed": 1},
+}
+SHARES_MAPS = {("detect", "alpha"), ("detect", "pool"), ("detect", "crop")}  # Eq. 17's weight, image score
+
+
+def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(tmp_path):
+    """A threshold stored under one setting is refused under another, naming the field (not a section's
+    repr); the maps' key (their score scale, the reused maps) changes with every setting but alpha, pooling
+    and crop. Checked field by field with the functions ``ddad test`` and ``ddad predict`` use."""
+    import dataclasses
+
+    from ddad.engine.calibration import ThresholdMismatch, stored_scale, stored_threshold, store_threshold
+    from ddad.methods.drdc.method import SCORING_SECTIONS, calibration_keys
+
+    config = DRDCConfig()
+    networks = [["epoch-00001.safetensors", 123, 456]]
+    key, maps_key = calibration_keys(config, networks)
+    assert set(OTHER_VALUES) == set(SCORING_SECTIONS)
+    run = RunDir(tmp_path / "run")
+    store_threshold(run, 0.5, "test", key)
+    computed = []
+    stored_scale(run, maps_key, lambda: computed.append(1) or ScoreScale(2.0, 3.0, 1))
+    for section, others in OTHER_VALUES.items():
+        current = getattr(config, section)
+        assert set(others) == {f.name for f in dataclasses.fields(current)}, section
+        for name, value in others.items():
+            assert getattr(current, name) != value, (section, name)
+            changed = replace(config, **{section: replace(current, **{name: value})})
+            other_key, other_maps_key = calibration_keys(changed, networks)
+            with pytest.raises(ThresholdMismatch) as refused:
+                stored_threshold(run, other_key, "run ddad test")
+            message = str(refused.value)
+            assert re.search(rf"algorithm\.{section}\.{name}(: |\.)", message), message
+            assert "Config(" not in message and "Detect(" not in message, message  # no section's repr
+            before = len(computed)
+            scale = stored_scale(run, other_maps_key, lambda: computed.append(1) or ScoreScale(5.0, 7.0, 1))
+            if (section, name) in SHARES_MAPS:
+                assert other_maps_key == maps_key and len(computed) == before and scale.max_pixel == 2.0
+            else:
+                assert other_maps_key.digest != maps_key.digest and len(computed) == before + 1, (section, name)
+    assert stored_threshold(run, calibration_keys(config, networks)[0], "run ddad test")["threshold"] == 0.5
+    assert calibration_keys(config, [["epoch-00002.safetensors", 123, 456]])[0].digest != key.digest  # networks

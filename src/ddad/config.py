@@ -64,9 +64,11 @@ def dataclass_from_dict(cls: type, data: Mapping[str, Any] | None, where: str = 
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclasses/tuples/paths to YAML-friendly plain values."""
+    """Dataclasses/tuples/paths, also inside mappings, to YAML-friendly plain values."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, Path):

@@ -30,6 +30,20 @@ from .model import FeatureReconstructionObjective, FeatureReconstructor
 from .settings import DRDCConfig
 
 
+SCORING_SECTIONS = ("features", "model", "refine", "detect")  # the settings a DRDC score depends on
+
+
+def calibration_keys(config: DRDCConfig, networks: list) -> tuple[CalibrationKey, CalibrationKey]:
+    """The run's calibration key (its thresholds: every setting of :data:`SCORING_SECTIONS`, field by field)
+    and the unscaled maps' own key (their scale of Eq. 17 and the reused maps: the same but Eq. 17's weight,
+    the pooling and the crop, see :meth:`DRDCDetect.map_settings`)."""
+    sections = {name: getattr(config, name) for name in SCORING_SECTIONS}
+    key = CalibrationKey.of(sections, config.weights, networks, config.data)
+    maps_key = CalibrationKey.of({**sections, "detect": config.detect.map_settings()}, config.weights, networks,
+                                 config.data)
+    return key, maps_key
+
+
 class DRDC:
     """One model for many categories (the base model of DRDC, as UniAD)."""
 
@@ -107,16 +121,11 @@ class DRDC:
             refiner = Refiner(unet, alphas_cumprod(config.refine.schedule), config.refine, config.detect)
             networks.append(file_id(unet_path))
         detector = DRDCDetector(extractor, model, config.features, config.detect, device, refiner)
-        sections = ("features", "model", "refine", "detect")
-        key = CalibrationKey.of({name: getattr(config, name) for name in sections}, config.weights, networks,
-                                config.data)
-        # the unscaled maps' own key: their scale (Eq. 17) is stored in the run under it
-        maps_key = CalibrationKey.of({**{name: getattr(config, name) for name in sections},
-                                      "detect": config.detect.map_settings()}, config.weights, networks, config.data)
+        key, maps_key = calibration_keys(config, networks)
         if refiner is not None:
             detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(calibration_images(
                 config.data, config.detect.calibration_images, config.detect.seed)))
-        settings = {name: to_plain(getattr(config, name)) for name in (*sections, "weights", "runtime")}
+        settings = {name: to_plain(getattr(config, name)) for name in (*SCORING_SECTIONS, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "trained_categories": trained},
