@@ -7,6 +7,7 @@ import itertools
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,8 @@ from ddad.backbones import create_backbone
 from ddad.checkpoint import Checkpoint
 from ddad.cli import main
 from ddad.config import merge
-from ddad.diffusion.inpainting import (InpaintingNoise, InpaintingObjective, inpaint, inpainting_masks,
-                                       masked_condition)
+from ddad.diffusion.inpainting import (InpaintingNoise, InpaintingObjective, combine_sets, inpaint,
+                                       inpainting_masks, masked_condition)
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod, q_sample
 from ddad.diffusion.unet import UNet
 from ddad.methods.drdc.detector import DRDCDetector
@@ -70,14 +71,14 @@ def test_test_time_conditioning_keeps_the_known_pixels_and_an_oracle_inpaints_th
     assert torch.allclose(seen[0][0], a.sqrt() * x + (1 - a).sqrt() * noise.start)  # the input noised to T' (Eq. 4)
     seen_c: list = []
     inpaint(_oracle(x, seen_c), x, hidden, TABLE, steps, noise, start_from_condition=True)
-    start = a.sqrt() * masked_condition(x, hidden, noise.condition) + (1 - a).sqrt() * noise.start
+    start = a.sqrt() * torch.where(hidden.bool(), noise.condition, x) + (1 - a).sqrt() * noise.start
     assert torch.allclose(seen_c[0][0], start)  # the other reading: c noised, the hidden cells hold noise only
     known = hidden == 0
     for i, (_, t_next) in enumerate(steps[:-1]):  # the input of step i + 1 is the output of step i
         xt, cond = seen[i + 1]
         expected = q_sample(x, torch.full((3,), t_next), noise.known[i], TABLE)  # Eq. 11
         assert torch.allclose(xt.expand_as(x)[known.expand_as(x)], expected[known.expand_as(x)], atol=1e-6)
-        assert torch.equal(cond, masked_condition(x, hidden, noise.condition))  # Eq. 10's c, hidden = noise
+        assert torch.equal(cond, torch.where(hidden.bool(), noise.condition, x))  # Eq. 10's c, hidden = noise
     # without test-time conditioning the known pixels follow the model, not the forward process
     seen_free: list = []
     inpaint(_oracle(x, seen_free), x, hidden, TABLE, steps, noise, test_time_conditioning=False)
@@ -109,20 +110,55 @@ def test_the_training_objective_hides_one_set_and_conditions_on_noise():
     assert loss == pytest.approx(noise.square().mean().item())
 
 
+def _bilinear_up(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of the last two axes with half-pixel centres (align_corners=False), by hand."""
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        w = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(np.floor(src)), n_in - 1)
+            i1, f = min(i0 + 1, n_in - 1), src - min(int(np.floor(src)), n_in - 1)
+            w[o, i0] += 1 - f
+            w[o, i1] += f
+        return w
+
+    return weights(a.shape[-2], size[0]) @ a @ weights(a.shape[-1], size[1]).T
+
+
+def _eq14(x: np.ndarray, pred: np.ndarray, s: int) -> np.ndarray:
+    """Eq. 14 by hand: s x s block means, the channel mean of their absolute difference, upsampled back."""
+    b, c, h, w = x.shape
+    pool = lambda a: a.reshape(b, c, h // s, s, w // s, s).mean(axis=(3, 5))
+    diff = np.abs(pool(x) - pool(pred)).mean(axis=1, keepdims=True)
+    return diff if s == 1 else _bilinear_up(diff, (h, w))
+
+
+def _box(m: np.ndarray, k: int) -> np.ndarray:
+    """Eq. 16 by hand: the mean of each pixel's k x k window, over the pixels inside the image."""
+    out = np.empty_like(m)
+    h, w = m.shape[-2:]
+    for y in range(h):
+        for x in range(w):
+            window = m[..., max(y - k // 2, 0):y + k // 2 + 1, max(x - k // 2, 0):x + k // 2 + 1]
+            out[..., y, x] = window.mean(axis=(-1, -2))
+    return out
+
+
 def test_fusion_weights_and_heatmaps():
     base, refined = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
     assert torch.equal(fuse(base, refined, 0.0), base) and torch.equal(fuse(base, refined, 1.0), refined)
     assert torch.allclose(fuse(base, refined, 0.9), 0.9 * refined + 0.1 * base)
-    x, p = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
-    assert torch.allclose(difference_map(x, p), (x - p).abs().mean(dim=1, keepdim=True))
-    coarse = difference_map(x, p, 2)  # Eq. 14: compared on 2 x 2 averages, then upsampled
-    pooled = (torch.nn.functional.avg_pool2d(x, 2) - torch.nn.functional.avg_pool2d(p, 2)).abs().mean(1)
-    assert coarse.shape == (1, 1, 8, 8) and torch.allclose(coarse[0, 0, 3::4, 3::4], pooled[0, 1::2, 1::2], atol=0.2)
-    st = spatio_temporal_heatmap(x, [p, x], (1, 2))  # Eq. 15: the mean of 4 maps, two of them zero
-    assert torch.allclose(st, (difference_map(x, p) + difference_map(x, p, 2)) / 4)
-    m = torch.zeros(1, 1, 5, 5)
-    m[0, 0, 2, 2] = 9.0
-    assert torch.allclose(mean_filter(m, 3)[0, 0, 1:4, 1:4], torch.ones(3, 3))  # Eq. 16
+    x, p, q = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    xn, pn, qn = x.double().numpy(), p.double().numpy(), q.double().numpy()
+    assert np.allclose(difference_map(x, p).numpy(), _eq14(xn, pn, 1), atol=1e-6)  # Eq. 9
+    for scale in (2, 4):  # Eq. 14: compared on s x s averages, then upsampled, at every pixel
+        assert np.allclose(difference_map(x, p, scale).numpy(), _eq14(xn, pn, scale), atol=1e-6), scale
+    st = spatio_temporal_heatmap(x, [p, q, x], (1, 2, 4))  # Eq. 15: the mean of 9 maps, three of them zero
+    expected = sum(_eq14(xn, pred, s) for pred in (pn, qn, xn) for s in (1, 2, 4)) / 9
+    assert np.allclose(st.numpy(), expected, atol=1e-6)
+    m = torch.rand(2, 1, 7, 9)
+    for k in (1, 3, 5):  # Eq. 16, the border averaging only the pixels inside the image
+        assert np.allclose(mean_filter(m, k).numpy(), _box(m.double().numpy(), k), atol=1e-6), k
 
 
 def _tiny_detector(detect: DRDCDetect, refine: RefineConfig, seed: int = 0) -> DRDCDetector:
@@ -330,3 +366,83 @@ def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(
                 assert other_maps_key.digest != maps_key.digest and len(computed) == before + 1, (section, name)
     assert stored_threshold(run, calibration_keys(config, networks)[0], "run ddad test")["threshold"] == 0.5
     assert calibration_keys(config, [["epoch-00002.safetensors", 123, 456]])[0].digest != key.digest  # networks
+
+
+def test_test_time_conditioning_reimposes_the_known_pixels_at_the_last_step_with_a_real_denoiser():
+    """Not an oracle: a denoiser whose predictions are wrong everywhere. With Eq. 13 the final image keeps
+    the input exactly on the known pixels (x itself at the last step) and the model's output on the hidden
+    ones; without it, the known pixels are the model's too."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    hidden = torch.stack([inpainting_masks(16, 16, 4, 2, torch.Generator().manual_seed(i))[0] for i in range(2)])
+    steps = refinement_steps(DRDCDetect(start_step=250, steps=5))
+    noise = InpaintingNoise.draw([1, 2], (3, 16, 16), steps)
+
+    def wrong(xt, t, cond):
+        return 0.5 * xt + 0.2 * torch.sin(3 * xt)
+
+    conditioned = inpaint(wrong, x, hidden, TABLE, steps, noise).sample
+    free = inpaint(wrong, x, hidden, TABLE, steps, noise, test_time_conditioning=False).sample
+    known, unknown = (hidden == 0).expand_as(x), (hidden == 1).expand_as(x)
+    assert torch.equal(conditioned[known], x[known])
+    assert (conditioned[unknown] - x[unknown]).abs().mean() > 0.05  # the hidden pixels are the model's guess
+    assert (free[known] - x[known]).abs().mean() > 0.05
+
+
+def _fake_inpainting(monkeypatch, steps: int):
+    """The refiner's inpainting replaced by random step predictions; returns what it was given and made."""
+    import ddad.methods.drdc.refiner as refiner_module
+    from ddad.diffusion.sampler import DenoiseOutput
+
+    record = {}
+
+    def fake(denoiser, x, hidden, table, steps_, noise, model_conditioning, test_time_conditioning):
+        g = torch.Generator().manual_seed(7)
+        preds = [torch.rand(x.shape, generator=g) * 2 - 1 for _ in range(steps)]
+        record.update(x=x.clone(), hidden=hidden.clone(), preds=preds)
+        return DenoiseOutput(sample=preds[-1], pred_original_samples=preds)
+
+    monkeypatch.setattr(refiner_module, "inpaint", fake)
+    return record
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_the_refiner_combines_sets_and_fuses_steps_and_scales_as_eq_8_and_14_to_16(monkeypatch, fusion):
+    """Each pixel of a combined prediction comes from the set that hid it (Eq. 8); the heatmap is the mean
+    over every step, scale and cell size of Eq. 14's maps, mean-filtered (Eq. 15-16), or with fusion off the
+    final prediction at full scale; all against references written out by hand."""
+    refine = RefineConfig(image_size=16, unet="tiny", cells=(4, 8), sets=3)
+    detect = DRDCDetect(steps=3, scales=(1, 2, 4), mean_filter=5, fusion=fusion)
+    record = _fake_inpainting(monkeypatch, 3)
+    refiner = Refiner(torch.nn.Linear(1, 1), TABLE, refine, detect)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = refiner(x)
+    b, specs, sets = 2, 2, 3
+    hidden = record["hidden"].double().numpy()[:, 0].reshape(b, specs, sets, 16, 16)  # jobs: image, cells, set
+    preds = [p.double().numpy().reshape(b, specs, sets, 3, 16, 16) for p in record["preds"]]
+    assert np.array_equal(hidden.sum(axis=2), np.ones((b, specs, 16, 16)))  # each split covers the image once
+    for s, cell in enumerate(refine.cells):  # each specification's cells are of its size
+        blocks = hidden[:, s].reshape(b, sets, 16 // cell, cell, 16 // cell, cell)
+        assert np.array_equal(blocks.min(axis=(3, 5)), blocks.max(axis=(3, 5)))
+    owner = hidden.argmax(axis=2)  # (b, specs, H, W): the set that hid each pixel
+
+    def combined(pred):  # (b, specs, C, H, W): each pixel from the set that hid it, by indexing
+        return np.take_along_axis(pred, owner[:, :, None, None], axis=2)[:, :, 0]
+
+    assert np.allclose(out.inpainted.numpy(), combined(preds[-1])[:, 0], atol=1e-6)  # the first specification
+    xn = x.double().numpy()
+    used = [combined(p) for p in preds] if fusion else [combined(preds[-1])]
+    scales = detect.scales if fusion else (1,)
+    maps = [_eq14(xn, c[:, s], sc) for c in used for s in range(specs) for sc in scales]
+    expected = _box(sum(maps) / len(maps), detect.mean_filter)
+    assert out.heatmap.shape == (b, 1, 16, 16)
+    assert np.allclose(out.heatmap.numpy(), expected, atol=1e-5)
+
+
+def test_combining_sets_takes_each_pixel_from_the_set_that_hid_it():
+    masks = inpainting_masks(12, 12, 3, 4, torch.Generator().manual_seed(0))  # (sets, 1, H, W)
+    predictions = torch.rand(4, 2, 3, 12, 12)  # (sets, B, C, H, W)
+    out = combine_sets(predictions, masks[:, None].expand(4, 2, 1, 12, 12))
+    for y, x in itertools.product(range(12), repeat=2):
+        k = [s for s in range(4) if masks[s, 0, y, x] == 1]
+        assert len(k) == 1 and torch.equal(out[:, :, y, x], predictions[k[0], :, :, y, x])
