@@ -105,19 +105,6 @@ def _drdc_args(root: Path, category: str, batch: int, steps: int, *extra: str) -
             "--run-dir", "run", *extra]
 
 
-def test_a_drdc_model_trains_the_same_on_two_processes(synth_root, tmp_path):
-    # 16 images, batch 6: the last batch of 4 splits 2 + 2
-    args = _drdc_args(synth_root, "stripes,washer", 6, 4, "--set", "refine.enabled=false")
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(args, 1, [one])
-    _train(args, 2, [two / "rank0", two / "rank1"])
-    a, b = _weights(one / "run"), _weights(two / "rank0" / "run")
-    for k in a:
-        if k.startswith("model."):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    assert not any((two / "rank1").iterdir())
-
-
 def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_root, tmp_path):
     import csv
     import json
@@ -140,14 +127,34 @@ def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_r
     assert sum("image AUROC" in o for o in outs) == 1  # rank 0 reports, rank 1 is quiet
 
 
-def test_drdc_with_its_refiner_trains_the_same_on_two_processes(synth_root, tmp_path):
-    args = _drdc_args(synth_root, "washer", 4, 2, "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
-                      "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=4")
+def _same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], hidden: int = 0) -> None:
+    """The weights and moving averages of two trainings agree. With ``hidden``, the key projection's bias of
+    each attention (in_proj_bias[hidden:2 * hidden]) is left out: softmax ignores it, so its gradient is zero
+    up to rounding, which Adam normalises into steps of +-lr that differ with the order of the sums."""
+    assert a.keys() == b.keys()
+    compared = 0
+    for k in a:
+        if not k.startswith(("model.", "ema.")):
+            continue
+        x, y = a[k], b[k]
+        if hidden and k.endswith("attn.in_proj_bias"):
+            x, y = torch.cat([x[:hidden], x[2 * hidden:]]), torch.cat([y[:hidden], y[2 * hidden:]])
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), k
+        compared += 1
+    assert compared > 0
+
+
+def test_drdc_trains_both_its_models_the_same_on_two_processes_with_an_uneven_last_batch(synth_root, tmp_path):
+    """7 training images (one of washer's 8 held out), global batch 4 for the base model and the refiner:
+    the second batch of each epoch splits 2 + 1, so each rank's loss must be weighted by its share."""
+    args = _drdc_args(synth_root, "washer", 4, 3, "--val-ratio", "0.125", "--set", "refine.image_size=32",
+                      "--set", "refine.unet=tiny", "--set", "refine.cells=[4,8]", "--set", "refine_train.batch_size=4")
     one, two = tmp_path / "one", tmp_path / "two"
     _train(args, 1, [one])
     _train(args, 2, [two / "rank0", two / "rank1"])
-    a = Checkpoint(RunDir(one / "run", "refine").latest_checkpoint()).tensors
-    b = Checkpoint(RunDir(two / "rank0" / "run", "refine").latest_checkpoint()).tensors
-    for k in a:
-        if k.startswith(("model.", "ema.")):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert Checkpoint(RunDir(one / "run").latest_checkpoint()).info["step"] == 3
+    _same_training(_weights(one / "run"), _weights(two / "rank0" / "run"), hidden=32)
+    refined = [Checkpoint(RunDir(r, "refine").latest_checkpoint()) for r in (one / "run", two / "rank0" / "run")]
+    assert refined[0].info["step"] == refined[1].info["step"] == 3
+    _same_training(refined[0].tensors, refined[1].tensors)
+    assert not any((two / "rank1").iterdir())
