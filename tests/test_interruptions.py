@@ -17,8 +17,8 @@ from ddad.runs import RunDir
 from .test_training import images, tiny_config, train
 
 
-def _run(tmp_path, name, **train_kw):
-    cfg = tiny_config(epochs=train_kw.pop("epochs", 3), every=3, **train_kw)
+def _run(tmp_path, name, dropout=0.0, **train_kw):
+    cfg = tiny_config(epochs=train_kw.pop("epochs", 3), every=3, dropout=dropout, **train_kw)
     run = RunDir(tmp_path / name)
     run.save_config(cfg)
     return run, cfg
@@ -34,10 +34,11 @@ def _same_weights(a: RunDir, b: RunDir) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_step_and_resume_continues_exactly(tmp_path, signum):
     data = images(10)  # batch 4: 3 steps per epoch; checkpoints only at the end (every 3 epochs)
-    full, cfg = _run(tmp_path, "full", ema_decay=0.9)
+    # dropout: the resumed run must continue the random state of the step it stopped at, not its epoch's start
+    full, cfg = _run(tmp_path, "full", ema_decay=0.9, dropout=0.3)
     train(full, cfg, data, progress=False)
 
-    stopped, _ = _run(tmp_path, "stopped", ema_decay=0.9)
+    stopped, _ = _run(tmp_path, "stopped", ema_decay=0.9, dropout=0.3)
 
     def send(epoch, step, loss):
         if step == 5:  # inside the second epoch, long before any regular checkpoint

@@ -72,9 +72,11 @@ def test_paper_recipe_is_the_papers_hyperparameters():
         TrainConfig.recipe("fast")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, dropout):
-    cfg = tiny_config(epochs=4, every=2, dropout=dropout)
+@pytest.mark.parametrize("dropout,mark", [(0.0, ()), (0.3, ()), (0.3, (7,))])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, dropout, mark):
+    """Killed at step 8 (in the third epoch of 3 steps), resumed from the epoch-2 checkpoint, or with a
+    checkpoint mark at step 7 from the middle of the epoch, where dropout's random state must be restored."""
+    cfg = tiny_config(epochs=4, every=2, dropout=dropout, checkpoint_steps=mark)
     data = images()
     full = RunDir(tmp_path / "full")
     full.save_config(cfg)
@@ -84,12 +86,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, dropout):
     killed.save_config(cfg)
 
     def kill(epoch, step, loss):
-        if epoch == 2 and step == 7:  # in the middle of the third epoch, after the epoch-2 checkpoint
+        if epoch == 2 and step == 8:  # in the middle of the third epoch, after the epoch-2 checkpoint
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train(killed, cfg, data, progress=False, on_step=kill)
-    assert [e for e, _ in killed.checkpoints()] == [2]
+    assert Checkpoint(killed.latest_checkpoint()).info["step"] == (mark[0] if mark else 6)
     train(killed, cfg, data, resume=True, progress=False)
 
     a, b = Checkpoint(full.latest_checkpoint()), Checkpoint(killed.latest_checkpoint())
