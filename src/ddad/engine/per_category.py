@@ -6,7 +6,8 @@ category (RUN/<category>/), trained one after another, and tested into one table
     RUN/test/metrics.json        each category's metrics and their mean (``overall`` is that mean: the
                                  categories' scores come from different models and are not pooled)
 
-Run again, it skips categories whose training finished, resumes an unfinished one, and starts the rest.
+An interruption stops the job in the category it is in. Run again, it skips categories whose training
+finished, resumes an unfinished one, and starts the rest.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def finished(run: RunDir) -> bool:
 
 
 def train_each(config: Any, parent: RunDir, train: Callable[[Any, RunDir, bool], Any]) -> dict[str, Any]:
-    """``train(config of one category, its run, resume)`` for each category that is not finished."""
+    """``train(config of one category, its run, resume)`` for each category that is not finished, in order;
+    an interrupted one (Ctrl-C, SIGTERM) ends the job there, to be continued by the same command."""
     categories = selected_categories(config.data)
     parent.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(parent.root / MARKER, json.dumps({"categories": categories}, indent=2))
@@ -50,6 +52,8 @@ def train_each(config: Any, parent: RunDir, train: Callable[[Any, RunDir, bool],
         print(f"{category}: training into {run.root}")
         results[category] = train(config.replace(data=replace(config.data, category=category)), run,
                                   bool(run.checkpoints()))
+        if results[category].stopped_by == "interrupted":
+            break
     return results
 
 
