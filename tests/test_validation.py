@@ -32,6 +32,11 @@ def test_synthetic_anomalies_follow_the_seed_and_their_masks_are_the_changed_pix
         assert torch.equal(m, (out != images).any(dim=1, keepdim=True).float())
     single, m1 = SyntheticAnomalies().apply(images[:1])
     assert m1.sum() > 0
+    # an image's anomaly depends on the seed and the image alone: the same in a subset and in another order
+    order = torch.tensor([5, 2, 7, 0])
+    subset, subset_masks = SyntheticAnomalies(seed=3).apply(images[order])
+    assert torch.equal(subset, a[order]) and torch.equal(subset_masks, ma[order])
+    assert torch.equal(single, SyntheticAnomalies().apply(images)[0][:1])
     noise = perlin_noise(40, 24, (4, 2), np.random.default_rng(0))
     assert noise.shape == (40, 24) and np.abs(noise).max() <= 1.5 and noise.std() > 0.05
 

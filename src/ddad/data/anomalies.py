@@ -2,17 +2,21 @@
 at hand (the recipe of DRAEM, Zavrtanik et al. 2021, and CutPaste's pasted patches, Li et al. 2021):
 
 - ``perlin``: a Perlin-noise region (noise of a random scale 2^0..2^5 cells per side, thresholded at 0.5)
-  filled with another image blended in: x' = (1 - M) x + M ((1 - b) s + b x), b ~ U(0, 0.8) (DRAEM, Eq. 1;
-  the texture comes from another image of the set instead of DTD, which ddad does not download);
-- ``paste``: a rectangle of another image pasted at a random place (CutPaste).
+  filled with a texture blended in: x' = (1 - M) x + M ((1 - b) s + b x), b ~ U(0, 0.8) (DRAEM, Eq. 1;
+  the texture s is the image itself turned by 180 degrees and shifted at random, instead of DTD, which ddad
+  does not download);
+- ``paste``: a rectangle of the image pasted at another random place (CutPaste).
 
-Everything an image gets is drawn from ``numpy.random.default_rng((seed, index))``: the same seed gives the
-same anomalies, whatever else is in the set. The returned mask is exactly the set of changed pixels.
+An image's anomaly depends only on the seed and the image itself: its draws come from
+``numpy.random.default_rng((seed, key))`` with ``key`` a hash of its pixels, and its texture from itself, so
+the same image gets the same anomaly alone, in any subset of its set and in any order. The returned mask is
+exactly the set of changed pixels.
 No maintained pip package offers these without a deep-learning framework of its own, so they are here.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,24 +81,30 @@ class SyntheticAnomalies:
             raise ValueError(f"synthetic anomaly kinds must be among {', '.join(KINDS)}, got {list(self.kinds)}")
 
     def apply(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomalous images, masks (N, 1, H, W) of 0/1): image i altered with image i's draws and a texture
-        from another image of ``images`` (N >= 2; with one image, its own mirror image)."""
+        """(anomalous images, masks (N, 1, H, W) of 0/1): each image altered by its own draws (see the
+        module docstring), whatever the other images are."""
         x = images.detach().float().cpu().numpy()
         n, _, height, width = x.shape
         out, masks = x.copy(), np.zeros((n, 1, height, width), dtype=np.float32)
         for i in range(n):
-            rng = np.random.default_rng((self.seed, i))
+            rng = np.random.default_rng((self.seed, image_key(x[i])))
             while not masks[i].any():  # redrawn (from the same generator) until some pixel changes
                 kind = self.kinds[int(rng.integers(len(self.kinds)))]
-                j = (i + 1 + int(rng.integers(n - 1))) % n if n > 1 else i
-                source = x[j] if j != i else x[i][:, ::-1, ::-1]
                 out[i] = x[i]
                 if kind == "perlin":
+                    shift = (int(rng.integers(height)), int(rng.integers(width)))
+                    source = np.roll(x[i][:, ::-1, ::-1], shift, axis=(1, 2))
                     region = perlin_region(height, width, rng)[None]
                     beta = rng.uniform(0.0, 0.8)
                     out[i] = np.where(region, (1 - beta) * source + beta * x[i], x[i])
                 else:
                     ty, tx, sy, sx = pasted_region(height, width, rng)
-                    out[i][:, ty, tx] = source[:, sy, sx]
+                    out[i][:, ty, tx] = x[i][:, sy, sx]
                 masks[i, 0] = (out[i] != x[i]).any(axis=0)
         return torch.from_numpy(out).to(images.dtype), torch.from_numpy(masks)
+
+
+def image_key(image: np.ndarray) -> int:
+    """A 63-bit key of an image's pixels (float32), the part of its generator's seed that is the image's own."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image, dtype=np.float32).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
