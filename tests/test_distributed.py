@@ -52,33 +52,42 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return Checkpoint(RunDir(run).latest_checkpoint()).tensors
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch_and_only_rank_0_writes(synth_root, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # 7 training images (one held out), global batch 4: every second batch has 3 images, split 2 + 1
-    args = [*_ddad_args(synth_root, "--max-steps", "4", "--run-dir", "run"), "--val-ratio", "0.125"]
-    _train(args, 1, [one])
-    _train(args, 2, [two / "rank0", two / "rank1"])
-    a, b = _weights(one / "run"), _weights(two / "rank0" / "run")
+def _same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], hidden: int = 0) -> None:
+    """The weights and moving averages of two trainings agree. With ``hidden``, the key projection's bias of
+    each attention (in_proj_bias[hidden:2 * hidden]) is left out: softmax ignores it, so its gradient is zero
+    up to rounding, which Adam normalises into steps of +-lr that differ with the order of the sums."""
     assert a.keys() == b.keys()
+    compared = 0
     for k in a:
-        if k.startswith(("model.", "ema.")):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+        if not k.startswith(("model.", "ema.")):
+            continue
+        x, y = a[k], b[k]
+        if hidden and k.endswith("attn.in_proj_bias"):
+            x, y = torch.cat([x[:hidden], x[2 * hidden:]]), torch.cat([y[:hidden], y[2 * hidden:]])
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), k
+        compared += 1
+    assert compared > 0
+
+
+def _at_step(run: Path, step: int) -> Checkpoint:
+    return Checkpoint(next(p for _, p in RunDir(run).checkpoints() if f"-step-{step:07d}" in p.name))
+
+
+def test_two_processes_train_as_one_only_rank_0_writes_and_one_process_resumes_their_run(synth_root, tmp_path):
+    """7 training images (one held out), global batch 4: every second batch has 3 images, split 2 + 1. One
+    process trains 4 steps (keeping step 2); two processes train the first 2 steps to the same weights, rank 1
+    writing nothing; one process resumes their run to step 4, again to the single process's weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*_ddad_args(synth_root, "--run-dir", "run"), "--val-ratio", "0.125"]
+    _train([*args, "--max-steps", "4", "--set", "train.checkpoint_steps=[2]"], 1, [one])
+    _train([*args, "--max-steps", "2"], 2, [two / "rank0", two / "rank1"])
     assert not any((two / "rank1").iterdir())  # the other rank wrote nothing
-    log = (two / "rank0" / "run" / "train.log").read_text()
-    assert "world size 2, backend gloo" in log
-
-
-def test_a_run_stopped_with_two_processes_resumes_with_one(synth_root, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    _train(_ddad_args(synth_root, "--max-steps", "4", "--run-dir", str(full / "run")), 2, [full / "r0", full / "r1"])
-    _train(_ddad_args(synth_root, "--max-steps", "2", "--run-dir", str(part / "run")), 2, [part / "r0", part / "r1"])
-    _train(["--resume", "--run-dir", str(part / "run"), "--max-steps", "4", "--quiet"], 1, [part / "r0"])
-    a, b = _weights(full / "run"), _weights(part / "run")
-    assert Checkpoint(RunDir(part / "run").latest_checkpoint()).info["step"] == 4
-    for k in a:
-        if k.startswith(("model.", "ema.")):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    assert "world size 1" in (part / "run" / "train.log").read_text().splitlines()[-3]
+    assert "world size 2, backend gloo" in (two / "rank0" / "run" / "train.log").read_text()
+    _same_training(_at_step(one / "run", 2).tensors, _weights(two / "rank0" / "run"))
+    _train(["--resume", "--run-dir", "run", "--max-steps", "4", "--quiet"], 1, [two / "rank0"])
+    assert Checkpoint(RunDir(two / "rank0" / "run").latest_checkpoint()).info["step"] == 4
+    _same_training(_weights(one / "run"), _weights(two / "rank0" / "run"))
+    assert "world size 1" in (two / "rank0" / "run" / "train.log").read_text().splitlines()[-3]
 
 
 def test_a_global_batch_the_world_size_does_not_divide_is_an_error(synth_root, tmp_path):
@@ -125,23 +134,6 @@ def test_distributed_evaluation_scores_an_odd_number_of_images_once_each(synth_r
     assert [r["image"] for r in rows_one] == [r["image"] for r in rows_two]
     assert [float(r["score"]) for r in rows_two] == pytest.approx([float(r["score"]) for r in rows_one], abs=1e-6)
     assert sum("image AUROC" in o for o in outs) == 1  # rank 0 reports, rank 1 is quiet
-
-
-def _same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], hidden: int = 0) -> None:
-    """The weights and moving averages of two trainings agree. With ``hidden``, the key projection's bias of
-    each attention (in_proj_bias[hidden:2 * hidden]) is left out: softmax ignores it, so its gradient is zero
-    up to rounding, which Adam normalises into steps of +-lr that differ with the order of the sums."""
-    assert a.keys() == b.keys()
-    compared = 0
-    for k in a:
-        if not k.startswith(("model.", "ema.")):
-            continue
-        x, y = a[k], b[k]
-        if hidden and k.endswith("attn.in_proj_bias"):
-            x, y = torch.cat([x[:hidden], x[2 * hidden:]]), torch.cat([y[:hidden], y[2 * hidden:]])
-        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), k
-        compared += 1
-    assert compared > 0
 
 
 def test_drdc_trains_both_its_models_the_same_on_two_processes_with_an_uneven_last_batch(synth_root, tmp_path):

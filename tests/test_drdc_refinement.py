@@ -237,7 +237,7 @@ def _train(root, run, *extra) -> int:
                  "--set", "detect.mean_filter=3", "--set", "detect.steps=3", "--run-dir", str(run), "--quiet", *extra])
 
 
-def test_both_models_train_and_resume_exactly(tmp_path, synth_root, monkeypatch):
+def test_both_models_train_and_resume_exactly(tmp_path, synth_root, monkeypatch, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(synth_root, full, "--max-steps", "4") == 0
     assert _train(synth_root, part, "--max-steps", "2") == 0
@@ -261,6 +261,11 @@ def test_both_models_train_and_resume_exactly(tmp_path, synth_root, monkeypatch)
     assert main(["test", str(full), "--quiet", "--no-images", "--set", "detect.steps=2",
                  "--out", str(tmp_path / "steps")]) == 0
     assert len(list((full / "calibration").glob("scale-*.json"))) == 2
+    # the stored threshold (of the last test: 2 steps) is refused under another scoring setting, naming it
+    images = [str(synth_root / "washer" / "test" / "good"), "--quiet", "--no-images", "--set", "detect.steps=2"]
+    assert main(["predict", str(full), *images, "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", str(full), *images, "--out", str(tmp_path / "q"), "--set", "detect.alpha=0.5"]) == 2
+    assert "detect.alpha: 0.9 -> 0.5" in capsys.readouterr().err and not (tmp_path / "q").exists()
     _maps_are_reused_across_alpha(full, monkeypatch)
 
 
