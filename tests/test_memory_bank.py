@@ -9,18 +9,20 @@ import torch
 from ddad.memory_bank import coreset_size, greedy_coreset, nearest_distances, random_projection
 
 
-def test_each_coreset_pick_is_the_point_farthest_from_those_already_chosen():
+@pytest.mark.parametrize("block", [2048, 16, 1])  # one block; lazy blocks (20, and one point each)
+def test_each_coreset_pick_is_the_point_farthest_from_those_already_chosen(block):
     g = torch.Generator().manual_seed(0)
     feats = torch.cat([torch.randn(300, 8, generator=g), torch.randn(20, 8, generator=g) * 4 + 6])  # two clumps
-    picked = greedy_coreset(feats, 25, seed=3).tolist()
-    assert len(set(picked)) == 25
+    feats = feats[torch.randperm(320, generator=g)]
+    picked = greedy_coreset(feats, 60, seed=3, block=block).tolist()
+    assert len(set(picked)) == 60
     x = feats.double().numpy()
     dists = np.linalg.norm(x[:, None] - x[None], axis=-1)  # every pair, by brute force
-    for i in range(1, 25):
+    for i in range(1, 60):
         nearest_centre = dists[:, picked[:i]].min(axis=1)
         assert nearest_centre[picked[i]] == pytest.approx(nearest_centre.max(), rel=1e-5), i
-    assert greedy_coreset(feats, 25, seed=3).tolist() == picked  # the seed decides the first pick
-    assert greedy_coreset(feats, 25, seed=4).tolist() != picked
+    assert greedy_coreset(feats, 60, seed=3, block=block).tolist() == picked  # the seed decides the first pick
+    assert greedy_coreset(feats, 60, seed=4, block=block).tolist() != picked
     assert (coreset_size(320, 0.1), coreset_size(5, 0.01), coreset_size(5, 1.0)) == (32, 1, 5)
     with pytest.raises(ValueError, match="fraction"):
         coreset_size(10, 0.0)

@@ -8,8 +8,8 @@ the point farthest from the centres chosen so far:
 
     c_{i+1} = argmax_m  min_{c in C_i} || psi(m) - psi(c) ||_2
 
-One pass over the bank per pick keeps each point's distance to its nearest centre (|z|^2 + |c|^2 - 2 z.c:
-one matrix-vector product per pick, in chunks of ``chunk`` rows).
+Each pick updates every point's distance to its nearest centre, skipping the points the triangle inequality
+rules out (see :func:`greedy_coreset`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,16 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
 
 
 def greedy_coreset(features: torch.Tensor, k: int, projection_dim: int = 128, seed: int = 0,
-                   progress: bool = False) -> torch.Tensor:
-    """Indices (k,) of the greedy k-center coreset of ``features`` (M, D), in the order they were picked."""
+                   progress: bool = False, block: int = 2048) -> torch.Tensor:
+    """Indices (k,) of the greedy k-center coreset of ``features`` (M, D), in the order they were picked.
+
+    Exact, but lazy: the points are kept in blocks of ``block`` rows, each with an upper bound of its
+    points' distances to their nearest centre (distances only shrink as centres are added). The next pick
+    is in the block of the largest bound once that block is brought up to date (its points measured against
+    the centres picked since its last update, in one matrix product): every other block's points are then at
+    most its bound away, which is at most this block's true maximum. Blocks far from any pick's distance
+    are never touched, and the updates are cache-sized matrix products instead of a pass over the whole
+    bank per pick."""
     from tqdm.auto import tqdm
 
     m = features.shape[0]
@@ -43,17 +51,28 @@ def greedy_coreset(features: torch.Tensor, k: int, projection_dim: int = 128, se
         raise ValueError(f"a coreset of {k} points from {m} is not possible")
     z = random_projection(features, projection_dim, seed).contiguous()
     sq = (z * z).sum(dim=1)
-    first = int(torch.randint(m, (1,), generator=torch.Generator().manual_seed(seed)))
+    starts = list(range(0, m, block))
+    nearest = torch.full((m,), float("inf"))  # squared distance to the nearest centre applied so far
+    bound = torch.full((len(starts),), float("inf"))  # >= every nearest of the block
+    applied = [0] * len(starts)  # how many of the picks each block has been measured against
     picked = torch.empty(k, dtype=torch.long)
-    picked[0] = first
-    nearest = (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0)
-    update = torch.empty_like(nearest)
+    picked[0] = int(torch.randint(m, (1,), generator=torch.Generator().manual_seed(seed)))
+    chosen, chosen_sq = torch.empty(k, z.shape[1]), torch.empty(k)
+    chosen[0], chosen_sq[0] = z[picked[0]], sq[picked[0]]
     for i in tqdm(range(1, k), desc="coreset", unit="pick", disable=not progress, leave=False, mininterval=1.0):
-        nxt = int(nearest.argmax())
-        picked[i] = nxt
-        torch.mv(z, z[nxt], out=update)
-        update.mul_(-2).add_(sq).add_(sq[nxt]).clamp_min_(0)
-        torch.minimum(nearest, update, out=nearest)
+        while True:
+            b = int(bound.argmax())
+            lo = starts[b]
+            hi = min(lo + block, m)
+            if applied[b] == i:
+                break  # up to date, and no other block can hold a farther point
+            new = slice(applied[b], i)
+            d2 = sq[lo:hi, None] + chosen_sq[None, new] - 2 * (z[lo:hi] @ chosen[new].T)
+            torch.minimum(nearest[lo:hi], d2.amin(dim=1).clamp_min_(0), out=nearest[lo:hi])
+            applied[b] = i
+            bound[b] = nearest[lo:hi].max()
+        j = lo + int(nearest[lo:hi].argmax())
+        picked[i], chosen[i], chosen_sq[i] = j, z[j], sq[j]
     return picked
 
 
