@@ -25,6 +25,9 @@ def cmd_train(args) -> int:
         print(f"ddad train: interrupted at step {result.steps_done}; saved {result.checkpoint}\n"
               f"continue with: ddad train --resume --run-dir {run_dir}", file=sys.stderr)
         return 130
+    if result.stopped_by == "fitted":  # a memory bank: nothing trained
+        print(f"fitted the memory bank(s) ({result.images_per_second:.1f} img/s)\nrun: {run_dir}")
+        return 0
     print(f"trained {result.epochs_done} epochs ({result.steps_done} steps, stopped by {result.stopped_by}); "
           f"last loss {result.last_loss:.4g}; {result.images_per_second:.1f} img/s\ncheckpoint: "
           f"{result.checkpoint}\nrun: {run_dir}")

@@ -15,8 +15,9 @@ from ..config import ConfigError, RunSettings
 from ..runs import RunDir
 from .ddad import DDAD
 from .drdc import DRDC
+from .patchcore import PatchCore
 
-METHODS = {"ddad": DDAD(), "drdc": DRDC()}
+METHODS = {"ddad": DDAD(), "drdc": DRDC(), "patchcore": PatchCore()}
 DEFAULT_METHOD = "ddad"  # config.yaml files written before ddad had several methods
 
 

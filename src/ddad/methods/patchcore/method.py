@@ -1,0 +1,164 @@
+"""PatchCore as a method of the engine: ``ddad train`` fits the memory bank(s) (no training), stored with
+the run; test, predict, tune, thresholds and ``pred_score`` work as for the other methods.
+
+    RUN_DIR/banks/<category>.safetensors    one bank per category ("all": one bank for every category),
+                                            each written atomically once its coreset is chosen
+
+Fitting again with ``--resume`` keeps the banks already written and fits the missing ones, so an
+interrupted run loses only the bank it was choosing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ...backbones import create_backbone
+from ...checkpoint import atomic_write
+from ...config import override, to_plain
+from ...data.dataset import DatasetIndex
+from ...data.formats import build_index
+from ...engine.calibration import CalibrationKey, file_id
+from ...engine.detection import LoadedDetector
+from ...engine.distributed import context
+from ...engine.trainer import StepHook, TrainResult
+from ...memory_bank import coreset_size, greedy_coreset
+from ...results import AnomalyResult, safe_name
+from ...runs import RunDir
+from ...runtime import resolve_device
+from .model import UNIFIED, PatchCoreDetector, as_patches, patch_features
+from .settings import PatchCoreConfig
+
+
+def build_extractor(config: PatchCoreConfig):
+    return create_backbone(config.features.backbone, config.features.layers, config.weights.backbone_weights,
+                           config.runtime.allow_download)
+
+
+def bank_path(run: RunDir, name: str) -> Path:
+    return run.root / "banks" / f"{safe_name(name)}.safetensors"
+
+
+def bank_groups(config: PatchCoreConfig, index: DatasetIndex) -> dict[str, list[int]]:
+    """The training images of each bank, by bank name: one per category, or all in one."""
+    if not config.bank.per_category:
+        return {UNIFIED: list(range(len(index.train)))}
+    return {c: [i for i, s in enumerate(index.train) if s.category == c] for c in index.categories}
+
+
+def fit_bank(extractor, images: torch.Tensor, config: PatchCoreConfig, device: torch.device, name: str,
+             progress: bool) -> tuple[torch.Tensor, int]:
+    """(the coreset of ``images``' patches, how many patches there were)."""
+    parts = []
+    batch = config.runtime.batch_size
+    for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", disable=not progress,
+                      leave=False):
+        parts.append(as_patches(patch_features(extractor, images[start:start + batch].to(device), config.features)
+                                ).cpu())
+    patches = torch.cat(parts)
+    k = coreset_size(len(patches), config.bank.fraction)
+    if k == len(patches):
+        return patches, len(patches)
+    picked = greedy_coreset(patches, k, config.bank.projection_dim, config.bank.seed, progress)
+    return patches[picked].contiguous(), len(patches)
+
+
+def stored_banks(run: RunDir) -> dict[str, Path]:
+    """The run's banks by the name stored in each file."""
+    found = {}
+    for path in sorted((run.root / "banks").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            found[(fh.metadata() or {}).get("name", path.stem)] = path
+    return found
+
+
+class PatchCore:
+    """Nearest-neighbour patch distances to a memory bank of defect-free patches (Roth et al. 2022)."""
+
+    name = "patchcore"
+    settings = PatchCoreConfig
+    backbone_setting = ("features", "backbone")
+    preferred_backbones = ("wide_resnet50_2", "mobilenet_v2")
+    needs_features = True
+
+    @staticmethod
+    def with_detection(config: PatchCoreConfig, **changes) -> PatchCoreConfig:
+        return override(config, changes, within=("detect", "weights", "runtime"))
+
+    def check_training_set(self, config: PatchCoreConfig, index: DatasetIndex) -> None:
+        if not index.train:
+            raise ValueError(f"{index.name} has no defect-free training images")
+
+    def fit(self, run: RunDir, config: PatchCoreConfig, images: torch.Tensor, resume: bool = False,
+            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None) -> TrainResult:
+        """Fit a bank per group of :func:`bank_groups` that the run does not hold yet."""
+        index = index or build_index(config.data)
+        have = stored_banks(run)
+        if have and not resume:
+            raise ValueError(f"run directory {run.root} already holds memory banks ({', '.join(have)}); pass "
+                             f"--resume to fit the missing ones or choose another --run-dir")
+        device = resolve_device(config.train.device)
+        main = context(device.type).is_main
+        log = run.log if main else (lambda message: None)
+        extractor = build_extractor(config).to(device)
+        t0, fitted, last = time.perf_counter(), 0, None
+        log(f"fitting memory banks: {len(index.train)} images, device {device}, coreset {config.bank.fraction:g}")
+        for name, members in bank_groups(config, index).items():
+            path = bank_path(run, name)
+            if name in have:
+                log(f"bank {name}: kept ({have[name].name})")
+                continue
+            bank, patches = fit_bank(extractor, images[members], config, device, name, progress and main)
+            if main:
+                atomic_write(path, lambda tmp: save_file({"bank": bank}, tmp, metadata={
+                    "name": name, "images": str(len(members)), "patches": str(patches)}))
+            log(f"bank {name}: {len(bank)} of {patches} patches from {len(members)} images")
+            fitted, last = fitted + len(members), path
+        seconds = time.perf_counter() - t0
+        log(f"training stopped (fitted) with {len(stored_banks(run))} bank(s) in {seconds:.1f} s")
+        return TrainResult(epochs_done=1, last_loss=math.nan, checkpoint=str(last or run.root / "banks"),
+                           images_per_second=fitted / max(seconds, 1e-9), stopped_by="fitted")
+
+    def load(self, run: RunDir, config: PatchCoreConfig, progress: bool = True) -> LoadedDetector:
+        if config.runtime.backend != "torch":
+            raise ValueError("patchcore runs in PyTorch only so far (--backend torch)")
+        paths = stored_banks(run)
+        wanted = list(bank_groups(config, build_index(config.data)))
+        missing = [name for name in wanted if name not in paths]
+        if missing:
+            raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
+                                    f"{run.root / 'banks'}); finish it with: ddad train --resume --run-dir {run.root}")
+        banks = {name: load_file(str(paths[name]))["bank"] for name in wanted}
+        detector = PatchCoreDetector(build_extractor(config), banks, config.features, config.detect,
+                                     resolve_device(config.runtime.device))
+        networks = [file_id(paths[name]) for name in wanted] + [["pretrained", config.features.backbone,
+                                                                  config.weights.backbone_weights]]
+        sections = {name: getattr(config, name) for name in ("features", "bank", "detect")}
+        key = CalibrationKey.of(sections, config.weights, networks, config.data)
+
+        def score_split(split, cache: bool, show: bool) -> AnomalyResult:
+            bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not show, dynamic_ncols=True)
+            categories = [s.category for s in split.samples]
+            batch = config.runtime.batch_size
+            parts = []
+            for start in range(0, len(split.images), batch):
+                parts.append(detector(split.images[start:start + batch], categories[start:start + batch]))
+                bar.update(len(parts[-1]))
+            bar.close()
+            return AnomalyResult.concat(parts)
+
+        settings = {name: to_plain(getattr(config, name)) for name in ("features", "bank", "detect", "weights",
+                                                                       "runtime")}
+        return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
+                              settings=settings, crop=config.detect.crop,
+                              info={"extractor": "pretrained", "banks": {n: len(b) for n, b in banks.items()}},
+                              split_scorer=score_split)
+
+    def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None) -> Path:
+        raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")

@@ -1,0 +1,78 @@
+"""PatchCore's detector: locally aware patch features (paper Sec. 3.1), nearest-neighbour distances to the
+memory bank of the image's category (Sec. 3.3), the map upsampled and smoothed, its maximum the score.
+
+    phi(x)   = concat over stages l of  up( avg_{p x p}( f_l(x) ) )          (B, D, h, w) on stage 1's grid
+    s(x)_ij  = min_{m in M_c} || phi(x)_ij - m ||_2                          M_c: the bank of x's category
+    map      = G_sigma * bilinear_up(s(x))                                   score = max of the (cropped) map
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...backbones import FeatureExtractor
+from ...engine.trainer import as_float_images
+from ...memory_bank import nearest_distances
+from ...results import AnomalyResult
+from ...scoring import gaussian_blur, image_scores, local_average, resize_for_features
+from .settings import PatchCoreDetect, PatchFeatures
+
+UNIFIED = "all"  # the name of the one bank of a run that does not keep one per category
+
+
+@torch.inference_mode()
+def patch_features(extractor: FeatureExtractor, images: torch.Tensor, features: PatchFeatures) -> torch.Tensor:
+    """(B, D, h, w): each stage of ``features.layers`` averaged over p x p neighbourhoods, upsampled
+    (bilinear) to the first stage's grid, concatenated on channels."""
+    x = resize_for_features(as_float_images(images), features.input_size)
+    stages = [local_average(f.float(), features.patch_size) for f in extractor(x, features.layers)]
+    size = stages[0].shape[-2:]
+    return torch.cat([stages[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                    for f in stages[1:]], dim=1)
+
+
+def as_patches(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B * h * w, D), image by image, row by row."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+class PatchCoreDetector:
+    """Images (B, C, H, W) in [-1, 1] -> :class:`AnomalyResult`. Each image is compared with the bank of
+    its category when it is known and has one; the one bank of a unified run otherwise; and with every bank
+    (the nearest patch of any category) when the category is unknown."""
+
+    def __init__(self, extractor: FeatureExtractor, banks: Mapping[str, torch.Tensor], features: PatchFeatures,
+                 detect: PatchCoreDetect, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval().requires_grad_(False)
+        self.banks = {name: bank.float().to(self.device) for name, bank in banks.items()}
+        self.features, self.detect = features, detect
+
+    def banks_for(self, category: str | None) -> list[torch.Tensor]:
+        if category in self.banks:
+            return [self.banks[category]]
+        if UNIFIED in self.banks:
+            return [self.banks[UNIFIED]]
+        return list(self.banks.values())
+
+    def distances(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> torch.Tensor:
+        """(B, 1, h, w): each patch's distance to the nearest patch of its image's bank(s)."""
+        feats = patch_features(self.extractor, images.to(self.device), self.features)
+        b, d, h, w = feats.shape
+        categories = list(categories) if categories is not None else [None] * b
+        out = []
+        for i in range(b):
+            queries = as_patches(feats[i:i + 1])
+            out.append(torch.stack([nearest_distances(queries, bank) for bank in self.banks_for(categories[i])])
+                       .amin(dim=0).view(1, 1, h, w))
+        return torch.cat(out)
+
+    def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:
+        grid = self.distances(images, categories)
+        maps = gaussian_blur(F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False),
+                             self.detect.sigma)
+        return AnomalyResult(pred_score=image_scores(maps, self.detect.crop).cpu(), anomaly_map=maps.cpu(),
+                             extras={"patch_distance": grid.cpu()})
