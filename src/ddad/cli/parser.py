@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", help="train the denoising UNet on defect-free images")
     p.add_argument("--method", choices=sorted(METHODS),
-                   help="ddad: one diffusion model per category (default); drdc: one feature-reconstruction model "
-                        "for all the categories of --category (its base model so far)")
+                   help="ddad: one diffusion model per category (default); drdc: one model for all the categories "
+                        "of --category (feature reconstruction refined by diffusion); patchcore: memory banks of "
+                        "patch features, no training (one per category, or one for all)")
     p.add_argument("--config", type=Path, help="YAML file with data/model/schedule/train/detect sections; it "
                                                "overrides the recipe and preset, flags and --set override it")
     p.add_argument("--run-dir", type=Path, help="output folder (default runs/<dataset>-<category>, or "

@@ -36,6 +36,7 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              {"mode": ("feature",), "w": _W, "feature_size": _FEATURE_SIZE},
              {"mode": ("combined",), "w": _W, "v": _V, "feature_size": _FEATURE_SIZE}),
     "drdc": ({"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
+    "patchcore": ({"sigma": (2.0, 4.0, 8.0)},),  # the smoothing of the map (the paper's 4)
 }
 
 
