@@ -322,7 +322,8 @@ def test_a_cpu_run_refines_at_the_cpu_profile_unless_told_otherwise(synth_root):
 # Another valid value of every field of the sections a DRDC score depends on (a field added to a section
 # without one here fails the test below until it is decided whether it changes the maps).
 OTHER_VALUES = {
-    "features": {"backbone": "mobilenet_v2", "strides": (4, 8, 16), "grid": 7},
+    "features": {"backbone": "mobilenet_v2", "strides": (4, 8, 16), "grid": 7, "base": "bank"},
+    "bank": {"fraction": 0.5, "projection_dim": 64, "per_category": True, "seed": 1},
     "model": {"hidden": 128, "encoder_layers": 2, "decoder_layers": 3, "heads": 4, "ffn": 512, "dropout": 0.2,
               "neighbour": 5, "jitter_scale": 10.0, "jitter_prob": 0.5},
     "refine": {"enabled": False, "image_size": 64, "unet": "compact", "model_conditioning": False, "cells": (4, 8),
@@ -332,6 +333,7 @@ OTHER_VALUES = {
                "multiscale_base": True, "calibration_images": 8, "seed": 1},
 }
 SHARES_MAPS = {("detect", "alpha"), ("detect", "pool"), ("detect", "crop")}  # Eq. 17's weight, image score
+REFUSED = {("bank", "per_category")}  # DRDC's bank is one for all categories so far: the config says so
 
 
 def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(tmp_path):
@@ -356,6 +358,10 @@ def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(
         assert set(others) == {f.name for f in dataclasses.fields(current)}, section
         for name, value in others.items():
             assert getattr(current, name) != value, (section, name)
+            if (section, name) in REFUSED:
+                with pytest.raises(ValueError, match=f"{section}.{name}"):
+                    replace(config, **{section: replace(current, **{name: value})})
+                continue
             changed = replace(config, **{section: replace(current, **{name: value})})
             other_key, other_maps_key = calibration_keys(changed, networks)
             with pytest.raises(ThresholdMismatch) as refused:
@@ -451,3 +457,41 @@ def test_combining_sets_takes_each_pixel_from_the_set_that_hid_it():
     for y, x in itertools.product(range(12), repeat=2):
         k = [s for s in range(4) if masks[s, 0, y, x] == 1]
         assert len(k) == 1 and torch.equal(out[:, :, y, x], predictions[k[0], :, :, y, x])
+
+
+def test_the_memory_bank_base_trains_only_the_refiner_resumes_and_with_alpha_0_is_the_banks_map(tmp_path, synth_root):
+    """features.base=bank: a coreset of the training tokens is the base (no transformer checkpoint); the
+    refiner trains and resumes exactly as with the transformer; with alpha 0 the fused map is the bank's
+    nearest-token distance (brute force), upsampled, divided by its calibration maximum."""
+    from ddad import load_config, with_detection
+    from ddad.data.splits import load_test_split
+    from ddad.memory_bank import load_bank
+    from ddad.methods import get_method
+    from ddad.methods.drdc.features import token_features
+
+    bank_args = ("--set", "features.base=bank", "--set", "bank.fraction=0.5")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(synth_root, full, "--max-steps", "4", *bank_args) == 0
+    assert _train(synth_root, part, "--max-steps", "2", *bank_args) == 0
+    bank_file = part / "banks" / "all.safetensors"
+    stamp = bank_file.stat().st_mtime_ns
+    assert _train(synth_root, part, "--max-steps", "2", *bank_args) == 2  # a fresh fit over it is refused
+    assert main(["train", "--resume", "--run-dir", str(part), "--max-steps", "4", "--quiet"]) == 0
+    assert bank_file.stat().st_mtime_ns == stamp and not RunDir(full).checkpoints()  # no transformer
+    a = Checkpoint(RunDir(full, "refine").latest_checkpoint())
+    b = Checkpoint(RunDir(part, "refine").latest_checkpoint())
+    assert a.info["step"] == b.info["step"] == 4
+    for k, v in a.tensors.items():
+        assert torch.equal(v, b.tensors[k]), k
+    bank, facts = load_bank(bank_file)
+    assert facts["categories"] == ["stripes", "washer"] and len(bank) == round(0.5 * facts["tokens"])
+    config = with_detection(load_config(part), alpha=0.0)
+    loaded = get_method("drdc").load(RunDir(part), config, progress=False)
+    split = load_test_split(config.data, progress=False)
+    result = loaded.score_split(split, cache=False, progress=False)
+    detector = loaded.detect
+    feats = token_features(detector.extractor, split.images, 4)  # (N, C, 4, 4)
+    tokens = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    nearest = torch.cdist(tokens, bank.double()).amin(dim=1).view(len(feats), 1, 4, 4).float()
+    expected = torch.nn.functional.interpolate(nearest, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(result.anomaly_map * detector.scale.max_feature, expected, atol=1e-4)

@@ -78,13 +78,12 @@ def test_each_image_is_scored_against_its_own_categorys_bank_only(fitted):
 
 
 def test_a_bank_keeps_its_fraction_of_the_patches_and_the_run_tests_and_predicts(fitted, synth_root, tmp_path):
-    for category in ("stripes", "washer"):
-        from safetensors import safe_open
+    from ddad.memory_bank import load_bank
 
-        with safe_open(str(fitted / "banks" / f"{category}.safetensors"), "pt") as fh:
-            meta, bank = fh.metadata(), fh.get_tensor("bank")
-        assert int(meta["patches"]) == int(meta["images"]) * 16  # 4 x 4 patches of each 32-px image
-        assert len(bank) == round(0.25 * int(meta["patches"]))
+    for category in ("stripes", "washer"):
+        bank, facts = load_bank(fitted / "banks" / f"{category}.safetensors")
+        assert facts["patches"] == facts["images"] * 16  # 4 x 4 patches of each 32-px image
+        assert len(bank) == round(0.25 * facts["patches"])
     metrics = json.loads((fitted / "test" / "metrics.json").read_text())
     assert set(metrics["categories"]) == {"stripes", "washer"}
     rows = {r["image"]: float(r["score"]) for r in csv.DictReader(open(fitted / "test" / "scores.csv"))}

@@ -65,9 +65,9 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
                      if isinstance(getattr(config, f.name), TrainConfig)}  # DRDC trains two models
         if replace(stored, **trainings) != replace(config, data=config.data.located(run.root)):
             raise ConfigError(f"--resume: settings differ from {run.config_path}; only train settings may change")
-    elif run.checkpoints():
-        raise ConfigError(f"run directory {run.root} already holds checkpoints; pass --resume to continue it "
-                          f"or choose another --run-dir")
+    elif run.checkpoints() or any(run.banks_dir.glob("*.safetensors")):
+        raise ConfigError(f"run directory {run.root} already holds checkpoints or memory banks; pass --resume to "
+                          f"continue it or choose another --run-dir")
     if not resume:  # a run finds its data from any working directory
         config = config.replace(data=config.data.absolute())
     index = build_index(config.data)

@@ -14,7 +14,31 @@ rules out (see :func:`greedy_coreset`).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """A memory bank: a greedy coreset of the training patches."""
+
+    fraction: float = 0.1  # of the training patches kept (1.0: all of them)
+    projection_dim: int = 128  # the coreset search's random projection
+    per_category: bool = True  # one bank per category, else one for all the categories of the run
+    seed: int = 0  # the coreset's projection and first pick
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"bank.fraction must be in (0, 1], got {self.fraction}")
+        if self.projection_dim < 1:
+            raise ValueError(f"bank.projection_dim must be >= 1, got {self.projection_dim}")
 
 
 def coreset_size(n: int, fraction: float) -> int:
@@ -92,3 +116,44 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 20
         nearest = (bank_sq - 2 * (q @ bank.T)).argmin(dim=1)  # |q - b|^2 less |q|^2, the same for every b
         out[start:start + chunk] = (q - bank[nearest]).norm(dim=1)
     return out
+
+
+def fit_coreset(patches: torch.Tensor, bank: BankConfig, progress: bool = False) -> torch.Tensor:
+    """The bank of ``patches`` (M, D): its coreset of ``bank.fraction`` (all of them at 1.0)."""
+    k = coreset_size(len(patches), bank.fraction)
+    if k == len(patches):
+        return patches.contiguous()
+    return patches[greedy_coreset(patches, k, bank.projection_dim, bank.seed, progress)].contiguous()
+
+
+UNIFIED = "all"  # the name of the one bank of a run that does not keep one per category
+
+# Banks on disk: FOLDER/<name>.safetensors, the tensor "bank" and the bank's name and facts as metadata.
+
+def bank_file(folder: Path, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return Path(folder) / f"{safe}.safetensors"
+
+
+def save_bank(folder: Path, name: str, bank: torch.Tensor, **facts) -> Path:
+    """Writes the bank atomically (a half-written bank is never read); ``facts`` as JSON metadata."""
+    path = bank_file(folder, name)
+    atomic_write(path, lambda tmp: save_file({"bank": bank.contiguous()}, tmp, metadata={
+        "name": name, "facts": json.dumps(facts)}))
+    return path
+
+
+def stored_banks(folder: Path) -> dict[str, Path]:
+    """The banks in ``folder`` by the name stored in each file."""
+    found = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            found[(fh.metadata() or {}).get("name", path.stem)] = path
+    return found
+
+
+def load_bank(path: Path) -> tuple[torch.Tensor, dict]:
+    """(the bank, its facts)."""
+    with safe_open(str(path), "pt") as fh:
+        facts = json.loads((fh.metadata() or {}).get("facts", "{}"))
+    return load_file(str(path))["bank"], facts

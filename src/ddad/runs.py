@@ -79,6 +79,11 @@ class RunDir:
     def calibration_dir(self) -> Path:
         return self.root / "calibration"
 
+    @property
+    def banks_dir(self) -> Path:
+        """Memory banks (PatchCore's, DRDC's memory-bank base), one file each (:mod:`ddad.memory_bank`)."""
+        return self.root / "banks"
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 

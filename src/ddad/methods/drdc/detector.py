@@ -12,7 +12,7 @@ from ...runtime import autocast
 from ...scoring import ScoreScale, crop
 from .features import token_features
 from .fusion import fuse, multiscale
-from .model import FeatureReconstructor, base_heatmap, pooled_max
+from .model import FeatureReconstructor, TokenBank, base_heatmap, pooled_max
 from .refiner import Refiner, resized
 from .settings import DRDCDetect, FeatureConfig
 
@@ -24,7 +24,7 @@ class DRDCDetector:
     With a ``refiner``, both maps are divided by their maxima on defect-free calibration images
     (``scale``: ``max_pixel`` the diffusion map's, ``max_feature`` the base map's) before Eq. 17."""
 
-    def __init__(self, extractor: FeatureExtractor, model: FeatureReconstructor, features: FeatureConfig,
+    def __init__(self, extractor: FeatureExtractor, model: FeatureReconstructor | TokenBank, features: FeatureConfig,
                  detect: DRDCDetect, device: torch.device | str = "cpu", refiner: Refiner | None = None,
                  scale: ScoreScale | None = None) -> None:
         self.device = torch.device(device)
@@ -42,11 +42,11 @@ class DRDCDetector:
         size = tuple(images.shape[-2:])
         with torch.inference_mode(), autocast(self.device, self.detect.precision):
             feats = token_features(self.extractor, images.to(self.device), self.features.grid)
-            recon = self.model(feats)
-            base = base_heatmap(feats, recon, size).float()
+            error = self.model.error(feats).float()
+            base = base_heatmap(error, size)
         if self.detect.multiscale_base:
             base = multiscale(base, self.detect.scales)
-        out = {"base": base, "feature_error": (recon.float() - feats.float()).norm(dim=1, keepdim=True)}
+        out = {"base": base, "feature_error": error}
         if self.refiner is not None:
             with torch.inference_mode():
                 refined = self.refiner(resized(images.to(self.device), self.refiner.refine.image_size))

@@ -5,6 +5,8 @@ defect-free images at once. Two models are trained in turn in one run: the trans
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -20,17 +22,19 @@ from ...diffusion.schedule import alphas_cumprod
 from ...diffusion.unet import UNet
 from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
+from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
+from ...memory_bank import UNIFIED, fit_coreset, load_bank, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .detector import DRDCDetector, score_split
 from .refiner import Refiner, resized
 from .features import build_extractor, cache_key, cached_features, feature_channels, features_in_batches
-from .model import FeatureReconstructionObjective, FeatureReconstructor
+from .model import FeatureReconstructionObjective, FeatureReconstructor, TokenBank
 from .settings import DRDCConfig
 
 
-SCORING_SECTIONS = ("features", "model", "refine", "detect")  # the settings a DRDC score depends on
+SCORING_SECTIONS = ("features", "model", "bank", "refine", "detect")  # the settings a DRDC score depends on
 
 
 def calibration_keys(config: DRDCConfig, networks: list) -> tuple[CalibrationKey, CalibrationKey]:
@@ -72,11 +76,37 @@ class DRDC:
             extractor, images, config.features.grid, config.runtime.batch_size, device, progress))
         channels = feature_channels(extractor)
         info = {"config": config.to_dict(), "categories": index.categories, "channels": channels}
-        base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
-                   lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress, on_step)
+        if config.features.base == "bank":
+            base = self.fit_token_bank(run, config, feats, info, resume, progress)
+        else:
+            base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
+                       lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress,
+                       on_step)
         if not config.refine.enabled or base.stopped_by == "interrupted":
             return base
         return self.fit_refiner(run, config, images, info, resume, progress, on_step)
+
+    def fit_token_bank(self, run: RunDir, config: DRDCConfig, feats: torch.Tensor, info: dict, resume: bool,
+                       progress: bool) -> TrainResult:
+        """The memory-bank base: a coreset of every training token (``bank``), kept in the run; nothing trained.
+        Fitted once: resuming keeps it."""
+        t0 = time.perf_counter()
+        have = stored_banks(run.banks_dir)
+        if UNIFIED in have and not resume:
+            raise ValueError(f"run directory {run.root} already holds a memory bank ({have[UNIFIED]}); pass "
+                             f"--resume to continue it or choose another --run-dir")
+        if UNIFIED in have:
+            run.log(f"memory-bank base: kept ({have[UNIFIED].name})")
+            return TrainResult(1, math.nan, str(have[UNIFIED]), 0.0, stopped_by="fitted")
+        tokens = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        bank = fit_coreset(tokens, config.bank, progress)
+        path = run.banks_dir / "unwritten"
+        if context().is_main:
+            path = save_bank(run.banks_dir, UNIFIED, bank, categories=info["categories"], tokens=len(tokens),
+                             images=len(feats))
+            run.log(f"memory-bank base: {len(bank)} of {len(tokens)} tokens from {len(feats)} images")
+        return TrainResult(1, math.nan, str(path), len(feats) / max(time.perf_counter() - t0, 1e-9),
+                           stopped_by="fitted")
 
     def fit_refiner(self, run: RunDir, config: DRDCConfig, images: torch.Tensor, info: dict, resume: bool = False,
                     progress: bool = True, on_step: StepHook | None = None) -> TrainResult:
@@ -101,17 +131,25 @@ class DRDC:
     def load(self, run: RunDir, config: DRDCConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
             raise ValueError("drdc runs in PyTorch only so far (--backend torch)")
-        path = run.resolve_checkpoint(config.weights.checkpoint)
-        ckpt = Checkpoint(path)
-        trained = ckpt.info.get("categories") or []
+        extractor = build_extractor(config.features, config.weights, config.runtime)
+        if config.features.base == "bank":
+            path = stored_banks(run.banks_dir).get(UNIFIED)
+            if path is None:
+                raise FileNotFoundError(f"run {run.root} has no memory bank in {run.banks_dir}; finish it with: "
+                                        f"ddad train --resume --run-dir {run.root}")
+            bank, facts = load_bank(path)
+            model, trained = TokenBank(bank), facts.get("categories") or []
+        else:
+            path = run.resolve_checkpoint(config.weights.checkpoint)
+            ckpt = Checkpoint(path)
+            trained = ckpt.info.get("categories") or []
+            model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
+            model.load_state_dict(config.weights.state_dict(ckpt))
         unknown = [c for c in build_index(config.data).categories if c not in trained]
         if unknown:
             raise ValueError(f"category {', '.join(map(repr, unknown))} was not in this model's training "
                              f"({', '.join(trained) or 'none recorded'}): a unified model only knows what it saw")
         device = resolve_device(config.runtime.device)
-        extractor = build_extractor(config.features, config.weights, config.runtime)
-        model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
-        model.load_state_dict(config.weights.state_dict(ckpt))
         networks = [file_id(path), ["pretrained", config.features.backbone, config.weights.backbone_weights]]
         refiner = None
         if config.refine.enabled:

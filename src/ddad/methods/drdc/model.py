@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...memory_bank import nearest_distances
 from .settings import ReconstructionConfig
 
 
@@ -114,12 +115,29 @@ class FeatureReconstructor(nn.Module):
             out = layer(out, self.pos, self.mask)
         return self.project_out(out).transpose(1, 2).reshape(b, c, h, w)
 
+    def error(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1, grid, grid): Eq. 2 on the token grid, the L2 norm over channels of the reconstruction error."""
+        return (self(features).float() - features.float()).norm(dim=1, keepdim=True)
 
-def base_heatmap(features: torch.Tensor, reconstruction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Eq. 2: the L2 norm over channels of the reconstruction error, (B, 1, grid, grid) upsampled
-    (bilinear) to ``size``."""
-    error = (reconstruction.float() - features.float()).norm(dim=1, keepdim=True)
-    return F.interpolate(error, size=size, mode="bilinear", align_corners=False)
+
+class TokenBank(nn.Module):
+    """The memory-bank base: each token's distance to the nearest training token of the bank (M, channels),
+    (B, 1, grid, grid) like :meth:`FeatureReconstructor.error`. Nothing in it is trained."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank.float(), persistent=False)
+
+    def error(self, features: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        tokens = features.float().permute(0, 2, 3, 1).reshape(-1, c)
+        return nearest_distances(tokens, self.bank).to(features.device).view(b, h, w).unsqueeze(1)
+
+
+def base_heatmap(error: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Eq. 2's map: the base model's error on the token grid (B, 1, grid, grid) upsampled (bilinear) to
+    ``size``."""
+    return F.interpolate(error.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def pooled_max(maps: torch.Tensor, pool: int) -> torch.Tensor:

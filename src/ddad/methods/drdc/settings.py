@@ -23,6 +23,7 @@ from ...data.formats import DataConfig
 from ...diffusion.schedule import ScheduleConfig
 from ...diffusion.unet import UNetConfig
 from ...engine.recipe import TrainConfig, check_trained_timestep
+from ...memory_bank import BankConfig
 from ...runs import WeightsConfig
 from ...runtime import PRECISIONS, RuntimeConfig
 
@@ -33,6 +34,12 @@ UNIAD_TRAINING = {"epochs": 1000, "batch_size": 64, "lr": 1e-4, "weight_decay": 
 RECIPES = {"default": UNIAD_TRAINING, "paper": UNIAD_TRAINING}
 
 
+# The base heatmap: the transformer's reconstruction error (the paper, Eq. 2), or each token's distance to the
+# nearest training token of a memory bank (PatchCore's nearest neighbour on DRDC's own token features; nothing
+# to train, so a run with the bank trains only the refiner).
+BASES = ("transformer", "bank")
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """The frozen backbone's features that the transformer reconstructs."""
@@ -40,10 +47,13 @@ class FeatureConfig:
     backbone: str = "efficientnet_b4"
     strides: tuple[int, ...] = (2, 4, 8, 16)  # the stages used, each resized (bilinear) to grid x grid
     grid: int = 14  # the token grid (stride 16 of 224)
+    base: str = "transformer"  # the base map: "transformer" (Eq. 2) or "bank" (distance to the nearest token)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.base not in BASES:
+            raise ValueError(f"features.base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.grid < 2:
             raise ValueError(f"grid must be >= 2, got {self.grid}")
 
@@ -173,6 +183,7 @@ class DRDCConfig(RunSettings):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**UNIAD_TRAINING))
     refine: RefineConfig = field(default_factory=RefineConfig)
     refine_train: TrainConfig = field(default_factory=TrainConfig)  # DDAD's recipe (t in [0, 250])
+    bank: BankConfig = field(default_factory=lambda: BankConfig(per_category=False))  # features.base "bank"
     detect: DRDCDetect = field(default_factory=DRDCDetect)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -180,6 +191,9 @@ class DRDCConfig(RunSettings):
     def __post_init__(self) -> None:
         if self.method != "drdc":
             raise ValueError(f"a DRDC config has method 'drdc', got {self.method!r}")
+        if self.bank.per_category:
+            raise ValueError("bank.per_category: DRDC's memory-bank base is one bank for all its categories so "
+                             "far (set bank.per_category=false)")
         if self.refine.enabled:
             if self.detect.start_step >= self.refine.schedule.num_timesteps:
                 raise ValueError(f"detect.start_step {self.detect.start_step} is outside the schedule of "

@@ -15,12 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ...backbones import create_backbone
-from ...checkpoint import atomic_write
 from ...config import override, to_plain
 from ...data.dataset import DatasetIndex
 from ...data.formats import build_index
@@ -28,21 +25,17 @@ from ...engine.calibration import CalibrationKey, file_id
 from ...engine.detection import LoadedDetector
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult
-from ...memory_bank import coreset_size, greedy_coreset
-from ...results import AnomalyResult, safe_name
+from ...memory_bank import UNIFIED, fit_coreset, load_bank, save_bank, stored_banks
+from ...results import AnomalyResult
 from ...runs import RunDir
 from ...runtime import resolve_device
-from .model import UNIFIED, PatchCoreDetector, as_patches, patch_features
+from .model import PatchCoreDetector, as_patches, patch_features
 from .settings import PatchCoreConfig
 
 
 def build_extractor(config: PatchCoreConfig):
     return create_backbone(config.features.backbone, config.features.layers, config.weights.backbone_weights,
                            config.runtime.allow_download)
-
-
-def bank_path(run: RunDir, name: str) -> Path:
-    return run.root / "banks" / f"{safe_name(name)}.safetensors"
 
 
 def bank_groups(config: PatchCoreConfig, index: DatasetIndex) -> dict[str, list[int]]:
@@ -62,20 +55,7 @@ def fit_bank(extractor, images: torch.Tensor, config: PatchCoreConfig, device: t
         parts.append(as_patches(patch_features(extractor, images[start:start + batch].to(device), config.features)
                                 ).cpu())
     patches = torch.cat(parts)
-    k = coreset_size(len(patches), config.bank.fraction)
-    if k == len(patches):
-        return patches, len(patches)
-    picked = greedy_coreset(patches, k, config.bank.projection_dim, config.bank.seed, progress)
-    return patches[picked].contiguous(), len(patches)
-
-
-def stored_banks(run: RunDir) -> dict[str, Path]:
-    """The run's banks by the name stored in each file."""
-    found = {}
-    for path in sorted((run.root / "banks").glob("*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
-            found[(fh.metadata() or {}).get("name", path.stem)] = path
-    return found
+    return fit_coreset(patches, config.bank, progress), len(patches)
 
 
 class PatchCore:
@@ -99,7 +79,7 @@ class PatchCore:
             progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None) -> TrainResult:
         """Fit a bank per group of :func:`bank_groups` that the run does not hold yet."""
         index = index or build_index(config.data)
-        have = stored_banks(run)
+        have = stored_banks(run.banks_dir)
         if have and not resume:
             raise ValueError(f"run directory {run.root} already holds memory banks ({', '.join(have)}); pass "
                              f"--resume to fit the missing ones or choose another --run-dir")
@@ -110,31 +90,29 @@ class PatchCore:
         t0, fitted, last = time.perf_counter(), 0, None
         log(f"fitting memory banks: {len(index.train)} images, device {device}, coreset {config.bank.fraction:g}")
         for name, members in bank_groups(config, index).items():
-            path = bank_path(run, name)
             if name in have:
                 log(f"bank {name}: kept ({have[name].name})")
                 continue
             bank, patches = fit_bank(extractor, images[members], config, device, name, progress and main)
             if main:
-                atomic_write(path, lambda tmp: save_file({"bank": bank}, tmp, metadata={
-                    "name": name, "images": str(len(members)), "patches": str(patches)}))
+                last = save_bank(run.banks_dir, name, bank, images=len(members), patches=patches)
             log(f"bank {name}: {len(bank)} of {patches} patches from {len(members)} images")
-            fitted, last = fitted + len(members), path
+            fitted += len(members)
         seconds = time.perf_counter() - t0
-        log(f"training stopped (fitted) with {len(stored_banks(run))} bank(s) in {seconds:.1f} s")
+        log(f"training stopped (fitted) with {len(stored_banks(run.banks_dir))} bank(s) in {seconds:.1f} s")
         return TrainResult(epochs_done=1, last_loss=math.nan, checkpoint=str(last or run.root / "banks"),
                            images_per_second=fitted / max(seconds, 1e-9), stopped_by="fitted")
 
     def load(self, run: RunDir, config: PatchCoreConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
             raise ValueError("patchcore runs in PyTorch only so far (--backend torch)")
-        paths = stored_banks(run)
+        paths = stored_banks(run.banks_dir)
         wanted = list(bank_groups(config, build_index(config.data)))
         missing = [name for name in wanted if name not in paths]
         if missing:
             raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
                                     f"{run.root / 'banks'}); finish it with: ddad train --resume --run-dir {run.root}")
-        banks = {name: load_file(str(paths[name]))["bank"] for name in wanted}
+        banks = {name: load_bank(paths[name])[0] for name in wanted}
         detector = PatchCoreDetector(build_extractor(config), banks, config.features, config.detect,
                                      resolve_device(config.runtime.device))
         networks = [file_id(paths[name]) for name in wanted] + [["pretrained", config.features.backbone,

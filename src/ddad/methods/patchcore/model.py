@@ -15,13 +15,10 @@ import torch.nn.functional as F
 
 from ...backbones import FeatureExtractor
 from ...engine.trainer import as_float_images
-from ...memory_bank import nearest_distances
+from ...memory_bank import UNIFIED, nearest_distances
 from ...results import AnomalyResult
 from ...scoring import gaussian_blur, image_scores, local_average, resize_for_features
 from .settings import PatchCoreDetect, PatchFeatures
-
-UNIFIED = "all"  # the name of the one bank of a run that does not keep one per category
-
 
 @torch.inference_mode()
 def patch_features(extractor: FeatureExtractor, images: torch.Tensor, features: PatchFeatures) -> torch.Tensor:

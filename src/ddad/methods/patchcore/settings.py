@@ -17,6 +17,7 @@ from ...backbones import BACKBONES
 from ...config import RunSettings
 from ...data.formats import DataConfig
 from ...engine.recipe import TrainConfig
+from ...memory_bank import BankConfig
 from ...runs import WeightsConfig
 from ...runtime import RuntimeConfig
 
@@ -37,22 +38,6 @@ class PatchFeatures:
             raise ValueError(f"features.layers must be stages within 1..4, got {list(self.layers)}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"features.patch_size must be odd and >= 1, got {self.patch_size}")
-
-
-@dataclass(frozen=True)
-class BankConfig:
-    """The memory bank: a greedy coreset of the training patches (:mod:`ddad.memory_bank`)."""
-
-    fraction: float = 0.1  # of the training patches kept (1.0: all of them)
-    projection_dim: int = 128  # the coreset search's random projection
-    per_category: bool = True  # one bank per category, else one for all the categories of the run
-    seed: int = 0  # the coreset's projection and first pick
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"bank.fraction must be in (0, 1], got {self.fraction}")
-        if self.projection_dim < 1:
-            raise ValueError(f"bank.projection_dim must be >= 1, got {self.projection_dim}")
 
 
 @dataclass(frozen=True)
