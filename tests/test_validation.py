@@ -37,6 +37,10 @@ def test_synthetic_anomalies_follow_the_seed_and_their_masks_are_the_changed_pix
     subset, subset_masks = SyntheticAnomalies(seed=3).apply(images[order])
     assert torch.equal(subset, a[order]) and torch.equal(subset_masks, ma[order])
     assert torch.equal(single, SyntheticAnomalies().apply(images)[0][:1])
+    # a uniform image (no texture of its own to paste or blend) still gets a defect, and exact masks
+    uniform = torch.stack([torch.zeros(3, 32, 32), torch.full((3, 32, 32), 0.5), torch.full((3, 32, 32), -1.0)])
+    out, m = SyntheticAnomalies(seed=0).apply(uniform)
+    assert torch.all(m.sum(dim=(1, 2, 3)) > 0) and torch.equal(m, (out != uniform).any(dim=1, keepdim=True).float())
     noise = perlin_noise(40, 24, (4, 2), np.random.default_rng(0))
     assert noise.shape == (40, 24) and np.abs(noise).max() <= 1.5 and noise.std() > 0.05
 
