@@ -9,8 +9,9 @@ at hand (the recipe of DRAEM, Zavrtanik et al. 2021, and CutPaste's pasted patch
 
 An image's anomaly depends only on the seed and the image itself: its draws come from
 ``numpy.random.default_rng((seed, key))`` with ``key`` a hash of its pixels, and its texture from itself, so
-the same image gets the same anomaly alone, in any subset of its set and in any order. The returned mask is
-exactly the set of changed pixels.
+the same image gets the same anomaly alone, in any subset of its set and in any order. An image whose own
+texture cannot change it (a uniform tile) gets, after a few draws, a Perlin-shaped stain of the far end of the
+value range instead. The returned mask is exactly the set of changed pixels.
 No maintained pip package offers these without a deep-learning framework of its own, so they are here.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 KINDS = ("perlin", "paste")
+SELF_TEXTURE_ATTEMPTS = 8  # draws from the image's own texture before a stain is blended in instead
 
 
 def perlin_noise(height: int, width: int, cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -88,12 +90,15 @@ class SyntheticAnomalies:
         out, masks = x.copy(), np.zeros((n, 1, height, width), dtype=np.float32)
         for i in range(n):
             rng = np.random.default_rng((self.seed, image_key(x[i])))
-            while not masks[i].any():  # redrawn (from the same generator) until some pixel changes
+            for attempt in range(2 * SELF_TEXTURE_ATTEMPTS):  # redrawn (same generator) until a pixel changes
                 kind = self.kinds[int(rng.integers(len(self.kinds)))]
+                stain = attempt >= SELF_TEXTURE_ATTEMPTS  # a uniform image has no texture of its own to give
                 out[i] = x[i]
-                if kind == "perlin":
+                if kind == "perlin" or stain:
                     shift = (int(rng.integers(height)), int(rng.integers(width)))
                     source = np.roll(x[i][:, ::-1, ::-1], shift, axis=(1, 2))
+                    if stain:  # the far end of the range from each pixel: differs from it everywhere
+                        source = np.where(x[i] > 0, -1.0, 1.0).astype(np.float32)
                     region = perlin_region(height, width, rng)[None]
                     beta = rng.uniform(0.0, 0.8)
                     out[i] = np.where(region, (1 - beta) * source + beta * x[i], x[i])
@@ -101,6 +106,10 @@ class SyntheticAnomalies:
                     ty, tx, sy, sx = pasted_region(height, width, rng)
                     out[i][:, ty, tx] = x[i][:, sy, sx]
                 masks[i, 0] = (out[i] != x[i]).any(axis=0)
+                if masks[i].any():
+                    break
+            else:
+                raise RuntimeError(f"no synthetic anomaly changed image {i} of the set")
         return torch.from_numpy(out).to(images.dtype), torch.from_numpy(masks)
 
 
