@@ -97,10 +97,10 @@ def test_a_bank_keeps_its_fraction_of_the_patches_and_the_run_tests_and_predicts
 
 
 def test_an_interrupted_fit_resumes_to_the_same_banks_and_scores(synth_root, tmp_path, monkeypatch, fitted):
-    import ddad.methods.patchcore.method as patchcore_method
+    import ddad.memory_bank as memory_bank
 
     run = tmp_path / "run"
-    real = patchcore_method.greedy_coreset
+    real = memory_bank.greedy_coreset
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -109,12 +109,12 @@ def test_an_interrupted_fit_resumes_to_the_same_banks_and_scores(synth_root, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patchcore_method, "greedy_coreset", interrupted)
+    monkeypatch.setattr(memory_bank, "greedy_coreset", interrupted)
     assert _train(synth_root, run) == 130
     kept = run / "banks" / "stripes.safetensors"
     assert kept.is_file() and not (run / "banks" / "washer.safetensors").exists()
     stamp = kept.stat().st_mtime_ns
-    monkeypatch.setattr(patchcore_method, "greedy_coreset", real)
+    monkeypatch.setattr(memory_bank, "greedy_coreset", real)
     assert _train(synth_root, run) == 2  # a fresh fit into a run with banks is refused
     assert main(["test", str(run), "--quiet", "--no-images"]) == 2  # the missing bank is named
     assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 0
