@@ -20,7 +20,8 @@ def cmd_features(args) -> None:
     from ddad.backbones import create_backbone
     from ddad.data.formats import DataConfig, build_index
     from ddad.data.splits import load_train_images
-    from ddad.methods.patchcore.model import as_patches, patch_features
+    from ddad.memory_bank import as_patches
+    from ddad.methods.patchcore.model import patch_features
     from ddad.methods.patchcore.settings import PatchFeatures
 
     data = DataConfig(dataset="mtd", root=str(SHARED / "data" / "mtd"), image_size=224, channels=3)

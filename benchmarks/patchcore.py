@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddad.backbones import FeatureExtractor
-from ddad.memory_bank import coreset_size, greedy_coreset, nearest_distances
+from ddad.memory_bank import as_patches, coreset_size, greedy_coreset, nearest_distances
 from ddad.methods.patchcore import model
 from ddad.methods.patchcore.settings import PatchFeatures
 from ddad.scoring import gaussian_blur, image_scores
@@ -47,7 +47,7 @@ def fit_bank(extractor: FeatureExtractor, train: torch.Tensor, fraction: float =
     """The memory bank: a greedy coreset of ``fraction`` of the training patches. ``presample`` < 1: chosen
     among a seeded random share of the patches only (the coreset of ddad.memory_bank needs no such cut on
     this CPU any more; kept to re-run earlier rows)."""
-    bank = model.as_patches(patch_features(extractor, train, layers, input_size=input_size))
+    bank = as_patches(patch_features(extractor, train, layers, input_size=input_size))
     if presample < 1.0:
         m = bank.shape[0]
         bank = bank[torch.randperm(m, generator=torch.Generator().manual_seed(1))[:int(presample * m)]]
@@ -61,7 +61,7 @@ def score_with_bank(extractor: FeatureExtractor, bank: torch.Tensor, test: torch
     """(scores, maps): nearest-neighbour patch distances, upsampled and smoothed; score = max of the map."""
     tf = patch_features(extractor, test, layers, input_size=input_size)
     n, d, h, w = tf.shape
-    dist = nearest_distances(model.as_patches(tf), bank).view(n, 1, h, w)
+    dist = nearest_distances(as_patches(tf), bank).view(n, 1, h, w)
     maps = gaussian_blur(F.interpolate(dist, size=test.shape[-2:], mode="bilinear", align_corners=False), sigma)
     return image_scores(maps, crop), maps
 

@@ -8,8 +8,8 @@ the point farthest from the centres chosen so far:
 
     c_{i+1} = argmax_m  min_{c in C_i} || psi(m) - psi(c) ||_2
 
-Each pick updates every point's distance to its nearest centre, skipping the points the triangle inequality
-rules out (see :func:`greedy_coreset`).
+The picks are exact; only blocks of points that can hold the next pick are brought up to date, in cache-sized
+matrix products (see :func:`greedy_coreset`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import atomic_write
+from .results import safe_name
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class BankConfig:
             raise ValueError(f"bank.fraction must be in (0, 1], got {self.fraction}")
         if self.projection_dim < 1:
             raise ValueError(f"bank.projection_dim must be >= 1, got {self.projection_dim}")
+
+
+def as_patches(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) feature maps -> (B * h * w, D) patches, image by image, row by row."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 def coreset_size(n: int, fraction: float) -> int:
@@ -131,8 +137,7 @@ UNIFIED = "all"  # the name of the one bank of a run that does not keep one per 
 # Banks on disk: FOLDER/<name>.safetensors, the tensor "bank" and the bank's name and facts as metadata.
 
 def bank_file(folder: Path, name: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return Path(folder) / f"{safe}.safetensors"
+    return Path(folder) / f"{safe_name(name)}.safetensors"
 
 
 def save_bank(folder: Path, name: str, bank: torch.Tensor, **facts) -> Path:

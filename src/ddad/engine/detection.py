@@ -9,7 +9,7 @@ a method may replace it (DDAD caches its reconstructions), the default calls the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,10 +23,13 @@ BatchDetector = Callable[[torch.Tensor], AnomalyResult]
 
 
 def score_in_batches(detect: BatchDetector, images: torch.Tensor, batch_size: int,
-                     progress: Callable[[int], None] | None = None) -> AnomalyResult:
+                     progress: Callable[[int], None] | None = None,
+                     categories: Sequence[str | None] | None = None) -> AnomalyResult:
+    """``detect`` batch by batch; with ``categories``, each batch's too (``detect(images, categories)``)."""
     parts = []
     for start in range(0, len(images), batch_size):
-        parts.append(detect(images[start:start + batch_size]))
+        batch = images[start:start + batch_size]
+        parts.append(detect(batch) if categories is None else detect(batch, categories[start:start + batch_size]))
         if progress is not None:
             progress(len(parts[-1]))
     return AnomalyResult.concat(parts)
@@ -42,6 +45,7 @@ class LoadedDetector:
     crop: float = 1.0  # centre-crop fraction of maps and masks for the pixel metrics and image scores
     info: dict = field(default_factory=dict)  # method facts for metrics.json (e.g. which extractor)
     split_scorer: Callable[[TestSplit, bool, bool], AnomalyResult] | None = None  # (split, cache, progress)
+    by_category: bool = False  # ``detect(images, categories)``: each image scored as its category (e.g. its bank)
 
     def score_split(self, split: TestSplit, cache: bool = True, progress: bool = True) -> AnomalyResult:
         """Every image of ``split`` scored once. Under torchrun each rank scores its contiguous part (no
@@ -61,6 +65,7 @@ class LoadedDetector:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
-        result = score_in_batches(self.detect, split.images, self.batch_size, bar.update)
+        categories = [s.category for s in split.samples] if self.by_category else None
+        result = score_in_batches(self.detect, split.images, self.batch_size, bar.update, categories)
         bar.close()
         return result

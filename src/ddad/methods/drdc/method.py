@@ -24,7 +24,7 @@ from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
-from ...memory_bank import UNIFIED, fit_coreset, load_bank, save_bank, stored_banks
+from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .detector import DRDCDetector, score_split
@@ -98,7 +98,7 @@ class DRDC:
         if UNIFIED in have:
             run.log(f"memory-bank base: kept ({have[UNIFIED].name})")
             return TrainResult(1, math.nan, str(have[UNIFIED]), 0.0, stopped_by="fitted")
-        tokens = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        tokens = as_patches(feats)
         bank = fit_coreset(tokens, config.bank, progress)
         path = run.banks_dir / "unwritten"
         if context().is_main:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...memory_bank import nearest_distances
+from ...memory_bank import as_patches, nearest_distances
 from .settings import ReconstructionConfig
 
 
@@ -129,9 +129,8 @@ class TokenBank(nn.Module):
         self.register_buffer("bank", bank.float(), persistent=False)
 
     def error(self, features: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = features.shape
-        tokens = features.float().permute(0, 2, 3, 1).reshape(-1, c)
-        return nearest_distances(tokens, self.bank).to(features.device).view(b, h, w).unsqueeze(1)
+        b, _, h, w = features.shape
+        return nearest_distances(as_patches(features), self.bank).to(features.device).view(b, 1, h, w)
 
 
 def base_heatmap(error: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

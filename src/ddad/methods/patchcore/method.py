@@ -25,11 +25,10 @@ from ...engine.calibration import CalibrationKey, file_id
 from ...engine.detection import LoadedDetector
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult
-from ...memory_bank import UNIFIED, fit_coreset, load_bank, save_bank, stored_banks
-from ...results import AnomalyResult
+from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
-from .model import PatchCoreDetector, as_patches, patch_features
+from .model import PatchCoreDetector, patch_features
 from .settings import PatchCoreConfig
 
 
@@ -100,7 +99,7 @@ class PatchCore:
             fitted += len(members)
         seconds = time.perf_counter() - t0
         log(f"training stopped (fitted) with {len(stored_banks(run.banks_dir))} bank(s) in {seconds:.1f} s")
-        return TrainResult(epochs_done=1, last_loss=math.nan, checkpoint=str(last or run.root / "banks"),
+        return TrainResult(epochs_done=1, last_loss=math.nan, checkpoint=str(last or run.banks_dir),
                            images_per_second=fitted / max(seconds, 1e-9), stopped_by="fitted")
 
     def load(self, run: RunDir, config: PatchCoreConfig, progress: bool = True) -> LoadedDetector:
@@ -111,7 +110,7 @@ class PatchCore:
         missing = [name for name in wanted if name not in paths]
         if missing:
             raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
-                                    f"{run.root / 'banks'}); finish it with: ddad train --resume --run-dir {run.root}")
+                                    f"{run.banks_dir}); finish it with: ddad train --resume --run-dir {run.root}")
         banks = {name: load_bank(paths[name])[0] for name in wanted}
         detector = PatchCoreDetector(build_extractor(config), banks, config.features, config.detect,
                                      resolve_device(config.runtime.device))
@@ -120,23 +119,12 @@ class PatchCore:
         sections = {name: getattr(config, name) for name in ("features", "bank", "detect")}
         key = CalibrationKey.of(sections, config.weights, networks, config.data)
 
-        def score_split(split, cache: bool, show: bool) -> AnomalyResult:
-            bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not show, dynamic_ncols=True)
-            categories = [s.category for s in split.samples]
-            batch = config.runtime.batch_size
-            parts = []
-            for start in range(0, len(split.images), batch):
-                parts.append(detector(split.images[start:start + batch], categories[start:start + batch]))
-                bar.update(len(parts[-1]))
-            bar.close()
-            return AnomalyResult.concat(parts)
-
         settings = {name: to_plain(getattr(config, name)) for name in ("features", "bank", "detect", "weights",
                                                                        "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "banks": {n: len(b) for n, b in banks.items()}},
-                              split_scorer=score_split)
+                              by_category=True)
 
     def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")

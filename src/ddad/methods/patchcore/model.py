@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ...backbones import FeatureExtractor
 from ...engine.trainer import as_float_images
-from ...memory_bank import UNIFIED, nearest_distances
+from ...memory_bank import UNIFIED, as_patches, nearest_distances
 from ...results import AnomalyResult
 from ...scoring import gaussian_blur, image_scores, local_average, resize_for_features
 from .settings import PatchCoreDetect, PatchFeatures
@@ -29,11 +29,6 @@ def patch_features(extractor: FeatureExtractor, images: torch.Tensor, features: 
     size = stages[0].shape[-2:]
     return torch.cat([stages[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                                     for f in stages[1:]], dim=1)
-
-
-def as_patches(features: torch.Tensor) -> torch.Tensor:
-    """(B, D, h, w) -> (B * h * w, D), image by image, row by row."""
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 class PatchCoreDetector:
@@ -58,14 +53,15 @@ class PatchCoreDetector:
     def distances(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> torch.Tensor:
         """(B, 1, h, w): each patch's distance to the nearest patch of its image's bank(s)."""
         feats = patch_features(self.extractor, images.to(self.device), self.features)
-        b, d, h, w = feats.shape
+        b, _, h, w = feats.shape
         categories = list(categories) if categories is not None else [None] * b
-        out = []
-        for i in range(b):
-            queries = as_patches(feats[i:i + 1])
-            out.append(torch.stack([nearest_distances(queries, bank) for bank in self.banks_for(categories[i])])
-                       .amin(dim=0).view(1, 1, h, w))
-        return torch.cat(out)
+        out = torch.empty(b, 1, h, w)
+        for category in dict.fromkeys(categories):  # the images of one category in one search per bank
+            rows = [i for i, c in enumerate(categories) if c == category]
+            queries = as_patches(feats[rows])
+            nearest = torch.stack([nearest_distances(queries, bank) for bank in self.banks_for(category)]).amin(0)
+            out[rows] = nearest.view(len(rows), 1, h, w)
+        return out
 
     def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:
         grid = self.distances(images, categories)
