@@ -350,7 +350,7 @@ def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(
     key, maps_key = calibration_keys(config, networks)
     assert set(OTHER_VALUES) == set(SCORING_SECTIONS)
     run = RunDir(tmp_path / "run")
-    store_threshold(run, 0.5, "test", key)
+    store_threshold(run, {"threshold": 0.5, "source": "test"}, key)
     computed = []
     stored_scale(run, maps_key, lambda: computed.append(1) or ScoreScale(2.0, 3.0, 1))
     for section, others in OTHER_VALUES.items():

@@ -117,7 +117,9 @@ def test_no_test_image_is_read_while_the_threshold_is_chosen(tiny_run, monkeypat
 
     monkeypatch.setattr(dataset, "read_image", guarded)
     loaded = get_method(config.method).load(RunDir(tiny_run), config, progress=False)
-    image, pixel = validation_thresholds(RunDir(tiny_run), loaded, max_false_alarms=0.0, progress=False)
+    decisions = validation_thresholds(RunDir(tiny_run), loaded, max_false_alarms=0.0, progress=False)
+    image, pixel = decisions.shared.image, decisions.shared.pixel
+    assert not decisions.categories  # one category: the shared decision only
     assert read and image.target == {"max_false_alarms": 0.0} and pixel is not None
     monkeypatch.setattr(dataset, "read_image", real_read)
     assert main(["test", str(tiny_run), "--quiet", "--no-images", "--max-false-alarms", "0"]) == 0

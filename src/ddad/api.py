@@ -103,13 +103,16 @@ def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | N
 
 def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: Path, threshold: float | None = None,
             config: Any = None, save_images: bool = True, progress: bool = True,
-            exclude: Sequence[str] = (), masks: bool = False) -> list[dict]:
-    """Score unlabelled images; writes OUT/scores.csv (score, pred_score, pred_label, decision), heatmap PNGs
-    and, with ``masks``, the binary pred_mask PNGs. Returns one dict per file."""
+            exclude: Sequence[str] = (), masks: bool = False, category: str | None = None) -> list[dict]:
+    """Score unlabelled images; writes OUT/scores.csv (category, score, threshold, pred_score, pred_label,
+    decision), heatmap PNGs and, with ``masks``, the binary pred_mask PNGs. A model of several categories
+    takes each image as ``category`` when given, else as its folder or the recognised category names it.
+    Returns one dict per file."""
     run = _run(run_dir).require()
     config = config or load_config(run)
     loaded = get_method(config.method).load(run, config, progress)
-    return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress, exclude, masks)
+    return predicting.predict(run, loaded, paths, out_dir, threshold, save_images, progress, exclude, masks,
+                              category)
 
 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
@@ -130,12 +133,14 @@ def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | N
     best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress)
     chosen = tuning.current_values(best, names)
     run.save_config(best)
-    image, _ = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,
-                                                   progress=False)
+    decisions = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,
+                                                    progress=False)
+    image = decisions.shared.image
     atomic_write_text(run.root / "tune.json", json.dumps({
         "chosen": chosen, "before": current, "rows": rows,
         "objective": "mean of image and pixel AUROC on the validation split",
-        "threshold": {"value": image.value, "source": image.source, "target": image.target}},
+        "threshold": {"value": image.value, "source": image.source, "target": image.target,
+                      "categories": {c: d.image.value for c, d in decisions.categories.items()}}},
         indent=2, default=str))
     run.log(f"tune: {current} -> {chosen} (on the validation split); threshold {image.value:.6g} ({image.source})")
     return best, rows, image

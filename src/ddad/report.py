@@ -114,9 +114,12 @@ def _metrics_table(metrics: TestMetrics) -> str:
                 f"<td>{f(m.pro)}</td><td>{m.n_images}</td><td>{m.n_defective}</td>{extra}</tr>")
 
     threshold = metrics.threshold
-    rows = [row("all images", metrics.overall, f"<td>{'n/a' if threshold is None else f'{threshold:.4g}'}</td>")]
+    own = metrics.info.get("category_thresholds") or {}
+    rows = [row("all images", metrics.overall, f"<td>{'n/a' if threshold is None else f'{threshold:.4g}'}"
+                                               f"{' (shared)' if own else ''}</td>")]
     if len(metrics.categories) > 1:
-        rows += [row(name, m, "<td></td>") for name, m in metrics.categories.items()]
+        rows += [row(name, m, f"<td>{own[name]:.4g}</td>" if name in own else "<td></td>")
+                 for name, m in metrics.categories.items()]
         rows.append(row("mean of categories", metrics.mean, "<td></td>"))
     return ("<table class='metrics'><tr><th></th><th>image AUROC</th><th>pixel AUROC</th><th>PRO (FPR ≤ 0.3)</th>"
             f"<th>images</th><th>defective</th><th>threshold ({html.escape(metrics.threshold_source or 'stored')})"
@@ -148,6 +151,8 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
     scores = np.array([float(r["score"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
     threshold = metrics.threshold
+    # each image's own threshold (its category's, where the run chose one per category)
+    limits = [float(r["threshold"]) if r.get("threshold") else threshold for r in rows]
     categories = list(dict.fromkeys(r.get("category", "") for r in rows))
     several = len(categories) > 1
 
@@ -172,7 +177,7 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
     names = {"fn": "missed defect", "fp": "false alarm", "ok": "correct"}
     sections, counts = [], {"fn": 0, "fp": 0}
     for category in categories:
-        items = sorted(((*_outcome(s_, y, threshold), r) for r, s_, y in zip(rows, scores, labels)
+        items = sorted(((*_outcome(s_, y, t), r) for r, s_, y, t in zip(rows, scores, labels, limits)
                         if r.get("category", "") == category), key=lambda t: -t[0])
         blocks = []
         for _, kind, r in items:

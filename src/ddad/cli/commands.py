@@ -128,8 +128,15 @@ def cmd_test(args) -> int:
     decision = metrics.info.get("decision")
     if decision is not None:
         rate = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        print(f"threshold {metrics.threshold:.6g} ({metrics.threshold_source}); on the test set: false alarms "
-              f"{rate(decision['false_alarm_rate'])}, misses {rate(decision['miss_rate'])}")
+        own = metrics.info.get("category_thresholds")
+        print(f"threshold {metrics.threshold:.6g} ({metrics.threshold_source})"
+              + (f", each of the {len(own)} categories its own from its validation images" if own else "")
+              + f"; on the test set: false alarms {rate(decision['false_alarm_rate'])}, misses "
+                f"{rate(decision['miss_rate'])}")
+        recognition = metrics.info.get("category_recognition")
+        if recognition is not None:
+            print(f"category recognition: {100 * recognition['accuracy']:.1f} % of {recognition['images']} test "
+                  "images named their own category")
     print(f"metrics: {out / 'metrics.json'}\nscores:  {out / 'scores.csv'}"
           + ("" if args.no_images else f"\nimages:  {out / 'images'}"))
     if args.report:
@@ -188,7 +195,7 @@ def cmd_predict(args) -> int:
 
     run, config = run_settings(args)
     rows = predict(run, args.paths, args.out, args.threshold, config, save_images=not args.no_images,
-                   progress=not args.quiet, exclude=args.exclude, masks=args.masks)
+                   progress=not args.quiet, exclude=args.exclude, masks=args.masks, category=args.image_category)
     scored = [r for r in rows if r["error"] is None]
     flagged = sum(r["decision"] == "defective" for r in scored)
     decided = bool(scored) and scored[0]["decision"] is not None

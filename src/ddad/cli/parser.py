@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out files in the folders whose name or relative path matches (repeatable); the "
                         "masks of the run's dataset format are always left out")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one stored by ddad test)")
+    p.add_argument("--category", dest="image_category", metavar="CATEGORY",
+                   help="a model of several categories: score and decide every image as this category (default: "
+                        "a folder of the image's path named like a category, else the category recognised from the "
+                        "image)")
     p.add_argument("--masks", action="store_true", help="also write OUT/masks/: the binary pred_mask of each image "
                                                         "(its heatmap at or above the stored pixel threshold)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")

@@ -88,13 +88,15 @@ class ThresholdMismatch(ValueError):
     """The stored threshold was chosen under another calibration key."""
 
 
-def store_threshold(run: RunDir, threshold: float, source: str, key: CalibrationKey,
-                    colour_scale: tuple[float, float] | None = None, details: dict | None = None) -> None:
-    """The decision threshold (and the heatmaps' colour scale of the same test) under ``key``; ``details``:
-    its target, the validation score range that normalises scores, the pixel threshold."""
+def store_threshold(run: RunDir, record: Mapping[str, Any], key: CalibrationKey,
+                    colour_scale: tuple[float, float] | None = None) -> None:
+    """The decision thresholds ``record`` (``threshold`` and ``source``, and as chosen on validation: the
+    target, the validation score range that normalises scores, the pixel threshold, each category's own;
+    see :class:`ddad.engine.thresholds.Decisions`) and the heatmaps' colour scale of the same test, under
+    ``key``."""
     atomic_write_text(run.threshold_path, json.dumps(
-        {"threshold": threshold, "source": source, "colour_scale": colour_scale, **(details or {}),
-         "calibration_key": key.digest, "key": key.as_dict()}, indent=2, default=str))
+        {**record, "colour_scale": colour_scale, "calibration_key": key.digest, "key": key.as_dict()}, indent=2,
+        default=str))
 
 
 def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> dict | None:

@@ -18,6 +18,7 @@ from ..data.splits import TestSplit
 from ..results import AnomalyResult
 from . import distributed
 from .calibration import CalibrationKey
+from .recognition import Embed
 
 BatchDetector = Callable[[torch.Tensor], AnomalyResult]
 
@@ -46,6 +47,9 @@ class LoadedDetector:
     info: dict = field(default_factory=dict)  # method facts for metrics.json (e.g. which extractor)
     split_scorer: Callable[[TestSplit, bool, bool], AnomalyResult] | None = None  # (split, cache, progress)
     by_category: bool = False  # ``detect(images, categories)``: each image scored as its category (e.g. its bank)
+    categories: list = field(default_factory=list)  # the categories the model knows (several: per-category decisions)
+    embed: Embed | None = None  # images -> global features, to recognise a category (:mod:`.recognition`)
+    embed_identity: list = field(default_factory=list)  # what ``embed`` depends on (its backbone and weights)
 
     def score_split(self, split: TestSplit, cache: bool = True, progress: bool = True) -> AnomalyResult:
         """Every image of ``split`` scored once. Under torchrun each rank scores its contiguous part (no

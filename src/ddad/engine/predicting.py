@@ -1,13 +1,18 @@
 """``ddad predict`` for any method: score unlabelled images and decide with the run's threshold.
 
-    OUT/scores.csv         image, score, pred_score (normalised: 0.5 at the threshold), pred_label (1 defective,
-                           0 good), decision (defective | good; empty without a threshold), error (why a file
-                           was not scored: it could not be read)
+    OUT/scores.csv         image, category (and how it was known: given | path | recognised), score, threshold,
+                           pred_score (normalised: 0.5 at the threshold), pred_label (1 defective, 0 good),
+                           decision (defective | good; empty without a threshold), error (why a file was not
+                           scored: it could not be read)
     OUT/images/<name>.png  input | reconstruction | heatmap
     OUT/masks/<name>.png   with ``masks``: the binary pred_mask (anomaly map >= the stored pixel threshold)
 
 The threshold is the one given, else the run's stored one, which must have been chosen under this
-detector's calibration key (``ddad test`` with the same detection settings).
+detector's calibration key (``ddad test`` with the same detection settings). A model of several categories
+decides each image with its category's own threshold and normalisation (chosen on that category's
+validation images), and a per-category method scores it as its category (e.g. against its bank). The
+category is the one given, else a folder of the image's path named like one of the run's categories, else
+the one recognised from the image (:mod:`ddad.engine.recognition`); with none, the shared threshold.
 """
 
 from __future__ import annotations
@@ -30,60 +35,93 @@ from ..visualize import colour_range, panel, save_png
 from .calibration import stored_threshold
 from .detection import LoadedDetector
 from .testing import write_csv
-from .thresholds import Threshold
+from .recognition import build_recogniser
+from .thresholds import Decision, Decisions, Threshold
+
+
+def category_from_path(path: Path, categories: Sequence[str]) -> str | None:
+    """The nearest folder of ``path`` named like one of ``categories``, else None."""
+    for part in reversed(Path(path).parent.parts):
+        if part in categories:
+            return part
+    return None
 
 
 def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], out_dir: Path,
             threshold: float | None = None, save_images: bool = True, progress: bool = True,
-            exclude: Sequence[str] = (), masks: bool = False) -> list[dict]:
+            exclude: Sequence[str] = (), masks: bool = False, category: str | None = None) -> list[dict]:
     """Score the images in ``paths`` (files or folders; in folders without the ``exclude`` globs and the
-    masks of the run's dataset format). Writes OUT/scores.csv (unreadable files listed with the reason, not
-    scored) and heatmap PNGs, replacing the ones of an earlier predict there; returns one dict per file."""
+    masks of the run's dataset format), each as ``category`` when given (see the module docstring). Writes
+    OUT/scores.csv (unreadable files listed with the reason, not scored) and heatmap PNGs, replacing the
+    ones of an earlier predict there; returns one dict per file."""
+    if category is not None and category not in loaded.categories:
+        raise ValueError(f"--category {category!r} is not one of this run's categories: "
+                         f"{', '.join(loaded.categories) or 'none recorded'}")
     files = collect_images(paths, exclude, loaded.data.dataset)
     stored = stored_threshold(run, loaded.key, f"Run `ddad test {run.root}` with the same detection flags as "
                                                f"this predict to store one") if threshold is None else None
+    decisions = None  # the thresholds, shared and per category, and the validation ranges that normalise scores
     if stored is not None:
-        threshold = float(stored["threshold"])
-    normaliser = None  # pred_score needs the validation score range stored with the threshold
-    if threshold is not None:
-        low, high = (stored or {}).get("validation_range") or (None, None)
-        if low is not None:
-            normaliser = Threshold(threshold, stored["source"], stored.get("target") or {}, low, high)
-    pixel_threshold = (stored or {}).get("pixel_threshold")
-    if masks and pixel_threshold is None:
+        decisions = Decisions.from_stored(stored)
+    elif threshold is not None:
+        decisions = Decisions(Decision(Threshold(threshold, "given", {}, threshold, threshold)), normalises=False)
+    if masks and (decisions is None or decisions.shared.pixel is None):
         raise ValueError(f"--masks needs a pixel threshold: run `ddad test {run.root}` (with a validation split) "
                          "with the same detection flags first")
+    several = len(loaded.categories) > 1
+    recogniser = None
     size, channels = loaded.data.image_size, loaded.data.channels
     out_dir = Path(out_dir)
     rows: list[dict] = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     results = []
-    pending: list[tuple[Path, torch.Tensor]] = []
+    pending: list[tuple[Path, torch.Tensor, str | None, str]] = []  # path, image, category, how it was known
     mask_paths: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
-        res = loaded.detect(torch.stack([img for _, img in pending]))
-        for j, (p, img) in enumerate(pending):
+        nonlocal recogniser
+        images = torch.stack([img for _, img, _, _ in pending])
+        unknown = [j for j, item in enumerate(pending) if item[2] is None]
+        if unknown and several and loaded.embed is not None:
+            if recogniser is None:
+                recogniser = build_recogniser(run, loaded.data, loaded.embed, loaded.embed_identity,
+                                              loaded.batch_size, progress)
+            for j, name in zip(unknown, recogniser(images[unknown])):
+                pending[j] = (*pending[j][:2], name, "recognised")
+        cats = [item[2] for item in pending]
+        res = loaded.detect(images, cats) if loaded.by_category else loaded.detect(images)
+        for j, (p, img, cat, known_by) in enumerate(pending):
             score = float(res.pred_score[j])
-            decision = None if threshold is None else ("defective" if score >= threshold else "good")
-            rows.append({"image": str(p), "score": score, "decision": decision, "error": None,
-                         "pred_score": None if normaliser is None else float(normaliser.normalise(score)),
-                         "pred_label": None if threshold is None else int(score >= threshold)})
+            decision = None if decisions is None else decisions.of(cat)
+            limit = None if decision is None else decision.image.value
+            pred_score = None
+            if decision is not None and decisions.normalises:
+                pred_score = float(decision.image.normalise(score))
+            rows.append({"image": str(p), "category": cat or "", "category_source": known_by if cat else "",
+                         "score": score, "threshold": limit, "error": None, "pred_score": pred_score,
+                         "decision": None if limit is None else ("defective" if score >= limit else "good"),
+                         "pred_label": None if limit is None else int(score >= limit)})
             recon = None if res.reconstruction is None else res.reconstruction[j]
-            results.append((p, img, recon, res.anomaly_map[j], score, decision))
+            results.append((p, img, recon, res.anomaly_map[j], score, rows[-1]["decision"], limit))
             if masks:
-                mask = (res.anomaly_map[j, 0].numpy() >= pixel_threshold).astype(np.uint8) * 255
+                pixel = decision.pixel or decisions.shared.pixel
+                mask = (res.anomaly_map[j, 0].numpy() >= pixel.value).astype(np.uint8) * 255
                 mask_paths.append((p, mask))
         bar.update(len(pending))
         pending.clear()
 
     for p in files:
         try:
-            pending.append((p, read_image(p, channels, size)))
+            image = read_image(p, channels, size)
         except DatasetError as exc:  # one bad file does not stop the others
-            rows.append({"image": str(p), "score": None, "decision": None, "error": str(exc), "pred_score": None,
-                         "pred_label": None})
+            rows.append({"image": str(p), "category": "", "category_source": "", "score": None, "threshold": None,
+                         "decision": None, "error": str(exc), "pred_score": None, "pred_label": None})
             bar.update(1)
+        else:
+            from_path = category_from_path(p, loaded.categories) if several and category is None else None
+            given = category if category is not None else from_path if from_path is not None else (
+                loaded.categories[0] if len(loaded.categories) == 1 else None)
+            pending.append((p, image, given, "given" if category is not None else "path" if from_path else "run"))
         if len(pending) == loaded.batch_size:
             flush()
     if pending:
@@ -95,9 +133,9 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     for stale in (out_dir / "images").glob("*.png"):  # panels of an earlier predict into this folder
         stale.unlink()
     blank = lambda v: "" if v is None else v  # noqa: E731
-    write_csv(out_dir / "scores.csv", ["image", "score", "pred_score", "pred_label", "decision", "error"],
-              [(r["image"], blank(r["score"]), blank(r["pred_score"]), blank(r["pred_label"]), r["decision"] or "",
-                r["error"] or "") for r in rows])
+    columns = ["image", "category", "category_source", "score", "threshold", "pred_score", "pred_label", "decision",
+               "error"]
+    write_csv(out_dir / "scores.csv", columns, [[blank(r[c]) for c in columns] for r in rows])
     for stale in (out_dir / "masks").glob("*.png"):
         stale.unlink()
     names: set[str] = set()
@@ -119,11 +157,11 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
         # the colour scale of the `ddad test` that chose the threshold, so heatmaps compare across both
         colours = (stored or {}).get("colour_scale") or colour_range(torch.stack([r[3] for r in results]))
         used: set[str] = set()
-        for p, img, rec, amap, score, decision in results:
+        for p, img, rec, amap, score, decision, limit in results:
             name = safe_name(p.stem)
             while name in used:
                 name += "_"
             used.add(name)
             title = f"{p.name}  score {score:.4g}" + (f"  -> {decision}" if decision else "")
-            save_png(panel(img, rec, amap, None, title, *colours, threshold=threshold), out_dir / "images" / f"{name}.png")
+            save_png(panel(img, rec, amap, None, title, *colours, threshold=limit), out_dir / "images" / f"{name}.png")
     return rows

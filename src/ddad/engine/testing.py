@@ -38,7 +38,8 @@ from ..visualize import colour_range, panel, save_png
 from .calibration import store_threshold
 from . import distributed
 from .detection import LoadedDetector
-from .thresholds import Threshold, choose_threshold, decision_stats
+from .recognition import build_recogniser
+from .thresholds import Decisions, choose_decisions, decision_stats, decision_stats_by_category
 
 THRESHOLD_SOURCE = "F1-optimal on the test split (no validation split: an oracle threshold)"
 
@@ -76,45 +77,53 @@ def measure(split: TestSplit, result: AnomalyResult, crop_fraction: float, curve
 
 
 def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms: float | None = None,
-                          progress: bool = True, cache: bool = True) -> tuple[Threshold, Threshold | None] | None:
-    """(image threshold, pixel threshold or None) chosen on the run's validation split only; None without
-    one. ``max_false_alarms``: the target false-alarm rate (per image, and per good pixel for the pixel
+                          progress: bool = True, cache: bool = True) -> Decisions | None:
+    """The image and pixel thresholds chosen on the run's validation split only, shared and (with several
+    categories) each category's from its own validation images; None without a validation split.
+    ``max_false_alarms``: the target false-alarm rate (per image, and per good pixel for the pixel
     threshold); None: F1-optimal on the validation defects."""
     val = load_validation_split(loaded.data, progress=progress, log=run.log)
     if val is None:
         return None
     result = loaded.score_split(val, cache, progress)
     defects = "synthetic" if any(s.defect_type == "synthetic" for s in val.samples) else "real"
-    image = choose_threshold(result.pred_score.numpy(), val.labels, max_false_alarms, defects)
-    pixel = None
+    maps = masks = None
     if val.has_masks:
-        maps = crop(result.anomaly_map, loaded.crop).numpy().ravel()
-        masks = crop(val.masks, loaded.crop).numpy().ravel() > 0.5
-        pixel = choose_threshold(maps, masks, max_false_alarms, defects)
-    return image, pixel
-
-
-def threshold_details(image: Threshold, pixel: Threshold | None) -> dict:
-    """What threshold.json keeps beside the image threshold: its target, the validation score range that
-    normalises scores (``pred_score``), the pixel threshold of ``pred_mask``."""
-    return {"target": image.target, "validation_range": [image.low, image.high],
-            "pixel_threshold": None if pixel is None else pixel.value,
-            "pixel_source": None if pixel is None else pixel.source}
+        maps = crop(result.anomaly_map, loaded.crop).flatten(1).numpy()
+        masks = crop(val.masks, loaded.crop).flatten(1).numpy() > 0.5
+    return choose_decisions(result.pred_score.numpy(), val.labels, [s.category for s in val.samples], maps, masks,
+                            max_false_alarms, defects)
 
 
 def store_validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms: float | None = None,
-                                progress: bool = True, cache: bool = True) -> tuple[Threshold, Threshold | None]:
+                                progress: bool = True, cache: bool = True) -> Decisions:
     """Choose the thresholds of ``loaded`` on the run's validation split and store them under its calibration
     key, so that ``ddad predict`` decides without a ``ddad test`` (``ddad tune`` does this for the settings it
     chose). The heatmaps' colour scale is left to the next ``ddad test``."""
-    chosen = validation_thresholds(run, loaded, max_false_alarms, progress, cache)
-    if chosen is None:
+    decisions = validation_thresholds(run, loaded, max_false_alarms, progress, cache)
+    if decisions is None:
         raise ValueError(f"run {run.root} holds out no validation images: no threshold can be chosen without "
                          "the test split")
-    image, pixel = chosen
     if distributed.context().is_main:
-        store_threshold(run, image.value, image.source, loaded.key, None, threshold_details(image, pixel))
-    return image, pixel
+        store_threshold(run, decisions.to_dict(), loaded.key)
+    return decisions
+
+
+def recognition_accuracy(run: RunDir, loaded: LoadedDetector, split: TestSplit, progress: bool = True) -> dict | None:
+    """How often the run's category recognition names a test image's own category (None: one category, or a
+    method without a global feature)."""
+    if loaded.embed is None or len(split.categories) < 2:
+        return None
+    recogniser = build_recogniser(run, loaded.data, loaded.embed, loaded.embed_identity, loaded.batch_size, progress)
+    if recogniser is None:
+        return None
+    truth = [s.category for s in split.samples]
+    named = recogniser(split.images)
+    confused = Counter((t, n) for t, n in zip(truth, named) if t != n)
+    return {"accuracy": float(np.mean([t == n for t, n in zip(truth, named)])), "images": len(truth),
+            "references": len(recogniser.labels), "method": "nearest training image by the backbone's pooled "
+            "features (cosine)", "confused": [{"category": t, "recognised_as": n, "images": k}
+                                              for (t, n), k in confused.most_common()]}
 
 
 def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, save_images: bool = True,
@@ -138,37 +147,48 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     if oracle is not None:
         info["oracle_threshold"] = {"threshold": oracle, "source": "F1-optimal on the test split",
                                     **decision_stats(scores, split.labels, oracle)}
-    if chosen is None:
-        threshold, source, details = oracle, THRESHOLD_SOURCE, {}
-    else:
-        image, pixel = chosen
-        threshold, source = image.value, image.source
-        details = threshold_details(image, pixel)
-        info["decision"] = {"target": image.target, **decision_stats(scores, split.labels, threshold)}
+    names = [s.category for s in split.samples]
+    record = None if oracle is None else {"threshold": oracle, "source": THRESHOLD_SOURCE}
+    thresholds = np.full(len(scores), np.nan if oracle is None else oracle)
+    if chosen is not None:
+        record, image = chosen.to_dict(), chosen.shared.image
+        thresholds = chosen.thresholds(names)
+        info["decision"] = {"target": image.target, "per_category_thresholds": bool(chosen.categories),
+                            **decision_stats_by_category(scores, split.labels, names, chosen)}
+        if chosen.categories:
+            info["decision_shared_threshold"] = {"target": image.target,
+                                                 **decision_stats(scores, split.labels, image.value)}
+            info["category_thresholds"] = {c: d.image.value for c, d in chosen.categories.items()}
+    recognition = recognition_accuracy(run, loaded, split, progress)
+    if recognition is not None:
+        info["category_recognition"] = recognition
+    threshold, source = (None, THRESHOLD_SOURCE) if record is None else (record["threshold"], record["source"])
     metrics = TestMetrics(dataset=split.name, overall=overall, categories=per_category, threshold=threshold,
                           threshold_source=source, calibration_key=loaded.key.digest,
                           seconds=time.perf_counter() - t0, settings=loaded.settings, info=info)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.save(out_dir / "metrics.json")
     atomic_write_text(out_dir / "curves.json", json.dumps(curves))
-    write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score"],
-              [(str(s.image), s.category, s.defect_type, s.label, float(v)) for s, v in zip(split.samples, scores)])
+    write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score", "threshold"],
+              [(str(s.image), s.category, s.defect_type, s.label, float(v), "" if np.isnan(t) else float(t))
+               for s, v, t in zip(split.samples, scores, thresholds)])
     colours = colour_range(result.anomaly_map)
-    if threshold is not None:
-        store_threshold(run, threshold, source, loaded.key, colours, details)
+    if record is not None:
+        store_threshold(run, record, loaded.key, colours)
     if save_images:
-        write_panels(split, result, out_dir / "images", colours, threshold, progress)
+        write_panels(split, result, out_dir / "images", colours, None if record is None else thresholds, progress)
     return metrics
 
 
 def write_panels(split: TestSplit, result: AnomalyResult, folder: Path, colours: tuple[float, float],
-                 threshold: float | None = None, progress: bool = True) -> None:
-    """One PNG per test image, all in the colour scale ``colours`` (the report captions them, so they
-    carry no title)."""
+                 thresholds: Sequence[float] | None = None, progress: bool = True) -> None:
+    """One PNG per test image, all in the colour scale ``colours``, each marked with its own threshold (the
+    report captions them, so they carry no title)."""
     several = len(split.categories) > 1
     for i, s in enumerate(tqdm(split.samples, desc="images", unit="img", disable=not progress, leave=False)):
         mask = split.masks[i] if s.mask is not None or s.label == 0 else None
         recon = None if result.reconstruction is None else result.reconstruction[i]
         name = image_panel_name(s.category if several else "", s.defect_type, s.image)
+        threshold = None if thresholds is None else float(thresholds[i])
         save_png(panel(split.images[i], recon, result.anomaly_map[i], mask, None, *colours, threshold=threshold),
                  folder / f"{name}.png")

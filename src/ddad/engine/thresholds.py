@@ -7,11 +7,17 @@ normalised scores as anomalib defines them, and what a stored threshold does on 
     pred_score        min(max((s - threshold) / (max - min) + 0.5, 0), 1), min and max of the validation
                       scores: 0.5 exactly at the threshold, monotone in s (anomalib's min-max normalisation)
     pred_label        s >= threshold
+
+A model of several categories (DRDC, PatchCore's banks) scores them on different scales: one threshold for
+all flags nearly every image of the categories whose scores run high. :class:`Decisions` holds a threshold
+and normalisation per category, each chosen on that category's validation images only, beside the shared
+one (for images whose category is unknown).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -83,3 +89,94 @@ def decision_stats(scores, labels, threshold: float) -> dict:
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
     return {"false_alarm_rate": fp / (fp + tn) if fp + tn else None, "miss_rate": fn / (tp + fn) if tp + fn else None,
             "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The thresholds of one group of images: the image threshold (``pred_label``, ``pred_score``) and the
+    pixel threshold (``pred_mask``) where validation masks exist."""
+
+    image: Threshold
+    pixel: Threshold | None = None
+
+    def to_dict(self) -> dict:
+        """As threshold.json stores it (the image threshold's fields at the top, as earlier versions wrote)."""
+        image, pixel = self.image, self.pixel
+        return {"threshold": image.value, "source": image.source, "target": image.target,
+                "validation_range": [image.low, image.high],
+                "pixel_threshold": None if pixel is None else pixel.value,
+                "pixel_source": None if pixel is None else pixel.source}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping) -> "Decision":
+        """From threshold.json's fields; a record without a validation range (a test-split oracle, or an
+        older version's) normalises nothing: its range is empty (see :meth:`Decisions.normalises`)."""
+        value = float(stored["threshold"])
+        low, high = stored.get("validation_range") or (value, value)
+        image = Threshold(value, stored.get("source", ""), stored.get("target") or {}, float(low), float(high))
+        pixel = None
+        if stored.get("pixel_threshold") is not None:
+            pv = float(stored["pixel_threshold"])
+            pixel = Threshold(pv, stored.get("pixel_source") or "", {}, pv, pv)
+        return cls(image, pixel)
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The shared decision and one per category (each chosen on that category's validation images)."""
+
+    shared: Decision
+    categories: dict[str, Decision] = field(default_factory=dict)
+    normalises: bool = True  # False: no validation range was stored, pred_score is left empty
+
+    def of(self, category: str | None) -> Decision:
+        """The category's own decision where it has one, else the shared one."""
+        return self.categories.get(category, self.shared) if category is not None else self.shared
+
+    def thresholds(self, categories: Sequence[str | None]) -> np.ndarray:
+        """Each image's image threshold, by its category."""
+        return np.array([self.of(c).image.value for c in categories], dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return {**self.shared.to_dict(), "categories": {c: d.to_dict() for c, d in self.categories.items()}}
+
+    @classmethod
+    def from_stored(cls, stored: Mapping) -> "Decisions":
+        return cls(Decision.from_dict(stored), {c: Decision.from_dict(d) for c, d in
+                                                (stored.get("categories") or {}).items()},
+                   normalises=bool(stored.get("validation_range")))
+
+
+def choose_decisions(scores, labels, categories: Sequence[str], maps=None, masks=None,
+                     max_false_alarms: float | None = None, defects: str = "real") -> Decisions:
+    """The shared decision on all the validation images and, with more than one category, each category's
+    from its own images only (``categories[i]`` names image i's). ``maps`` and ``masks`` (N, ...): the pixel
+    thresholds too."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(bool).ravel()
+    names = np.asarray(list(categories), dtype=object)
+
+    def decide(rows: np.ndarray) -> Decision:
+        image = choose_threshold(scores[rows], labels[rows], max_false_alarms, defects)
+        pixel = None
+        if maps is not None:
+            pixel = choose_threshold(np.asarray(maps)[rows].ravel(), np.asarray(masks)[rows].ravel(),
+                                     max_false_alarms, defects)
+        return Decision(image, pixel)
+
+    shared = decide(np.arange(len(scores)))
+    groups = list(dict.fromkeys(names.tolist()))
+    per_category = {}
+    for c in groups if len(groups) > 1 else ():
+        try:
+            per_category[c] = decide(np.flatnonzero(names == c))
+        except ValueError:  # e.g. no good validation image of c: its images take the shared decision
+            pass
+    return Decisions(shared, per_category)
+
+
+def decision_stats_by_category(scores, labels, categories: Sequence[str | None], decisions: Decisions) -> dict:
+    """:func:`decision_stats` with each image decided by its category's threshold."""
+    thresholds = decisions.thresholds(categories)
+    predicted = np.asarray(scores, dtype=np.float64).ravel() >= thresholds
+    return decision_stats(predicted.astype(np.float64), labels, 1.0)

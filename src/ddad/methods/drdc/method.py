@@ -22,6 +22,7 @@ from ...diffusion.schedule import alphas_cumprod
 from ...diffusion.unet import UNet
 from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
+from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
 from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
@@ -145,7 +146,8 @@ class DRDC:
             trained = ckpt.info.get("categories") or []
             model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
             model.load_state_dict(config.weights.state_dict(ckpt))
-        unknown = [c for c in build_index(config.data).categories if c not in trained]
+        categories = build_index(config.data).categories
+        unknown = [c for c in categories if c not in trained]
         if unknown:
             raise ValueError(f"category {', '.join(map(repr, unknown))} was not in this model's training "
                              f"({', '.join(trained) or 'none recorded'}): a unified model only knows what it saw")
@@ -167,6 +169,8 @@ class DRDC:
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "trained_categories": trained},
+                              categories=categories, embed=backbone_embed(detector.extractor, detector.device),
+                              embed_identity=networks[1],
                               split_scorer=lambda split, cache, show: score_split(
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 

@@ -23,6 +23,7 @@ from ...data.dataset import DatasetIndex
 from ...data.formats import build_index
 from ...engine.calibration import CalibrationKey, file_id
 from ...engine.detection import LoadedDetector
+from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult
 from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
@@ -106,7 +107,8 @@ class PatchCore:
         if config.runtime.backend != "torch":
             raise ValueError("patchcore runs in PyTorch only so far (--backend torch)")
         paths = stored_banks(run.banks_dir)
-        wanted = list(bank_groups(config, build_index(config.data)))
+        index = build_index(config.data)
+        wanted = list(bank_groups(config, index))
         missing = [name for name in wanted if name not in paths]
         if missing:
             raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
@@ -124,7 +126,8 @@ class PatchCore:
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "banks": {n: len(b) for n, b in banks.items()}},
-                              by_category=True)
+                              by_category=True, categories=index.categories, embed=backbone_embed(detector.extractor, detector.device),
+                              embed_identity=networks[-1])
 
     def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")
