@@ -108,8 +108,11 @@ def test_each_category_gets_its_own_threshold_from_its_own_validation_images(run
     assert metrics["decision_shared_threshold"]["fp"] == shared_fp and bad > 0
     assert main(["report", str(run)]) == 0
     page = (run / "report" / "index.html").read_text()
-    for c in ("stripes", "washer"):
-        assert f"<th>{c}</th>" in page and f"{own[c]:.4g}" in page
+    table = page[page.index("<table class='metrics'>"):]
+    table = table[:table.index("</table>")]
+    for c in ("stripes", "washer"):  # the category's row of the metrics table ends with its own threshold
+        row = table[table.index(f"<tr><th>{c}</th>"):]
+        assert row[:row.index("</tr>")].endswith(f"<td>{own[c]:.4g}</td>"), c
 
 
 def test_predict_decides_each_image_by_the_category_given_found_in_its_path_or_recognised(run, synth_root, tmp_path):
