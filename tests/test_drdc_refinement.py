@@ -495,3 +495,16 @@ def test_the_memory_bank_base_trains_only_the_refiner_resumes_and_with_alpha_0_i
     nearest = torch.cdist(tokens, bank.double()).amin(dim=1).view(len(feats), 1, 4, 4).float()
     expected = torch.nn.functional.interpolate(nearest, size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(result.anomaly_map * detector.scale.max_feature, expected, atol=1e-4)
+    # its scale comes from held-out images (the bank holds the training tokens): the largest bank distance of
+    # the defect-free validation images, none of which the bank saw
+    from ddad.data.formats import build_index
+    from ddad.data.io import read_image
+
+    held = [s for s in build_index(config.data).val if s.label == 0]
+    assert held and not {s.image for s in held} & {s.image for s in build_index(config.data).train}
+    images = torch.stack([read_image(s.image, 3, 32) for s in held])
+    feats = token_features(detector.extractor, images, 4)
+    tokens = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    nearest = torch.cdist(tokens, bank.double()).amin(dim=1).view(len(feats), 1, 4, 4).float()
+    expected = torch.nn.functional.interpolate(nearest, size=(32, 32), mode="bilinear", align_corners=False)
+    assert detector.scale.max_feature == pytest.approx(float(expected.amax()), rel=1e-4)

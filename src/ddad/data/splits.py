@@ -106,15 +106,20 @@ def load_test_split(data: DataConfig, progress: bool = True, log: Log | None = N
     )
 
 
-def calibration_images(data: DataConfig, count: int, seed: int) -> torch.Tensor:
+def calibration_images(data: DataConfig, count: int, seed: int, held_out: bool = False) -> torch.Tensor:
     """Up to ``count`` defect-free training images in a seeded order: the images a score scale is
-    calibrated on."""
+    calibrated on. ``held_out``: the defect-free validation images instead, for a score whose reference holds
+    the training images themselves (a memory bank: their distances to it are near 0, no scale)."""
     index = build_index(data)
-    if not index.train:
+    pool = [s for s in index.val if s.label == 0] if held_out else list(index.train)
+    if not pool and held_out:
+        raise DatasetError(f"this score is calibrated on held-out defect-free images (its memory bank holds the "
+                           f"training images), and {index.name} holds none out: set data.val_ratio above 0")
+    if not pool:
         raise DatasetError(f"calibrated scoring needs defect-free training images, and {index.name} has none; "
                            "set detect.scoring.normalization to 'image'")
-    order = torch.randperm(len(index.train), generator=torch.Generator().manual_seed(seed)).tolist()
-    dataset = ImageSet(tuple(index.train[i] for i in order), data.image_size, data.channels)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    dataset = ImageSet(tuple(pool[i] for i in order), data.image_size, data.channels)
     picked = []
     for i in range(len(dataset)):
         if len(picked) == count:

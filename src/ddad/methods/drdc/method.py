@@ -161,10 +161,13 @@ class DRDC:
             refiner = Refiner(unet, alphas_cumprod(config.refine.schedule), config.refine, config.detect)
             networks.append(file_id(unet_path))
         detector = DRDCDetector(extractor, model, config.features, config.detect, device, refiner)
+        held_out = config.features.base == "bank"  # the bank holds the training tokens: calibrate on others
+        if refiner is not None and held_out:
+            networks.append(["calibration", "held-out validation images"])
         key, maps_key = calibration_keys(config, networks)
         if refiner is not None:
             detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(calibration_images(
-                config.data, config.detect.calibration_images, config.detect.seed)))
+                config.data, config.detect.calibration_images, config.detect.seed, held_out)))
         settings = {name: to_plain(getattr(config, name)) for name in (*SCORING_SECTIONS, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
