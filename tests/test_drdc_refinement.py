@@ -280,7 +280,7 @@ def _maps_are_reused_across_alpha(run_dir, monkeypatch):
     split = load_test_split(config.data, progress=False)
     calls = []
     original = DRDCDetector.maps
-    monkeypatch.setattr(DRDCDetector, "maps", lambda self, x: calls.append(len(x)) or original(self, x))
+    monkeypatch.setattr(DRDCDetector, "maps", lambda self, x, *rest: calls.append(len(x)) or original(self, x, *rest))
     method.load(run, config, progress=False).score_split(split, True, False)
     assert sum(calls) == len(split.images)
     other = with_detection(config, alpha=0.3, pool=2)
@@ -333,7 +333,7 @@ OTHER_VALUES = {
                "multiscale_base": True, "calibration_images": 8, "seed": 1},
 }
 SHARES_MAPS = {("detect", "alpha"), ("detect", "pool"), ("detect", "crop")}  # Eq. 17's weight, image score
-REFUSED = {("bank", "per_category")}  # DRDC's bank is one for all categories so far: the config says so
+REFUSED: set = set()  # settings a DRDC config refuses outright (the config's error must name them)
 
 
 def test_every_scoring_setting_is_in_the_calibration_key_and_a_refusal_names_it(tmp_path):
@@ -508,3 +508,41 @@ def test_the_memory_bank_base_trains_only_the_refiner_resumes_and_with_alpha_0_i
     nearest = torch.cdist(tokens, bank.double()).amin(dim=1).view(len(feats), 1, 4, 4).float()
     expected = torch.nn.functional.interpolate(nearest, size=(32, 32), mode="bilinear", align_corners=False)
     assert detector.scale.max_feature == pytest.approx(float(expected.amax()), rel=1e-4)
+
+
+def test_a_memory_bank_base_per_category_compares_each_image_with_its_own_categorys_bank_only(tmp_path, synth_root):
+    """bank.per_category: one bank of tokens per category; each image's base map is its tokens' distance to
+    the nearest token of its own category's bank (brute force), the other category's bank never consulted."""
+    from ddad import load_config
+    from ddad.data.splits import load_test_split
+    from ddad.memory_bank import load_bank
+    from ddad.methods import get_method
+    from ddad.methods.drdc.features import token_features
+
+    run = tmp_path / "run"
+    assert _train(synth_root, run, "--set", "features.base=bank", "--set", "bank.per_category=true", "--set",
+                  "bank.fraction=0.5", "--set", "refine.enabled=false") == 0
+    banks = {c: load_bank(run / "banks" / f"{c}.safetensors") for c in ("stripes", "washer")}
+    assert sorted(p.name for p in (run / "banks").iterdir()) == ["stripes.safetensors", "washer.safetensors"]
+    config = load_config(run)
+    loaded = get_method("drdc").load(RunDir(run), config, progress=False)
+    split = load_test_split(config.data, progress=False)
+    categories = [s.category for s in split.samples]
+    result = loaded.score_split(split, cache=False, progress=False)
+    feats = token_features(loaded.detect.extractor, split.images, 4)
+    tokens = feats.permute(0, 2, 3, 1).reshape(len(feats), -1, feats.shape[1]).double()
+    for i, c in enumerate(categories):
+        bank, facts = banks[c]
+        assert facts["categories"] == [c] and len(bank) == round(0.5 * facts["tokens"])
+        nearest = torch.cdist(tokens[i], bank.double()).amin(dim=1).view(1, 1, 4, 4).float()
+        expected = torch.nn.functional.interpolate(nearest, size=(32, 32), mode="bilinear", align_corners=False)
+        assert torch.allclose(result.anomaly_map[i:i + 1], expected, atol=1e-4), i
+    # the washer bank replaced by the stripes images' own tokens: the stripes images' scores do not move
+    stripes = [i for i, c in enumerate(categories) if c == "stripes"]
+    poisoned = {"stripes": banks["stripes"][0], "washer": tokens[stripes].reshape(-1, tokens.shape[-1]).float()}
+    from ddad.methods.drdc.model import TokenBank
+
+    loaded.detect.model = TokenBank(poisoned)
+    again = loaded.score_split(split, cache=False, progress=False)
+    assert torch.equal(again.pred_score[stripes], result.pred_score[stripes])
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -133,6 +134,39 @@ def fit_coreset(patches: torch.Tensor, bank: BankConfig, progress: bool = False)
 
 
 UNIFIED = "all"  # the name of the one bank of a run that does not keep one per category
+
+
+def bank_groups(per_category: bool, categories: Sequence[str]) -> dict[str, list[int]]:
+    """The training images of each bank, by bank name (``categories[i]``: image i's): one per category, or
+    all in one (:data:`UNIFIED`)."""
+    if not per_category:
+        return {UNIFIED: list(range(len(categories)))}
+    return {c: [i for i, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
+
+
+def banks_for(banks: Mapping[str, torch.Tensor], category: str | None) -> list[torch.Tensor]:
+    """The banks an image of ``category`` is compared with: its category's own; the one bank of a unified
+    run; every bank when its category is unknown (the nearest patch of any category)."""
+    if category in banks:
+        return [banks[category]]
+    if UNIFIED in banks:
+        return [banks[UNIFIED]]
+    return list(banks.values())
+
+
+def nearest_by_category(features: torch.Tensor, banks: Mapping[str, torch.Tensor],
+                        categories: Sequence[str | None] | None = None) -> torch.Tensor:
+    """(B, 1, h, w): each position's distance to the nearest row of its image's bank(s) (:func:`banks_for`),
+    from ``features`` (B, D, h, w); the images of one category in one search per bank."""
+    b, _, h, w = features.shape
+    categories = list(categories) if categories is not None else [None] * b
+    out = torch.empty(b, 1, h, w)
+    for category in dict.fromkeys(categories):
+        rows = [i for i, c in enumerate(categories) if c == category]
+        queries = as_patches(features[rows])
+        nearest = torch.stack([nearest_distances(queries, bank) for bank in banks_for(banks, category)]).amin(0)
+        out[rows] = nearest.view(len(rows), 1, h, w).cpu()
+    return out.to(features.device)
 
 # Banks on disk: FOLDER/<name>.safetensors, the tensor "bank" and the bank's name and facts as metadata.
 

@@ -110,6 +110,12 @@ def calibration_images(data: DataConfig, count: int, seed: int, held_out: bool =
     """Up to ``count`` defect-free training images in a seeded order: the images a score scale is
     calibrated on. ``held_out``: the defect-free validation images instead, for a score whose reference holds
     the training images themselves (a memory bank: their distances to it are near 0, no scale)."""
+    return calibration_set(data, count, seed, held_out)[0]
+
+
+def calibration_set(data: DataConfig, count: int, seed: int, held_out: bool = False
+                    ) -> tuple[torch.Tensor, list[str]]:
+    """:func:`calibration_images` and the category of each."""
     index = build_index(data)
     pool = [s for s in index.val if s.label == 0] if held_out else list(index.train)
     if not pool and held_out:
@@ -120,18 +126,19 @@ def calibration_images(data: DataConfig, count: int, seed: int, held_out: bool =
                            "set detect.scoring.normalization to 'image'")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     dataset = ImageSet(tuple(pool[i] for i in order), data.image_size, data.channels)
-    picked = []
+    picked, categories = [], []
     for i in range(len(dataset)):
         if len(picked) == count:
             break
         try:
             picked.append(dataset[i]["image"])
+            categories.append(dataset.samples[i].category)
         except DatasetError:
             if not data.skip_bad_files:
                 raise
     if not picked:
         raise DatasetError(f"no readable training image in {index.name} to calibrate scoring with")
-    return torch.stack(picked)
+    return torch.stack(picked), categories
 
 
 def collect_images(paths: Sequence[Path | str], exclude: Sequence[str] = (), dataset: str | None = None

@@ -3,6 +3,8 @@ refinement, the diffusion heatmap (Eq. 9, 14-16) fused with it (Eq. 17) -> score
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -36,13 +38,14 @@ class DRDCDetector:
             refiner.unet.to(self.device).eval().requires_grad_(False)
         self.scale = scale
 
-    def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
         """The unscaled maps at the images' size: ``base`` (B, 1, H, W), and with the refiner ``diffusion``
-        and the ``inpainted`` image; ``feature_error`` on the token grid."""
+        and the ``inpainted`` image; ``feature_error`` on the token grid. ``categories``: the images' (a
+        memory-bank base with a bank per category compares each with its own)."""
         size = tuple(images.shape[-2:])
         with torch.inference_mode(), autocast(self.device, self.detect.precision):
             feats = token_features(self.extractor, images.to(self.device), self.features.grid)
-            error = self.model.error(feats).float()
+            error = self.model.error(feats, categories).float()
             base = base_heatmap(error, size)
         if self.detect.multiscale_base:
             base = multiscale(base, self.detect.scales)
@@ -54,13 +57,16 @@ class DRDCDetector:
             out["inpainted"] = resized(refined.inpainted, size[0]).clamp(-1, 1)
         return out
 
-    def calibrate(self, images: torch.Tensor, batch_size: int = 16) -> ScoreScale:
+    def calibrate(self, images: torch.Tensor, categories: Sequence[str | None] | None = None,
+                  batch_size: int = 16) -> ScoreScale:
         """The two maps' maxima on defect-free ``images`` (the scale of Eq. 17's inputs)."""
-        maps = [self.maps(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        categories = list(categories) if categories is not None else [None] * len(images)
+        maps = [self.maps(images[i:i + batch_size], categories[i:i + batch_size])
+                for i in range(0, len(images), batch_size)]
         return ScoreScale.from_distances(torch.cat([m["diffusion"] for m in maps]), torch.cat([m["base"] for m in maps]))
 
-    def __call__(self, images: torch.Tensor) -> AnomalyResult:
-        return self.score_maps(self.maps(images))
+    def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:
+        return self.score_maps(self.maps(images, categories))
 
     def score_maps(self, maps: dict[str, torch.Tensor]) -> AnomalyResult:
         """The fused map (Eq. 17) and the pooled image score from the unscaled :meth:`maps` of a batch."""
@@ -98,8 +104,10 @@ def score_split(detector: DRDCDetector, split, batch_size: int, maps_key: str, c
     if maps is None:
         bar = tqdm(total=len(split.images), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
         parts = []
+        categories = [s.category for s in split.samples]
         for start in range(0, len(split.images), batch_size):
-            parts.append({k: v.cpu() for k, v in detector.maps(split.images[start:start + batch_size]).items()})
+            end = start + batch_size
+            parts.append({k: v.cpu() for k, v in detector.maps(split.images[start:end], categories[start:end]).items()})
             bar.update(len(parts[-1]["base"]))
         bar.close()
         maps = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

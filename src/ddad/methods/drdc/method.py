@@ -15,7 +15,7 @@ from ...checkpoint import Checkpoint
 from ...config import override, to_plain
 from ...data.dataset import DatasetIndex
 from ...data.formats import build_index
-from ...data.splits import calibration_images
+from ...data.splits import calibration_set
 from ...diffusion.inpainting import InpaintingObjective
 from ...diffusion.objective import DDPMObjective
 from ...diffusion.schedule import alphas_cumprod
@@ -25,7 +25,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
-from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
+from ...memory_bank import UNIFIED, as_patches, bank_groups, fit_coreset, load_bank, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .detector import DRDCDetector, score_split
@@ -78,7 +78,7 @@ class DRDC:
         channels = feature_channels(extractor)
         info = {"config": config.to_dict(), "categories": index.categories, "channels": channels}
         if config.features.base == "bank":
-            base = self.fit_token_bank(run, config, feats, info, resume, progress)
+            base = self.fit_token_bank(run, config, feats, info, resume, progress, index)
         else:
             base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
                        lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress,
@@ -88,26 +88,29 @@ class DRDC:
         return self.fit_refiner(run, config, images, info, resume, progress, on_step)
 
     def fit_token_bank(self, run: RunDir, config: DRDCConfig, feats: torch.Tensor, info: dict, resume: bool,
-                       progress: bool) -> TrainResult:
-        """The memory-bank base: a coreset of every training token (``bank``), kept in the run; nothing trained.
-        Fitted once: resuming keeps it."""
+                       progress: bool, index: DatasetIndex) -> TrainResult:
+        """The memory-bank base: a coreset of the training tokens (``bank``: one for all categories, or one per
+        category), kept in the run; nothing trained. Each bank is saved when chosen; resuming fits only the
+        missing ones."""
         t0 = time.perf_counter()
         have = stored_banks(run.banks_dir)
-        if UNIFIED in have and not resume:
-            raise ValueError(f"run directory {run.root} already holds a memory bank ({have[UNIFIED]}); pass "
+        if have and not resume:
+            raise ValueError(f"run directory {run.root} already holds memory banks ({', '.join(have)}); pass "
                              f"--resume to continue it or choose another --run-dir")
-        if UNIFIED in have:
-            run.log(f"memory-bank base: kept ({have[UNIFIED].name})")
-            return TrainResult(1, math.nan, str(have[UNIFIED]), 0.0, stopped_by="fitted")
-        tokens = as_patches(feats)
-        bank = fit_coreset(tokens, config.bank, progress)
-        path = run.banks_dir / "unwritten"
-        if context().is_main:
-            path = save_bank(run.banks_dir, UNIFIED, bank, categories=info["categories"], tokens=len(tokens),
-                             images=len(feats))
-            run.log(f"memory-bank base: {len(bank)} of {len(tokens)} tokens from {len(feats)} images")
-        return TrainResult(1, math.nan, str(path), len(feats) / max(time.perf_counter() - t0, 1e-9),
-                           stopped_by="fitted")
+        path, fitted = run.banks_dir, 0
+        for name, members in bank_groups(config.bank.per_category, [s.category for s in index.train]).items():
+            if name in have:
+                run.log(f"memory-bank base {name}: kept ({have[name].name})")
+                continue
+            tokens = as_patches(feats[members])
+            bank = fit_coreset(tokens, config.bank, progress)
+            if context().is_main:
+                categories = info["categories"] if name == UNIFIED else [name]
+                path = save_bank(run.banks_dir, name, bank, categories=categories, tokens=len(tokens),
+                                 images=len(members))
+                run.log(f"memory-bank base {name}: {len(bank)} of {len(tokens)} tokens from {len(members)} images")
+            fitted += len(members)
+        return TrainResult(1, math.nan, str(path), fitted / max(time.perf_counter() - t0, 1e-9), stopped_by="fitted")
 
     def fit_refiner(self, run: RunDir, config: DRDCConfig, images: torch.Tensor, info: dict, resume: bool = False,
                     progress: bool = True, on_step: StepHook | None = None) -> TrainResult:
@@ -133,26 +136,33 @@ class DRDC:
         if config.runtime.backend != "torch":
             raise ValueError("drdc runs in PyTorch only so far (--backend torch)")
         extractor = build_extractor(config.features, config.weights, config.runtime)
+        index = build_index(config.data)
         if config.features.base == "bank":
-            path = stored_banks(run.banks_dir).get(UNIFIED)
-            if path is None:
-                raise FileNotFoundError(f"run {run.root} has no memory bank in {run.banks_dir}; finish it with: "
-                                        f"ddad train --resume --run-dir {run.root}")
-            bank, facts = load_bank(path)
-            model, trained = TokenBank(bank), facts.get("categories") or []
+            stored = stored_banks(run.banks_dir)
+            wanted = list(bank_groups(config.bank.per_category, [s.category for s in index.train]))
+            missing = [name for name in wanted if name not in stored]
+            if missing:
+                raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
+                                        f"{run.banks_dir}); finish it with: ddad train --resume --run-dir {run.root}")
+            banks = {name: load_bank(stored[name]) for name in wanted}
+            model = TokenBank({name: bank for name, (bank, _) in banks.items()})
+            trained = list(dict.fromkeys(c for _, facts in banks.values() for c in facts.get("categories") or []))
+            ids = [file_id(stored[name]) for name in wanted]
         else:
             path = run.resolve_checkpoint(config.weights.checkpoint)
             ckpt = Checkpoint(path)
             trained = ckpt.info.get("categories") or []
             model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
             model.load_state_dict(config.weights.state_dict(ckpt))
-        categories = build_index(config.data).categories
+            ids = [file_id(path)]
+        categories = index.categories
         unknown = [c for c in categories if c not in trained]
         if unknown:
             raise ValueError(f"category {', '.join(map(repr, unknown))} was not in this model's training "
                              f"({', '.join(trained) or 'none recorded'}): a unified model only knows what it saw")
         device = resolve_device(config.runtime.device)
-        networks = [file_id(path), ["pretrained", config.features.backbone, config.weights.backbone_weights]]
+        backbone = ["pretrained", config.features.backbone, config.weights.backbone_weights]
+        networks = [*ids, backbone]
         refiner = None
         if config.refine.enabled:
             unet_path = run.part_of("refine").resolve_checkpoint(None)
@@ -166,14 +176,14 @@ class DRDC:
             networks.append(["calibration", "held-out validation images"])
         key, maps_key = calibration_keys(config, networks)
         if refiner is not None:
-            detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(calibration_images(
+            detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(*calibration_set(
                 config.data, config.detect.calibration_images, config.detect.seed, held_out)))
         settings = {name: to_plain(getattr(config, name)) for name in (*SCORING_SECTIONS, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "trained_categories": trained},
                               categories=categories, embed=backbone_embed(detector.extractor, detector.device),
-                              embed_identity=networks[1],
+                              embed_identity=backbone, by_category=config.features.base == "bank",
                               split_scorer=lambda split, cache, show: score_split(
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 

@@ -15,11 +15,13 @@ count, times ``jitter_scale``, to a batch with probability ``jitter_prob``.
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...memory_bank import as_patches, nearest_distances
+from ...memory_bank import nearest_by_category
 from .settings import ReconstructionConfig
 
 
@@ -115,22 +117,29 @@ class FeatureReconstructor(nn.Module):
             out = layer(out, self.pos, self.mask)
         return self.project_out(out).transpose(1, 2).reshape(b, c, h, w)
 
-    def error(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, 1, grid, grid): Eq. 2 on the token grid, the L2 norm over channels of the reconstruction error."""
+    def error(self, features: torch.Tensor, categories: Sequence[str | None] | None = None) -> torch.Tensor:
+        """(B, 1, grid, grid): Eq. 2 on the token grid, the L2 norm over channels of the reconstruction error
+        (one model for every category: ``categories`` changes nothing)."""
         return (self(features).float() - features.float()).norm(dim=1, keepdim=True)
 
 
 class TokenBank(nn.Module):
-    """The memory-bank base: each token's distance to the nearest training token of the bank (M, channels),
-    (B, 1, grid, grid) like :meth:`FeatureReconstructor.error`. Nothing in it is trained."""
+    """The memory-bank base: each token's distance to the nearest training token of its image's bank (one
+    for all categories, or one per category: :func:`ddad.memory_bank.banks_for`), (B, 1, grid, grid) like
+    :meth:`FeatureReconstructor.error`. Nothing in it is trained."""
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    def __init__(self, banks: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.register_buffer("bank", bank.float(), persistent=False)
+        self.names = list(banks)
+        for i, bank in enumerate(banks.values()):
+            self.register_buffer(f"bank{i}", bank.float(), persistent=False)
 
-    def error(self, features: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = features.shape
-        return nearest_distances(as_patches(features), self.bank).to(features.device).view(b, 1, h, w)
+    @property
+    def banks(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"bank{i}") for i, name in enumerate(self.names)}
+
+    def error(self, features: torch.Tensor, categories: Sequence[str | None] | None = None) -> torch.Tensor:
+        return nearest_by_category(features, self.banks, categories)
 
 
 def base_heatmap(error: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -183,7 +183,8 @@ class DRDCConfig(RunSettings):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**UNIAD_TRAINING))
     refine: RefineConfig = field(default_factory=RefineConfig)
     refine_train: TrainConfig = field(default_factory=TrainConfig)  # DDAD's recipe (t in [0, 250])
-    bank: BankConfig = field(default_factory=lambda: BankConfig(per_category=False))  # features.base "bank"
+    bank: BankConfig = field(default_factory=lambda: BankConfig(per_category=False))  # features.base "bank": one
+    # bank for all categories (the unified model), or one per category (each image against its own category's)
     detect: DRDCDetect = field(default_factory=DRDCDetect)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -191,9 +192,6 @@ class DRDCConfig(RunSettings):
     def __post_init__(self) -> None:
         if self.method != "drdc":
             raise ValueError(f"a DRDC config has method 'drdc', got {self.method!r}")
-        if self.bank.per_category:
-            raise ValueError("bank.per_category: DRDC's memory-bank base is one bank for all its categories so "
-                             "far (set bank.per_category=false)")
         if self.refine.enabled:
             if self.detect.start_step >= self.refine.schedule.num_timesteps:
                 raise ValueError(f"detect.start_step {self.detect.start_step} is outside the schedule of "

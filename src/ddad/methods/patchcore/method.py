@@ -26,7 +26,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult
-from ...memory_bank import UNIFIED, as_patches, fit_coreset, load_bank, save_bank, stored_banks
+from ...memory_bank import as_patches, bank_groups, fit_coreset, load_bank, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .model import PatchCoreDetector, patch_features
@@ -36,13 +36,6 @@ from .settings import PatchCoreConfig
 def build_extractor(config: PatchCoreConfig):
     return create_backbone(config.features.backbone, config.features.layers, config.weights.backbone_weights,
                            config.runtime.allow_download)
-
-
-def bank_groups(config: PatchCoreConfig, index: DatasetIndex) -> dict[str, list[int]]:
-    """The training images of each bank, by bank name: one per category, or all in one."""
-    if not config.bank.per_category:
-        return {UNIFIED: list(range(len(index.train)))}
-    return {c: [i for i, s in enumerate(index.train) if s.category == c] for c in index.categories}
 
 
 def fit_bank(extractor, images: torch.Tensor, config: PatchCoreConfig, device: torch.device, name: str,
@@ -89,7 +82,7 @@ class PatchCore:
         extractor = build_extractor(config).to(device)
         t0, fitted, last = time.perf_counter(), 0, None
         log(f"fitting memory banks: {len(index.train)} images, device {device}, coreset {config.bank.fraction:g}")
-        for name, members in bank_groups(config, index).items():
+        for name, members in bank_groups(config.bank.per_category, [s.category for s in index.train]).items():
             if name in have:
                 log(f"bank {name}: kept ({have[name].name})")
                 continue
@@ -108,7 +101,7 @@ class PatchCore:
             raise ValueError("patchcore runs in PyTorch only so far (--backend torch)")
         paths = stored_banks(run.banks_dir)
         index = build_index(config.data)
-        wanted = list(bank_groups(config, index))
+        wanted = list(bank_groups(config.bank.per_category, [s.category for s in index.train]))
         missing = [name for name in wanted if name not in paths]
         if missing:
             raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "

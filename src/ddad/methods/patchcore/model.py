@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ...backbones import FeatureExtractor
 from ...engine.trainer import as_float_images
-from ...memory_bank import UNIFIED, as_patches, nearest_distances
+from ...memory_bank import nearest_by_category
 from ...results import AnomalyResult
 from ...scoring import gaussian_blur, image_scores, local_average, resize_for_features
 from .settings import PatchCoreDetect, PatchFeatures
@@ -43,25 +43,10 @@ class PatchCoreDetector:
         self.banks = {name: bank.float().to(self.device) for name, bank in banks.items()}
         self.features, self.detect = features, detect
 
-    def banks_for(self, category: str | None) -> list[torch.Tensor]:
-        if category in self.banks:
-            return [self.banks[category]]
-        if UNIFIED in self.banks:
-            return [self.banks[UNIFIED]]
-        return list(self.banks.values())
-
     def distances(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> torch.Tensor:
         """(B, 1, h, w): each patch's distance to the nearest patch of its image's bank(s)."""
         feats = patch_features(self.extractor, images.to(self.device), self.features)
-        b, _, h, w = feats.shape
-        categories = list(categories) if categories is not None else [None] * b
-        out = torch.empty(b, 1, h, w)
-        for category in dict.fromkeys(categories):  # the images of one category in one search per bank
-            rows = [i for i, c in enumerate(categories) if c == category]
-            queries = as_patches(feats[rows])
-            nearest = torch.stack([nearest_distances(queries, bank) for bank in self.banks_for(category)]).amin(0)
-            out[rows] = nearest.view(len(rows), 1, h, w)
-        return out
+        return nearest_by_category(feats, self.banks, categories).cpu()
 
     def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:
         grid = self.distances(images, categories)
