@@ -531,6 +531,17 @@ def test_a_memory_bank_base_per_category_compares_each_image_with_its_own_catego
     result = loaded.score_split(split, cache=False, progress=False)
     feats = token_features(loaded.detect.extractor, split.images, 4)
     tokens = feats.permute(0, 2, 3, 1).reshape(len(feats), -1, feats.shape[1]).double()
+    from ddad.data.formats import build_index
+    from ddad.data.io import read_image
+
+    train = build_index(config.data).train
+    for c in ("stripes", "washer"):  # each bank from its own category's training images only
+        own = [s for s in train if s.category == c]
+        bank, facts = banks[c]
+        assert facts["images"] == len(own) and facts["tokens"] == 16 * len(own)
+        images = torch.stack([read_image(s.image, 3, 32) for s in own])
+        own_tokens = token_features(loaded.detect.extractor, images, 4).permute(0, 2, 3, 1).reshape(-1, bank.shape[1])
+        assert torch.cdist(bank.double(), own_tokens.double()).amin(dim=1).max() < 1e-4, c
     for i, c in enumerate(categories):
         bank, facts = banks[c]
         assert facts["categories"] == [c] and len(bank) == round(0.5 * facts["tokens"])
