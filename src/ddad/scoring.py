@@ -21,6 +21,16 @@ Eq. 9 gives D_p "the same upper bound" as D_f. Where the maxima come from (``nor
   images in its batch); for comparison only.
 
 Finally the map is smoothed with a Gaussian of sigma 4 (App. 7).
+
+Eq. 8's reference (``reference``): the reconstruction's features phi_j(x0) (the paper), or ``bank``: for
+each stage, the nearest (by cosine) of the training images' locally aware patches of that stage, a coreset
+of ``bank_fraction`` of them (PatchCore's memory bank, with Eq. 8's distance):
+
+    D_f = sum_{j in J} min_m 1 - cos( phi_j(y), b_{j,m} )  upsampled to image size    (Eq. 8, bank)
+
+The pixel term still measures y against the diffusion reconstruction x0, so Eq. 9 fuses a nearest-neighbour
+feature map with the diffusion's pixel map. A bank holds its training images' patches, so Eq. 9's maxima
+then come from held-out (validation) images.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .memory_bank import as_patches, nearest_distances
+
 SCORING_MODES = ("combined", "pixel", "feature")
+REFERENCES = ("reconstruction", "bank")  # what Eq. 8 compares phi(y) with
 NORMALIZATIONS = ("calibrated", "positional", "image", "batch")
 CALIBRATED_NORMALIZATIONS = ("calibrated", "positional")  # those that need a ScoreScale
 MEAN_FLOOR = 0.1  # positional: the per-pixel means are at least this fraction of their average
@@ -49,8 +62,14 @@ class ScoringConfig:
     # The backbone sees x0 and y resized to this many pixels a side (None: as they are). Small images
     # (64 px) give ImageNet backbones too coarse a grid; D_f comes back at the image size either way.
     feature_size: int | None = None
+    reference: str = "reconstruction"  # Eq. 8 against phi(x0), or the nearest training patch of a bank
+    bank_fraction: float = 0.1  # reference "bank": the coreset's share of the training patches
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"scoring reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not 0 < self.bank_fraction <= 1:
+            raise ValueError(f"bank_fraction must be in (0, 1], got {self.bank_fraction}")
         if self.mode not in SCORING_MODES:
             raise ValueError(f"scoring mode must be one of {SCORING_MODES}, got {self.mode!r}")
         if self.normalization not in NORMALIZATIONS:
@@ -160,6 +179,26 @@ def feature_distance(
     for fx, fy in zip(feats_x0, feats_y, strict=True):
         cos = F.cosine_similarity(local_average(fx.float(), patch_size), local_average(fy.float(), patch_size), dim=1)
         d = F.interpolate((1.0 - cos)[:, None], size=size, mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    assert total is not None, "at least one feature stage is needed"
+    return total
+
+
+def reference_patches(feats: Sequence[torch.Tensor], patch_size: int = 3) -> list[torch.Tensor]:
+    """Each stage's locally aware features as unit-length patches (M, C_j): what a bank of Eq. 8 holds."""
+    return [F.normalize(as_patches(local_average(f.float(), patch_size)), dim=1) for f in feats]
+
+
+def bank_feature_distance(feats_y: Sequence[torch.Tensor], banks: Sequence[torch.Tensor], size: tuple[int, int],
+                          patch_size: int = 3) -> torch.Tensor:
+    """D_f (Eq. 8, bank): per stage, 1 - cos to the nearest unit-length bank patch (|a - b|^2 / 2 for unit
+    vectors, so the nearest by Euclidean distance is the nearest by cosine), upsampled to ``size``, summed."""
+    total = None
+    for fy, bank in zip(feats_y, banks, strict=True):
+        b, _, h, w = fy.shape
+        queries = reference_patches([fy], patch_size)[0]
+        nearest = nearest_distances(queries, bank.to(queries.device)).to(queries.device)
+        d = F.interpolate((0.5 * nearest.square()).view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
         total = d if total is None else total + d
     assert total is not None, "at least one feature stage is needed"
     return total

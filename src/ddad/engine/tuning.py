@@ -34,7 +34,10 @@ _W, _V, _FEATURE_SIZE = (1.0, 3.0, 5.0), (0.5, 1.0, 2.0), (None, 224)
 GRIDS: dict[str, tuple[Grid, ...]] = {
     "ddad": ({"mode": ("pixel",), "w": _W},
              {"mode": ("feature",), "w": _W, "feature_size": _FEATURE_SIZE},
-             {"mode": ("combined",), "w": _W, "v": _V, "feature_size": _FEATURE_SIZE}),
+             {"mode": ("combined",), "w": _W, "v": _V, "feature_size": _FEATURE_SIZE},
+             # Eq. 8 against the nearest training patch of a bank instead of the reconstruction (its pixel term
+             # still the diffusion's)
+             {"mode": ("combined",), "reference": ("bank",), "w": _W, "v": _V}),
     "drdc": ({"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
     "patchcore": ({"sigma": (2.0, 4.0, 8.0)},),  # the smoothing of the map (the paper's 4)
 }

@@ -19,7 +19,8 @@ from ...diffusion.schedule import ScheduleConfig, alphas_cumprod
 from ...diffusion.unet import UNet
 from ...results import AnomalyResult
 from ...runtime import RuntimeConfig, autocast
-from ...scoring import ScoreScale, anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
+from ...scoring import (ScoreScale, anomaly_map, bank_feature_distance, feature_distance, image_scores,
+                        pixel_distance, resize_for_features)
 from .settings import DetectConfig
 
 
@@ -44,6 +45,8 @@ class Detector:
         self.extractor_source = extractor_source  # "pretrained" | "adapted" (metrics.json says which), or None
         # Eq. 9's constants for calibrated or positional normalisation (set by calibrate(), or given).
         self.score_scale = score_scale
+        # scoring.reference "bank": each feature stage's bank of training patches (Eq. 8's reference)
+        self.reference_banks: list[torch.Tensor] | None = None
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         if isinstance(unet, torch.nn.Module):
             unet = unet.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
@@ -105,7 +108,14 @@ class Detector:
         with torch.inference_mode():
             d_p = pixel_distance(x0, y)
             d_f = None
-            if self.extractor is not None:
+            if self.extractor is not None and self.config.scoring.reference == "bank":
+                if self.reference_banks is None:
+                    raise ValueError("scoring.reference 'bank' needs the banks of training patches (the run's loader "
+                                     "fits them: ddad.methods.ddad.loading.load_detector)")
+                feats = self.features(resize_for_features(y, self.config.scoring.feature_size))
+                d_f = bank_feature_distance(feats, self.reference_banks, tuple(y.shape[-2:]),
+                                            self.config.scoring.patch_size)
+            elif self.extractor is not None:
                 # Both images go through phi in one batch.
                 feats = self.features(resize_for_features(torch.cat([x0, y]), self.config.scoring.feature_size))
                 n = y.shape[0]

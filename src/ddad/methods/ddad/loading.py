@@ -15,14 +15,19 @@ from tqdm.auto import tqdm
 
 from ...checkpoint import Checkpoint, atomic_write
 from ...config import override, to_plain
+from ...data.dataset import ImageSet
+from ...data.formats import build_index
+from ...data.io import DatasetError
 from ...data.splits import TestSplit, calibration_images
 from ...diffusion.unet import UNet, UNetConfig
 from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
+from ...engine.distributed import context
+from ...memory_bank import BankConfig, fit_coreset, load_bank, save_bank, stored_banks
 from ...results import AnomalyResult
 from ...runs import RunDir, WeightsConfig
 from ...runtime import resolve_device
-from ...scoring import ScoreScale
+from ...scoring import ScoreScale, reference_patches, resize_for_features
 from .detector import Detector
 from .extractors import load_extractor
 from .graphs import EXPORT_DIR, onnx_networks
@@ -74,7 +79,9 @@ def calibrate(detector: Detector, run: RunDir, config: DDADConfig, key: Calibrat
     machine without the training data, reuse them."""
 
     def compute() -> ScoreScale:
-        images = calibration_images(config.data, config.detect.scoring.calibration_images, config.detect.seed)
+        held_out = config.detect.scoring.reference == "bank"  # a bank holds the training images' patches
+        images = calibration_images(config.data, config.detect.scoring.calibration_images, config.detect.seed,
+                                    held_out)
         bar = tqdm(total=len(images), desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True,
                    leave=False)
         scale = detector.calibrate(images, progress=bar.update)
@@ -85,10 +92,52 @@ def calibrate(detector: Detector, run: RunDir, config: DDADConfig, key: Calibrat
     return detector.score_scale
 
 
+def reference_banks(run: RunDir, config: DDADConfig, detector: Detector, extractor_identity: list,
+                    progress: bool = True) -> tuple[list[torch.Tensor], list]:
+    """Eq. 8's banks for ``scoring.reference`` "bank": each feature stage's coreset of the training images'
+    unit-length locally aware patches (:func:`ddad.scoring.reference_patches`), fitted once and kept in
+    RUN_DIR/banks under a name that holds everything they depend on. Returns the banks and their file
+    identities (for the calibration key)."""
+    scoring = config.detect.scoring
+    identity = {"extractor": extractor_identity, "layers": list(scoring.feature_layers),
+                "patch_size": scoring.patch_size, "feature_size": scoring.feature_size,
+                "fraction": scoring.bank_fraction, "precision": config.detect.precision, "data": to_plain(config.data)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    names = [f"reference-{digest}-stage{j}" for j in scoring.feature_layers]
+    stored = stored_banks(run.banks_dir)
+    if not all(name in stored for name in names):
+        samples = build_index(config.data).train
+        images = ImageSet(samples, config.data.image_size, config.data.channels, cache=False)
+        batches: list[list[torch.Tensor]] = [[] for _ in names]
+        bs, batch, n_images = config.runtime.batch_size, [], 0
+        for i in tqdm(range(len(images)), desc="reference bank", unit="img", disable=not progress, leave=False):
+            try:
+                batch.append(images[i]["image"])
+            except DatasetError:
+                if not config.data.skip_bad_files:
+                    raise
+            if batch and (len(batch) == bs or i == len(images) - 1):
+                feats = detector.features(resize_for_features(torch.stack(batch), scoring.feature_size))
+                for j, patches in enumerate(reference_patches(feats, scoring.patch_size)):
+                    batches[j].append(patches.cpu())
+                n_images, batch = n_images + len(batch), []
+        for name, parts in zip(names, batches):
+            patches = torch.cat(parts)
+            bank = fit_coreset(patches, BankConfig(fraction=scoring.bank_fraction), progress)
+            if context().is_main:
+                save_bank(run.banks_dir, name, bank, images=n_images, patches=len(patches), **identity)
+            run.log(f"Eq. 8 reference bank {name}: {len(bank)} of {len(patches)} patches from {n_images} images")
+        stored = stored_banks(run.banks_dir)
+    return [load_bank(stored[name])[0] for name in names], [file_id(stored[name]) for name in names]
+
+
 def load_detector(run: RunDir, config: DDADConfig, calibrate_scale: bool = True,
                   progress: bool = True) -> tuple[Detector, CalibrationKey]:
     """The run's :class:`Detector` for ``config``, calibrated where its scoring needs it, and its key."""
     detector, networks = build_detector(run, config)
+    if config.detect.scoring.uses_features and config.detect.scoring.reference == "bank":
+        detector.reference_banks, bank_ids = reference_banks(run, config, detector, networks[1:], progress)
+        networks = [*networks, *bank_ids]
     if calibrate_scale and config.detect.scoring.needs_calibration:
         calibrate(detector, run, config, scale_key(config, networks), progress)
     return detector, CalibrationKey.of(config.detect, config.weights, networks, config.data)
