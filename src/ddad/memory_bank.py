@@ -196,3 +196,13 @@ def load_bank(path: Path) -> tuple[torch.Tensor, dict]:
     with safe_open(str(path), "pt") as fh:
         facts = json.loads((fh.metadata() or {}).get("facts", "{}"))
     return load_file(str(path))["bank"], facts
+
+
+def load_banks(folder: Path, names: Sequence[str], remedy: str) -> dict[str, tuple[torch.Tensor, dict, Path]]:
+    """The banks ``names`` from ``folder``: (bank, facts, file) by name; missing ones are an error that
+    names them and ``remedy`` (the command that fits them)."""
+    stored = stored_banks(folder)
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise FileNotFoundError(f"no memory bank for {', '.join(missing)} in {folder}; {remedy}")
+    return {name: (*load_bank(stored[name]), stored[name]) for name in names}

@@ -25,7 +25,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
-from ...memory_bank import UNIFIED, as_patches, bank_groups, fit_coreset, load_bank, save_bank, stored_banks
+from ...memory_bank import UNIFIED, as_patches, bank_groups, fit_coreset, load_banks, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .detector import DRDCDetector, score_split
@@ -138,16 +138,12 @@ class DRDC:
         extractor = build_extractor(config.features, config.weights, config.runtime)
         index = build_index(config.data)
         if config.features.base == "bank":
-            stored = stored_banks(run.banks_dir)
-            wanted = list(bank_groups(config.bank.per_category, [s.category for s in index.train]))
-            missing = [name for name in wanted if name not in stored]
-            if missing:
-                raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
-                                        f"{run.banks_dir}); finish it with: ddad train --resume --run-dir {run.root}")
-            banks = {name: load_bank(stored[name]) for name in wanted}
-            model = TokenBank({name: bank for name, (bank, _) in banks.items()})
-            trained = list(dict.fromkeys(c for _, facts in banks.values() for c in facts.get("categories") or []))
-            ids = [file_id(stored[name]) for name in wanted]
+            banks = load_banks(run.banks_dir, list(bank_groups(config.bank.per_category,
+                                                               [s.category for s in index.train])),
+                               f"finish the run with: ddad train --resume --run-dir {run.root}")
+            model = TokenBank({name: bank for name, (bank, _, _) in banks.items()})
+            trained = list(dict.fromkeys(c for _, facts, _ in banks.values() for c in facts.get("categories") or []))
+            ids = [file_id(path) for _, _, path in banks.values()]
         else:
             path = run.resolve_checkpoint(config.weights.checkpoint)
             ckpt = Checkpoint(path)

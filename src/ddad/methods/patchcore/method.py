@@ -26,7 +26,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult
-from ...memory_bank import as_patches, bank_groups, fit_coreset, load_bank, save_bank, stored_banks
+from ...memory_bank import as_patches, bank_groups, fit_coreset, load_banks, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
 from .model import PatchCoreDetector, patch_features
@@ -99,18 +99,14 @@ class PatchCore:
     def load(self, run: RunDir, config: PatchCoreConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
             raise ValueError("patchcore runs in PyTorch only so far (--backend torch)")
-        paths = stored_banks(run.banks_dir)
         index = build_index(config.data)
-        wanted = list(bank_groups(config.bank.per_category, [s.category for s in index.train]))
-        missing = [name for name in wanted if name not in paths]
-        if missing:
-            raise FileNotFoundError(f"run {run.root} has no memory bank for {', '.join(missing)} (in "
-                                    f"{run.banks_dir}); finish it with: ddad train --resume --run-dir {run.root}")
-        banks = {name: load_bank(paths[name])[0] for name in wanted}
+        names = list(bank_groups(config.bank.per_category, [s.category for s in index.train]))
+        stored = load_banks(run.banks_dir, names, f"finish the run with: ddad train --resume --run-dir {run.root}")
+        banks = {name: bank for name, (bank, _, _) in stored.items()}
         detector = PatchCoreDetector(build_extractor(config), banks, config.features, config.detect,
                                      resolve_device(config.runtime.device))
-        networks = [file_id(paths[name]) for name in wanted] + [["pretrained", config.features.backbone,
-                                                                  config.weights.backbone_weights]]
+        backbone = ["pretrained", config.features.backbone, config.weights.backbone_weights]
+        networks = [file_id(path) for _, _, path in stored.values()] + [backbone]
         sections = {name: getattr(config, name) for name in ("features", "bank", "detect")}
         key = CalibrationKey.of(sections, config.weights, networks, config.data)
 
@@ -119,8 +115,8 @@ class PatchCore:
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
                               info={"extractor": "pretrained", "banks": {n: len(b) for n, b in banks.items()}},
-                              by_category=True, categories=index.categories, embed=backbone_embed(detector.extractor, detector.device),
-                              embed_identity=networks[-1])
+                              by_category=True, categories=index.categories,
+                              embed=backbone_embed(detector.extractor, detector.device), embed_identity=backbone)
 
     def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None) -> Path:
         raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")
