@@ -557,3 +557,33 @@ def test_a_memory_bank_base_per_category_compares_each_image_with_its_own_catego
     again = loaded.score_split(split, cache=False, progress=False)
     assert torch.equal(again.pred_score[stripes], result.pred_score[stripes])
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+
+
+def test_an_interrupted_per_category_bank_base_resumes_to_the_same_banks(tmp_path, synth_root, monkeypatch):
+    import ddad.memory_bank as memory_bank
+    from ddad.memory_bank import load_bank
+
+    args = ("--set", "features.base=bank", "--set", "bank.per_category=true", "--set", "bank.fraction=0.5", "--set",
+            "refine.enabled=false")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _train(synth_root, whole, *args) == 0
+    real, calls = memory_bank.greedy_coreset, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C while choosing the second category's coreset
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(memory_bank, "greedy_coreset", interrupted)
+    assert _train(synth_root, part, *args) == 130
+    kept = part / "banks" / "stripes.safetensors"
+    assert kept.is_file() and not (part / "banks" / "washer.safetensors").exists()
+    stamp = kept.stat().st_mtime_ns
+    monkeypatch.setattr(memory_bank, "greedy_coreset", real)
+    assert main(["test", str(part), "--quiet", "--no-images"]) == 2  # the missing bank is named
+    assert main(["train", "--resume", "--run-dir", str(part), "--quiet"]) == 0
+    assert kept.stat().st_mtime_ns == stamp  # kept, not fitted again
+    for c in ("stripes", "washer"):
+        assert torch.equal(load_bank(part / "banks" / f"{c}.safetensors")[0],
+                           load_bank(whole / "banks" / f"{c}.safetensors")[0]), c
