@@ -95,7 +95,8 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("layer", ["ddad.config", "ddad.runs", "ddad.checkpoint", "ddad.runtime", "ddad.data",
                                    "ddad.backbones", "ddad.diffusion", "ddad.scoring", "ddad.metrics",
-                                   "ddad.results", "ddad.engine", "ddad.export", "ddad.visualize", "ddad.report"])
+                                   "ddad.results", "ddad.engine", "ddad.export", "ddad.visualize", "ddad.report",
+                                   "ddad.memory_bank"])
 def test_shared_layers_import_no_method(layer):
     edges = graph()
     for name, deps in edges.items():
