@@ -183,16 +183,19 @@ def cmd_with_refiner(args) -> None:
 
 def cmd_subset(args) -> None:
     """The run's models tested on some of its categories: OUT/config.yaml with data.category changed, and
-    OUT/checkpoints a link to the run's (a unified model's per-category metrics do not depend on the others)."""
+    OUT/checkpoints (and OUT/banks) links to the run's. A unified model's per-category metrics do not depend on
+    the others, except through a calibration (DRDC's Eq. 17 scale), which is taken again on the subset's
+    held-out images."""
     from ddad import load_config
 
     run, out = Path(args.run), Path(args.out)
     config = load_config(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.replace(data=replace(config.data, category=args.categories)).to_yaml())
-    link = out / "checkpoints"
-    if not link.exists():
-        link.symlink_to((run / "checkpoints").resolve(), target_is_directory=True)
+    for part in ("checkpoints", "banks"):  # the trained networks and a memory-bank base's banks
+        link = out / part
+        if (run / part).is_dir() and not link.exists():
+            link.symlink_to((run / part).resolve(), target_is_directory=True)
     print(f"wrote {out}: ddad test {out}")
 
 
