@@ -22,6 +22,8 @@ from ddad.engine.thresholds import Decision, Decisions, Threshold, decision_stat
 from ddad.methods import get_method
 from ddad.runs import RunDir
 
+from .conftest import forbid_reading
+
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
@@ -48,14 +50,9 @@ def _above(values) -> float:
 
 def test_each_category_gets_its_own_threshold_from_its_own_validation_images(run, monkeypatch):
     config = load_config(run)
-    test_files = {str(s.image) for s in build_index(config.data).test}
-    real_read = dataset.read_image
-
-    def guarded(path, *args, **kwargs):
-        assert str(path) not in test_files, f"test image {path} read before the thresholds were chosen"
-        return real_read(path, *args, **kwargs)
-
     # the thresholds are stored before the test split is read: a test image read on the way fails the test
+    real_read = forbid_reading(monkeypatch, [s.image for s in build_index(config.data).test],
+                               "before the thresholds were chosen")
     from ddad.engine import testing
 
     real_test_split = testing.load_test_split
@@ -67,7 +64,6 @@ def test_each_category_gets_its_own_threshold_from_its_own_validation_images(run
         return real_test_split(*args, **kwargs)
 
     calls: list = []
-    monkeypatch.setattr(dataset, "read_image", guarded)
     monkeypatch.setattr(testing, "load_test_split", test_split_after_threshold)
     assert main(["test", str(run), "--quiet", "--no-images", "--max-false-alarms", "0"]) == 0
     assert calls, "the test split was never read"

@@ -15,8 +15,7 @@ from ddad.backbones import create_backbone
 from ddad.checkpoint import Checkpoint
 from ddad.cli import main
 from ddad.config import merge
-from ddad.diffusion.inpainting import (InpaintingNoise, InpaintingObjective, combine_sets, inpaint,
-                                       inpainting_masks, masked_condition)
+from ddad.diffusion.inpainting import InpaintingNoise, InpaintingObjective, combine_sets, inpaint, inpainting_masks
 from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod, q_sample
 from ddad.diffusion.unet import UNet
 from ddad.methods.drdc.detector import DRDCDetector
@@ -26,6 +25,8 @@ from ddad.methods.drdc.refiner import Refiner, refinement_steps
 from ddad.methods.drdc.settings import TABLE5, DRDCConfig, DRDCDetect, FeatureConfig, ReconstructionConfig, RefineConfig
 from ddad.runs import RunDir
 from ddad.scoring import ScoreScale
+
+from .conftest import interrupt_on_call
 
 TABLE = alphas_cumprod(ScheduleConfig()).float()
 
@@ -567,15 +568,8 @@ def test_an_interrupted_per_category_bank_base_resumes_to_the_same_banks(tmp_pat
             "refine.enabled=false")
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert _train(synth_root, whole, *args) == 0
-    real, calls = memory_bank.greedy_coreset, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:  # Ctrl-C while choosing the second category's coreset
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(memory_bank, "greedy_coreset", interrupted)
+    # Ctrl-C while choosing the second category's coreset
+    real = interrupt_on_call(monkeypatch, memory_bank, "greedy_coreset", 2)
     assert _train(synth_root, part, *args) == 130
     kept = part / "banks" / "stripes.safetensors"
     assert kept.is_file() and not (part / "banks" / "washer.safetensors").exists()

@@ -18,6 +18,8 @@ from ddad.data.splits import load_test_split
 from ddad.methods import get_method
 from ddad.runs import RunDir
 
+from .conftest import interrupt_on_call
+
 
 def _train(root, run, *extra) -> int:
     return main(["train", "--method", "patchcore", "--data-root", str(root), "--category", "stripes,washer",
@@ -100,16 +102,8 @@ def test_an_interrupted_fit_resumes_to_the_same_banks_and_scores(synth_root, tmp
     import ddad.memory_bank as memory_bank
 
     run = tmp_path / "run"
-    real = memory_bank.greedy_coreset
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # Ctrl-C while choosing the second category's coreset
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(memory_bank, "greedy_coreset", interrupted)
+    # Ctrl-C while choosing the second category's coreset
+    real = interrupt_on_call(monkeypatch, memory_bank, "greedy_coreset", 2)
     assert _train(synth_root, run) == 130
     kept = run / "banks" / "stripes.safetensors"
     assert kept.is_file() and not (run / "banks" / "washer.safetensors").exists()

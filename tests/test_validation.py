@@ -18,6 +18,8 @@ from ddad.data.anomalies import SyntheticAnomalies, perlin_noise
 from ddad.data.formats import DataConfig, build_index
 from ddad.engine.thresholds import Threshold, choose_threshold, decision_stats, false_alarm_threshold
 
+from .conftest import forbid_reading
+
 
 def test_synthetic_anomalies_follow_the_seed_and_their_masks_are_the_changed_pixels():
     images = torch.rand(8, 3, 32, 32) * 2 - 1
@@ -175,7 +177,6 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     from scipy.stats import mannwhitneyu
 
     from ddad import load_config
-    from ddad.data import dataset
     from ddad.data.splits import load_validation_split
     from ddad.methods import get_method
     from ddad.runs import RunDir
@@ -183,14 +184,7 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     config = load_config(run)
-    test_files = {str(s.image) for s in build_index(config.data).test}
-    real_read = dataset.read_image
-
-    def guarded(path, *args, **kwargs):
-        assert str(path) not in test_files, f"test image {path} read while tuning"
-        return real_read(path, *args, **kwargs)
-
-    monkeypatch.setattr(dataset, "read_image", guarded)
+    forbid_reading(monkeypatch, [s.image for s in build_index(config.data).test], "while tuning")
     assert main(["tune", str(run), "--grid", "mode=pixel,combined", "--grid", "v=0.5,2.0", "--quiet",
                  "--max-false-alarms", "0"]) == 0
     stored = json.loads((run / "tune.json").read_text())
@@ -254,14 +248,17 @@ def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():
     from ddad.engine import tuning
     from ddad.methods.ddad.settings import DDADConfig
 
-    current = {"mode": "combined", "v": 1.0, "w": 3.0, "feature_size": 224}
+    current = {"mode": "combined", "v": 1.0, "w": 3.0, "feature_size": 224, "reference": "reconstruction"}
     found = tuning.candidates(tuning.GRIDS["ddad"], current)
     assert found[0] == current and len(found) == len({tuple(sorted(c.items(), key=str)) for c in found})
     pixel = [c for c in found if c["mode"] == "pixel"]
     assert sorted(c["w"] for c in pixel) == [1.0, 3.0, 5.0]  # v and the backbone's size are not tried
     assert all((c["v"], c["feature_size"]) == (1.0, 224) for c in pixel)
-    combined = [c for c in found if c["mode"] == "combined"]
-    assert len(combined) == 3 * 3 * 2 and len(found) == 3 + 3 * 2 + 18
+    assert all(c["reference"] == "reconstruction" for c in found if c["mode"] != "combined")
+    combined = [c for c in found if c["mode"] == "combined" and c["reference"] == "reconstruction"]
+    bank = [c for c in found if c["reference"] == "bank"]  # Eq. 8 against a bank: w x v, the backbone's size kept
+    assert len(combined) == 3 * 3 * 2 and len(bank) == 3 * 3 and len(found) == 3 + 3 * 2 + 18 + 9
+    assert all(c["mode"] == "combined" and c["feature_size"] == 224 for c in bank)
     # None is a value: a run that resizes for the backbone can be tuned back to the image's own size
     resized = tuning.with_candidate(DDADConfig(), current)
     assert tuning.current_values(resized, list(current)) == current
