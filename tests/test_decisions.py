@@ -50,23 +50,28 @@ def _above(values) -> float:
 
 def test_each_category_gets_its_own_threshold_from_its_own_validation_images(run, monkeypatch):
     config = load_config(run)
-    # the thresholds are stored before the test split is read: a test image read on the way fails the test
+    # the thresholds are chosen before the test split is read: a test image read on the way fails the test
     real_read = forbid_reading(monkeypatch, [s.image for s in build_index(config.data).test],
                                "before the thresholds were chosen")
     from ddad.engine import testing
 
-    real_test_split = testing.load_test_split
+    real_choose, real_test_split, order = testing.validation_thresholds, testing.load_test_split, []
 
-    def test_split_after_threshold(*args, **kwargs):
-        stored = json.loads((run / "threshold.json").read_text()) if (run / "threshold.json").exists() else None
+    def choose(*args, **kwargs):
+        chosen = real_choose(*args, **kwargs)
+        order.append("thresholds chosen")
+        return chosen
+
+    def test_split(*args, **kwargs):
+        assert order == ["thresholds chosen"], "the test split was read before the thresholds were chosen"
         monkeypatch.setattr(dataset, "read_image", real_read)
-        calls.append(stored)
+        order.append("test split read")
         return real_test_split(*args, **kwargs)
 
-    calls: list = []
-    monkeypatch.setattr(testing, "load_test_split", test_split_after_threshold)
+    monkeypatch.setattr(testing, "validation_thresholds", choose)
+    monkeypatch.setattr(testing, "load_test_split", test_split)
     assert main(["test", str(run), "--quiet", "--no-images", "--max-false-alarms", "0"]) == 0
-    assert calls, "the test split was never read"
+    assert order == ["thresholds chosen", "test split read"]
 
     # the oracle: every validation image scored on its own, as its category, grouped by hand
     loaded = get_method("patchcore").load(RunDir(run), config, progress=False)
