@@ -38,7 +38,9 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
              # Eq. 8 against the nearest training patch of a bank instead of the reconstruction (its pixel term
              # still the diffusion's)
              {"mode": ("combined",), "reference": ("bank",), "w": _W, "v": _V}),
-    "drdc": ({"alpha": (0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
+    # alpha 0 is the base alone: validation can refuse a refinement that does not help (a memory-bank base with
+    # a refiner of 10 CPU minutes lost to its base: BENCHMARKS.md)
+    "drdc": ({"alpha": (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), "start_step": (150, 250)},),
     "patchcore": ({"sigma": (2.0, 4.0, 8.0)},),  # the smoothing of the map (the paper's 4)
 }
 
