@@ -106,6 +106,25 @@ def load_test_split(data: DataConfig, progress: bool = True, log: Log | None = N
     )
 
 
+def readable_batches(samples: Sequence[Sample], data: DataConfig, batch_size: int, progress: bool = False,
+                     desc: str = "images"):
+    """Yield (images (B, C, H, W), their samples) for ``samples`` in order, ``batch_size`` at a time, read at the
+    data's size; an unreadable file is skipped with ``data.skip_bad_files``, else its error is raised."""
+    dataset = ImageSet(tuple(samples), data.image_size, data.channels, cache=False)
+    images: list[torch.Tensor] = []
+    kept: list[Sample] = []
+    for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress, leave=False):
+        try:
+            images.append(dataset[i]["image"])
+            kept.append(dataset.samples[i])
+        except DatasetError:
+            if not data.skip_bad_files:
+                raise
+        if images and (len(images) == batch_size or i == len(dataset) - 1):
+            yield torch.stack(images), kept
+            images, kept = [], []
+
+
 def calibration_images(data: DataConfig, count: int, seed: int, held_out: bool = False) -> torch.Tensor:
     """Up to ``count`` defect-free training images in a seeded order: the images a score scale is
     calibrated on. ``held_out``: the defect-free validation images instead, for a score whose reference holds

@@ -23,9 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
-from ..data.dataset import ImageSet
 from ..data.formats import build_index
-from ..data.io import DatasetError
+from ..data.splits import readable_batches
 from ..runs import RunDir
 
 REFERENCES_PER_CATEGORY = 64
@@ -68,9 +67,8 @@ class CategoryRecogniser:
         return out
 
 
-def reference_samples(data, per_category: int = REFERENCES_PER_CATEGORY, seed: int = 0) -> list:
-    """Up to ``per_category`` training samples of each category of ``data``, in a seeded order."""
-    index = build_index(data)
+def reference_samples(index, per_category: int = REFERENCES_PER_CATEGORY, seed: int = 0) -> list:
+    """Up to ``per_category`` training samples of each category of ``index``, in a seeded order."""
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for category in index.categories:
@@ -84,9 +82,8 @@ def build_recogniser(run: RunDir, data, embed: Embed, identity: list, batch_size
                      progress: bool = True) -> CategoryRecogniser | None:
     """The run's recogniser: None for a run of one category. ``identity``: what the embedding depends on
     (the backbone's name and weights file), the key of the stored references."""
-    from tqdm.auto import tqdm
-
-    if len(build_index(data).categories) < 2:
+    index = build_index(data)
+    if len(index.categories) < 2:
         return None
     key = hashlib.sha256(json.dumps([identity, data.to_dict(), REFERENCES_PER_CATEGORY], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
@@ -95,23 +92,12 @@ def build_recogniser(run: RunDir, data, embed: Embed, identity: list, batch_size
         with safe_open(str(path), "pt") as f:
             return CategoryRecogniser(embed, f.get_tensor("embeddings"), json.loads(f.metadata()["categories"]),
                                       batch_size)
-    samples = reference_samples(data)
-    images = ImageSet(tuple(samples), data.image_size, data.channels)
     embeddings, labels = [], []
-    batch: list[torch.Tensor] = []
-    batch_labels: list[str] = []
-    for i in tqdm(range(len(images)), desc="category references", unit="img", disable=not progress, leave=False):
-        try:
-            batch.append(images[i]["image"])
-            batch_labels.append(samples[i].category)
-        except DatasetError:
-            if not data.skip_bad_files:
-                raise
-        if len(batch) == batch_size or (i == len(images) - 1 and batch):
-            with torch.inference_mode():
-                embeddings.append(embed(torch.stack(batch)).cpu())
-            labels += batch_labels
-            batch, batch_labels = [], []
+    for images, samples in readable_batches(reference_samples(index), data, batch_size, progress,
+                                            "category references"):
+        with torch.inference_mode():
+            embeddings.append(embed(images).cpu())
+        labels += [s.category for s in samples]
     references = torch.cat(embeddings)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file({"embeddings": references.contiguous()}, tmp,

@@ -15,10 +15,8 @@ from tqdm.auto import tqdm
 
 from ...checkpoint import Checkpoint, atomic_write
 from ...config import override, to_plain
-from ...data.dataset import ImageSet
 from ...data.formats import build_index
-from ...data.io import DatasetError
-from ...data.splits import TestSplit, calibration_images
+from ...data.splits import TestSplit, calibration_images, readable_batches
 from ...diffusion.unet import UNet, UNetConfig
 from ...engine.calibration import CalibrationKey, file_id, stored_scale
 from ...engine.detection import LoadedDetector
@@ -106,21 +104,14 @@ def reference_banks(run: RunDir, config: DDADConfig, detector: Detector, extract
     names = [f"reference-{digest}-stage{j}" for j in scoring.feature_layers]
     stored = stored_banks(run.banks_dir)
     if not all(name in stored for name in names):
-        samples = build_index(config.data).train
-        images = ImageSet(samples, config.data.image_size, config.data.channels, cache=False)
         batches: list[list[torch.Tensor]] = [[] for _ in names]
-        bs, batch, n_images = config.runtime.batch_size, [], 0
-        for i in tqdm(range(len(images)), desc="reference bank", unit="img", disable=not progress, leave=False):
-            try:
-                batch.append(images[i]["image"])
-            except DatasetError:
-                if not config.data.skip_bad_files:
-                    raise
-            if batch and (len(batch) == bs or i == len(images) - 1):
-                feats = detector.features(resize_for_features(torch.stack(batch), scoring.feature_size))
-                for j, patches in enumerate(reference_patches(feats, scoring.patch_size)):
-                    batches[j].append(patches.cpu())
-                n_images, batch = n_images + len(batch), []
+        n_images = 0
+        for images, _ in readable_batches(build_index(config.data).train, config.data, config.runtime.batch_size,
+                                          progress, "reference bank"):
+            feats = detector.features(resize_for_features(images, scoring.feature_size))
+            for j, patches in enumerate(reference_patches(feats, scoring.patch_size)):
+                batches[j].append(patches.cpu())
+            n_images += len(images)
         for name, parts in zip(names, batches):
             patches = torch.cat(parts)
             bank = fit_coreset(patches, BankConfig(fraction=scoring.bank_fraction), progress)
