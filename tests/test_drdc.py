@@ -16,6 +16,7 @@ from ddad.cli import main
 from ddad.data.dataset import ImageSet
 from ddad.data.formats import DataConfig, build_index
 from ddad.methods.drdc.features import token_features
+from ddad.methods.drdc.layers import MaskedAttention, additive_mask
 from ddad.methods.drdc.model import EncoderLayer, FeatureReconstructor, neighbour_mask
 from ddad.methods.drdc.settings import ReconstructionConfig
 from ddad.runs import RunDir
@@ -38,7 +39,8 @@ def test_the_neighbour_mask_forbids_exactly_the_k_by_k_neighbourhood():
     torch.manual_seed(0)
     layer = EncoderLayer(SMALL).eval()
     x = torch.randn(2, grid * grid, SMALL.hidden)
-    _, weights = layer.attn(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    weights = layer.attn.attention_weights(x, x, additive_mask(mask))
+    assert weights.shape == (2, SMALL.heads, grid * grid, grid * grid)
     assert torch.all(weights[:, :, mask] == 0) and torch.all(weights[:, :, ~mask] > 0)
     assert neighbour_mask(grid, 0) is None
     with pytest.raises(ValueError, match="hides every token"):
@@ -181,12 +183,12 @@ def test_the_neighbour_mask_reaches_every_attention_as_the_model_runs():
     grid = 6
     torch.manual_seed(0)
     model = FeatureReconstructor(8, grid, SMALL).eval()
-    attentions = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    attentions = {name: m for name, m in model.named_modules() if isinstance(m, MaskedAttention)}
     assert len(attentions) == 3  # one encoder layer, one decoder layer with two attentions
     given = {}
 
     def record(name):
-        return lambda module, args, kwargs: given.__setitem__(name, kwargs.get("attn_mask"))
+        return lambda module, args, kwargs: given.__setitem__(name, args[3] if len(args) > 3 else kwargs.get("mask"))
 
     handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in attentions.items()]
     model(torch.randn(2, 8, grid, grid))
@@ -196,7 +198,7 @@ def test_the_neighbour_mask_reaches_every_attention_as_the_model_runs():
                               for j in range(grid * grid)] for i in range(grid * grid)])
     assert set(given) == set(attentions)
     for name, mask in given.items():
-        assert mask is not None and torch.equal(mask, expected), name
+        assert mask is not None and torch.equal(mask == float("-inf"), expected) and torch.all(mask[~expected] == 0), name
     # behaviour: token i = (2, 2); j = (3, 3) lies in its 3 x 3 window, far = (5, 5) does not
     i, j, far = 2 * grid + 2, 3 * grid + 3, 5 * grid + 5
     pos = model.pos.detach()

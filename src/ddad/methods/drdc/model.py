@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...memory_bank import nearest_by_category
+from .layers import Dropout, MaskedAttention, additive_mask
 from .settings import ReconstructionConfig
 
 
@@ -44,11 +45,11 @@ def jitter(features: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.T
 
 
 def _feed_forward(cfg: ReconstructionConfig) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.hidden))
+    return nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.ReLU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.hidden))
 
 
-def _attention(cfg: ReconstructionConfig) -> nn.MultiheadAttention:
-    return nn.MultiheadAttention(cfg.hidden, cfg.heads, dropout=cfg.dropout, batch_first=True)
+def _attention(cfg: ReconstructionConfig) -> MaskedAttention:
+    return MaskedAttention(cfg.hidden, cfg.heads, dropout=cfg.attention_dropout_p)
 
 
 class DecoderLayer(nn.Module):
@@ -59,14 +60,13 @@ class DecoderLayer(nn.Module):
         self.query = nn.Parameter(torch.randn(tokens, cfg.hidden) * 0.02)
         self.self_attn, self.cross_attn, self.ffn = _attention(cfg), _attention(cfg), _feed_forward(cfg)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(3))
-        self.dropouts = nn.ModuleList(nn.Dropout(cfg.dropout) for _ in range(3))
+        self.dropouts = nn.ModuleList(Dropout(cfg.dropout) for _ in range(3))
 
     def forward(self, previous: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = self.query.unsqueeze(0).expand(previous.shape[0], -1, -1)
-        q = self.norms[0](q + self.dropouts[0](self.self_attn(q + pos, q + pos, q, attn_mask=mask,
-                                                              need_weights=False)[0]))
-        q = self.norms[1](q + self.dropouts[1](self.cross_attn(q + pos, previous + pos, previous, attn_mask=mask,
-                                                               need_weights=False)[0]))
+        q_pos = q + pos
+        q = self.norms[0](q + self.dropouts[0](self.self_attn(q_pos, q_pos, q, mask)))
+        q = self.norms[1](q + self.dropouts[1](self.cross_attn(q + pos, previous + pos, previous, mask)))
         return self.norms[2](q + self.dropouts[2](self.ffn(q)))
 
 
@@ -77,10 +77,11 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn, self.ffn = _attention(cfg), _feed_forward(cfg)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(2))
-        self.dropouts = nn.ModuleList(nn.Dropout(cfg.dropout) for _ in range(2))
+        self.dropouts = nn.ModuleList(Dropout(cfg.dropout) for _ in range(2))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norms[0](x + self.dropouts[0](self.attn(x + pos, x + pos, x, attn_mask=mask, need_weights=False)[0]))
+        x_pos = x + pos
+        x = self.norms[0](x + self.dropouts[0](self.attn(x_pos, x_pos, x, mask)))
         return self.norms[1](x + self.dropouts[1](self.ffn(x)))
 
 
@@ -100,7 +101,7 @@ class FeatureReconstructor(nn.Module):
         if mask is not None and bool(mask.all(dim=1).any()):
             raise ValueError(f"a {cfg.neighbour} x {cfg.neighbour} neighbour mask hides every token of a {grid} x "
                              f"{grid} grid; use a smaller model.neighbour")
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", additive_mask(mask), persistent=False)  # 0 or -inf, added to the logits
 
     def forward(self, features: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """``noise``: the jitter noise (training only; None in evaluation, where nothing is random)."""

@@ -68,6 +68,9 @@ class ReconstructionConfig:
     heads: int = 8
     ffn: int = 1024
     dropout: float = 0.1
+    # dropout on the attention weights; None: ``dropout`` (UniAD's). 0 lets the attention run fused, several
+    # times faster on a CPU (BENCHMARKS.md, "The transformer base's speed")
+    attention_dropout: float | None = None
     neighbour: int = 7  # a token may not attend to its own k x k neighbourhood (0: no mask)
     jitter_scale: float = 20.0  # training only: noise of each token's norm / channels, times this
     jitter_prob: float = 1.0  # chance that a training batch is jittered
@@ -77,11 +80,19 @@ class ReconstructionConfig:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if self.neighbour < 0 or (self.neighbour and self.neighbour % 2 == 0):
             raise ValueError(f"neighbour must be 0 or odd, got {self.neighbour}")
+        for name in ("dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0 <= p < 1:
+                raise ValueError(f"model.{name} must lie in [0, 1), got {p}")
         if min(self.encoder_layers, self.decoder_layers) < 1:
             raise ValueError("the transformer needs at least one encoder and one decoder layer")
         if not 0 <= self.jitter_prob <= 1 or self.jitter_scale < 0:
             raise ValueError(f"jitter_prob must be in [0, 1] and jitter_scale >= 0, got {self.jitter_prob}, "
                              f"{self.jitter_scale}")
+
+    @property
+    def attention_dropout_p(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
 @dataclass(frozen=True)
