@@ -16,7 +16,8 @@ from scipy.stats import beta, norm
 from ddad.cli import main
 from ddad.data.anomalies import SyntheticAnomalies, perlin_noise
 from ddad.data.formats import DataConfig, build_index
-from ddad.engine.thresholds import Threshold, choose_threshold, decision_stats, false_alarm_threshold
+from ddad.engine.thresholds import (Threshold, choose_threshold, decision_stats, false_alarm_interval,
+                                   false_alarm_threshold)
 
 from .conftest import forbid_reading
 
@@ -91,6 +92,36 @@ def test_the_validation_split_is_held_out_seeded_and_per_category(synth_root):
     assert {s.image for s in other.val} != val
 
 
+def test_without_real_defects_the_default_threshold_is_a_one_percent_false_alarm_target():
+    rng = np.random.default_rng(1)
+    good, bad = rng.random(40), rng.random(6) + 0.5
+    scores, labels = np.concatenate([good, bad]), np.r_[np.zeros(40), np.ones(6)]
+    synthetic = choose_threshold(scores, labels, defects="synthetic")
+    assert synthetic.value == np.nextafter(good.max(), np.inf)  # 40 < 100 images: above every good one
+    assert synthetic.target["max_false_alarms"] == 0.01 and synthetic.target["default"] is True
+    assert "synthetic ones ignored" in synthetic.source
+    real = choose_threshold(scores, labels, defects="real")  # F1 only with real defects
+    assert real.target == {"f1": "validation defects (real)"} and real.value != synthetic.value
+    many = rng.random(250)  # floor(0.01 * 250) = 2 false alarms allowed: just above the third largest
+    assert choose_threshold(many, np.zeros(250)).value == np.nextafter(np.sort(many)[-3], np.inf)
+    given = choose_threshold(scores, labels, max_false_alarms=0.05, defects="synthetic")
+    assert given.target["max_false_alarms"] == 0.05 and "default" not in given.target
+    pixels = choose_threshold(scores, labels, defects="synthetic", unit="pixels")
+    assert "good validation pixels" in pixels.source and "interval_95" not in pixels.target
+    # the stated expectation and 95 % interval of the false-alarm rate on new good parts, by simulation: with
+    # good scores uniform on [0, 1], the share of new good parts at or above the threshold t is 1 - t
+    expected, low, high = synthetic.target["expected_false_alarms"], *synthetic.target["interval_95"]
+    assert synthetic.target["good_images"] == 40
+    shares = np.array([1 - choose_threshold(rng.random(40), np.zeros(40)).value for _ in range(4000)])
+    assert abs(shares.mean() - expected) < 4 * shares.std() / np.sqrt(shares.size)
+    assert 0.93 < ((shares >= low) & (shares <= high)).mean() < 0.97
+    assert (shares < low).mean() == pytest.approx(0.025, abs=0.01)  # central: 2.5 % on each side
+    e, lo, hi = false_alarm_interval(250, 0.01)
+    shares = np.array([1 - false_alarm_threshold(rng.random(250), 0.01) for _ in range(4000)])
+    assert abs(shares.mean() - e) < 4 * shares.std() / np.sqrt(shares.size)
+    assert 0.93 < ((shares >= lo) & (shares <= hi)).mean() < 0.97
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, synth_root):
     run = tmp_path_factory.mktemp("val") / "run"
@@ -122,23 +153,41 @@ def test_no_test_image_is_read_while_the_threshold_is_chosen(tiny_run, monkeypat
     decisions = validation_thresholds(RunDir(tiny_run), loaded, max_false_alarms=0.0, progress=False)
     image, pixel = decisions.shared.image, decisions.shared.pixel
     assert not decisions.categories  # one category: the shared decision only
-    assert read and image.target == {"max_false_alarms": 0.0} and pixel is not None
+    assert read and image.target["max_false_alarms"] == 0.0 and pixel is not None
     monkeypatch.setattr(dataset, "read_image", real_read)
     assert main(["test", str(tiny_run), "--quiet", "--no-images", "--max-false-alarms", "0"]) == 0
     metrics = json.loads((tiny_run / "test" / "metrics.json").read_text())
     assert metrics["threshold"] == image.value and "on 2 good validation images" in metrics["threshold_source"]
-    assert metrics["decision"]["target"] == {"max_false_alarms": 0.0}
+    assert metrics["decision"]["target"]["max_false_alarms"] == 0.0
     assert "oracle_threshold" in metrics and metrics["oracle_threshold"]["source"] == "F1-optimal on the test split"
 
 
-def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root, tmp_path):
-    assert main(["test", str(tiny_run), "--quiet", "--no-images"]) == 0  # F1 on synthetic validation defects
+def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root, tmp_path, capsys):
+    from ddad import load_config
+    from ddad.data.splits import load_validation_split
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    assert main(["test", str(tiny_run), "--quiet", "--no-images"]) == 0  # synthetic validation defects only
     stored = json.loads((tiny_run / "threshold.json").read_text())
     assert "synthetic" in stored["source"] and stored["pixel_threshold"] is not None
+    # the default without real defects: 1 % false alarms on the good validation images (fewer than 100 of
+    # them: just above the highest good validation score, scored here by hand)
+    config = load_config(tiny_run)
+    loaded = get_method("ddad").load(RunDir(tiny_run), config, progress=False)
+    val = load_validation_split(config.data, progress=False)
+    good_scores = loaded.detect(val.images[val.labels == 0]).pred_score.numpy()
+    assert stored["target"]["max_false_alarms"] == 0.01 and stored["target"]["default"] is True
+    assert stored["threshold"] == pytest.approx(good_scores.max(), rel=1e-5)  # batches of other sizes here
+    assert stored["threshold"] > np.sort(good_scores)[-2] + 1e-3
+    capsys.readouterr()
     out = tmp_path / "pred"
     folder = synth_root / "washer" / "test"
     assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--masks", "--quiet"]) == 0
+    # predict says which threshold decided and how it was chosen; scores.csv carries both
+    assert f"threshold {stored['threshold']:.6g}: {stored['source']}" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert {r["threshold_source"] for r in rows} == {stored["source"]}
     t = Threshold(stored["threshold"], stored["source"], stored["target"], *stored["validation_range"])
     for r in rows:
         score = float(r["score"])
@@ -146,12 +195,8 @@ def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root,
         assert int(r["pred_label"]) == int(score >= t.value) == int(float(r["pred_score"]) >= 0.5)
     masks = sorted((out / "masks").glob("*.png"))
     assert len(masks) == len(rows)
-    from ddad import load_config
     from ddad.data.io import read_image
-    from ddad.methods import get_method
-    from ddad.runs import RunDir
 
-    loaded = get_method("ddad").load(RunDir(tiny_run), load_config(tiny_run), progress=False)
     first = loaded.detect(read_image(rows[0]["image"], 3, 32)[None])
     expected = (first.anomaly_map[0, 0].numpy() >= stored["pixel_threshold"]) * 255
     got = np.asarray(Image.open(out / "masks" / f"{Path(rows[0]['image']).stem}.png"))
@@ -212,7 +257,7 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     threshold = json.loads((run / "threshold.json").read_text())
     assert threshold["calibration_key"] == loaded.key.digest
     assert threshold["threshold"] == pytest.approx(good_scores.max(), rel=1e-5)
-    assert threshold["target"] == {"max_false_alarms": 0.0} == stored["threshold"]["target"]
+    assert threshold["target"]["max_false_alarms"] == 0.0 == stored["threshold"]["target"]["max_false_alarms"]
     # predict decides with it, no ddad test needed: the lowest-scoring held-out good image is good
     held_out = [s.image for s in split.samples if s.label == 0]
     assert len(held_out) == len(good_scores)

@@ -202,6 +202,9 @@ def cmd_predict(args) -> int:
     print(f"scored {len(scored)} images" + (f"; {flagged} flagged defective" if decided else
                                             " (no threshold: run ddad test or pass --threshold)")
           + (f"; {len(rows) - len(scored)} unreadable (see scores.csv)" if len(rows) > len(scored) else ""))
+    sources = dict.fromkeys((r["category"], r["threshold"], r["threshold_source"]) for r in scored if decided)
+    for category, value, source in list(sources)[:20]:
+        print(f"threshold{' of ' + category if len(sources) > 1 and category else ''} {value:.6g}: {source}")
     print(f"scores: {args.out / 'scores.csv'}")
     return 0
 

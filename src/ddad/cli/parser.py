@@ -20,7 +20,7 @@ DETECT_FLAG_DESTS: list[str] = []  # filled by _add_detect_flags: every detectio
 def _add_false_alarm_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--max-false-alarms", type=float, metavar="RATE",
                    help=f"{what} for at most this false-alarm rate on the good validation images "
-                        "(default: F1-optimal on validation defects, real or synthetic)")
+                        "(default: F1-optimal on real validation defects, else 0.01)")
 
 
 def _add_detect_flags(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """``ddad predict`` for any method: score unlabelled images and decide with the run's threshold.
 
-    OUT/scores.csv         image, category (and how it was known: given | path | recognised), score, threshold,
-                           pred_score (normalised: 0.5 at the threshold), pred_label (1 defective, 0 good),
+    OUT/scores.csv         image, category (and how it was known: given | path | recognised), score, threshold
+                           and its source (how it was chosen, its target and expected false-alarm rate), pred_score (normalised: 0.5 at the threshold), pred_label (1 defective, 0 good),
                            decision (defective | good; empty without a threshold), error (why a file was not
                            scored: it could not be read)
     OUT/images/<name>.png  input | reconstruction | heatmap
@@ -98,7 +98,8 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
             if decision is not None and decisions.normalises:
                 pred_score = float(decision.image.normalise(score))
             rows.append({"image": str(p), "category": cat or "", "category_source": known_by if cat else "",
-                         "score": score, "threshold": limit, "error": None, "pred_score": pred_score,
+                         "score": score, "threshold": limit, "threshold_source": decision and decision.image.source,
+                         "error": None, "pred_score": pred_score,
                          "decision": None if limit is None else ("defective" if score >= limit else "good"),
                          "pred_label": None if limit is None else int(score >= limit)})
             recon = None if res.reconstruction is None else res.reconstruction[j]
@@ -115,7 +116,7 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
             image = read_image(p, channels, size)
         except DatasetError as exc:  # one bad file does not stop the others
             rows.append({"image": str(p), "category": "", "category_source": "", "score": None, "threshold": None,
-                         "decision": None, "error": str(exc), "pred_score": None, "pred_label": None})
+                         "threshold_source": None, "decision": None, "error": str(exc), "pred_score": None, "pred_label": None})
             bar.update(1)
         else:
             from_path = category_from_path(p, loaded.categories) if several and category is None else None
@@ -133,8 +134,8 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     for stale in (out_dir / "images").glob("*.png"):  # panels of an earlier predict into this folder
         stale.unlink()
     blank = lambda v: "" if v is None else v  # noqa: E731
-    columns = ["image", "category", "category_source", "score", "threshold", "pred_score", "pred_label", "decision",
-               "error"]
+    columns = ["image", "category", "category_source", "score", "threshold", "threshold_source", "pred_score",
+               "pred_label", "decision", "error"]
     write_csv(out_dir / "scores.csv", columns, [[blank(r[c]) for c in columns] for r in rows])
     for stale in (out_dir / "masks").glob("*.png"):
         stale.unlink()
