@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -59,6 +60,12 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     if getattr(method, "one_model_per_category", False) and len(selected_categories(config.data)) > 1:
         return per_category.train_each(config.replace(data=config.data.absolute()), run, lambda c, r, again:
                                        train_run(c, r.root, again, progress, on_step))
+    main_rank = distributed.context(resolve_device(config.train.device).type).is_main  # torchrun: rank 0 writes
+    with run.locked("training") if main_rank else nullcontext():  # a second training of the run stops here
+        return _train_locked(config, run, method, resume, progress, on_step, main_rank)
+
+
+def _train_locked(config: Any, run: RunDir, method, resume: bool, progress: bool, on_step, main_rank: bool):
     if resume:
         stored = load_config(run)
         trainings = {f.name: getattr(config, f.name) for f in fields(config)
@@ -75,7 +82,6 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
     print(index.describe())
     if not resume:  # a bad test file stops now, not after the training
         check_images(index.test, config.data, "test", progress=progress)
-    main_rank = distributed.context(resolve_device(config.train.device).type).is_main  # torchrun: rank 0 writes
     if main_rank:
         run.root.mkdir(parents=True, exist_ok=True)
         run.save_config(config)
@@ -122,9 +128,14 @@ def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | N
     RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
     or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
     Returns the new settings, one row per candidate and the image threshold."""
+    run = _run(run_dir).require()
+    with run.locked("tune"):  # it rewrites config.yaml and threshold.json
+        return _tune_locked(run, grid, progress, max_false_alarms)
+
+
+def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | None):
     from .engine import tuning
 
-    run = _run(run_dir).require()
     config = load_config(run)
     method = get_method(config.method)
     grids = [dict(grid)] if grid else list(tuning.GRIDS[config.method])

@@ -7,16 +7,20 @@
     RUN_DIR/checkpoints/epoch-NNNNN-step-SSSSSSS.safetensors   the same, taken inside epoch NNNNN + 1
                                            (a step mark or the end of a time/step budget)
     RUN_DIR/test/                          written by ``ddad test``
+    RUN_DIR/.lock                          held while a training or a tune writes the run (PID, host, what)
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from .checkpoint import Checkpoint, atomic_write_text
 from .config import read_yaml_mapping
@@ -39,6 +43,28 @@ class WeightsConfig:
     def state_dict(self, ckpt: Checkpoint) -> dict:
         """The weights these settings choose from ``ckpt``: its EMA where kept and ``average`` is "ema", else raw."""
         return ckpt.state_dict("ema" if self.average == "ema" and ckpt.has("ema") else "model")
+
+
+class RunInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def _try_lock(fh) -> bool:
+    """An exclusive, non-blocking lock on the open file ``fh``, released by the system when its process ends."""
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+    except OSError:
+        return False
+    return True
 
 
 class Settings(Protocol):
@@ -147,6 +173,37 @@ class RunDir:
         if skipped:
             self.warn(f"no readable checkpoint in {self.checkpoint_dir}: {'; '.join(skipped)}")
         return None
+
+    @contextmanager
+    def locked(self, what: str) -> Iterator[None]:
+        """Hold RUN_DIR/.lock while ``what`` (training, tune) writes the run; :class:`RunInUse` naming the PID
+        that holds it otherwise. The system releases the lock when its process ends, however it ends: a lock
+        file left by a killed process is stale and is taken over, with a note."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fh = open(path, "a+", encoding="utf-8")
+        try:
+            if not _try_lock(fh):
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise RunInUse(f"run directory {self.root} is in use by {holder}; wait for it to finish or stop it, "
+                               f"or choose another --run-dir")
+            fh.seek(0)
+            previous = fh.read().strip()
+            if previous:
+                print(f"note: took over the stale lock of {self.root} ({previous}: no longer running)", file=sys.stderr)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"PID {os.getpid()} on {socket.gethostname()} ({what} since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()  # an empty file: released cleanly (the system drops the lock on close)
+                fh.flush()
+        finally:
+            fh.close()
 
     def warn(self, message: str) -> None:
         """A warning on stderr and in the run's log."""
