@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import nullcontext
 from dataclasses import fields, replace
@@ -95,16 +96,35 @@ def _train_locked(config: Any, run: RunDir, method, resume: bool, progress: bool
 def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None, save_images: bool = True,
              progress: bool = True, cache: bool = True, max_false_alarms: float | None = None) -> TestMetrics:
     """Evaluate the run on its test split with ``config`` (default: the run's settings); the threshold is
-    chosen on its validation split, for ``max_false_alarms`` or F1-optimal on validation defects. A parent
-    run of one model per category tests each and writes their table with the mean."""
+    chosen on its validation split (F1 on real validation defects, else ``max_false_alarms`` or 1 % false
+    alarms). Writes to ``out_dir``, by default :func:`test_output_dir` (other settings than the run's go to
+    RUN_DIR/experiments/). A parent run of one model per category tests each and writes their table with the
+    mean."""
     run = _run(run_dir)
     if per_category.is_parent(run):
         return per_category.test_each(run, lambda r, out: test_run(r, None, out, save_images, progress, cache,
                                                                    max_false_alarms), out_dir)
     run = run.require()
     config = config or load_config(run)
+    out_dir = Path(out_dir) if out_dir is not None else test_output_dir(run, config)
     loaded = get_method(config.method).load(run, config, progress)
     return testing.test_run(run, loaded, out_dir, save_images, progress, cache, max_false_alarms)
+
+
+def _without_runtime(config: Any) -> Any:
+    return replace(config, runtime=None) if any(f.name == "runtime" for f in fields(config)) else config
+
+
+def test_output_dir(run_dir: Path | str | RunDir, config: Any = None) -> Path:
+    """Where ``ddad test`` writes by default: RUN_DIR/test for the run's own settings, RUN_DIR/experiments/
+    test-<digest of the settings> for others (``--w 5``, ``with_detection(...)``), so that an experiment
+    never replaces the run's own test outputs."""
+    run = _run(run_dir)
+    own = load_config(run)
+    if config is None or _without_runtime(config) == _without_runtime(own):  # device, batch size: same results
+        return run.test_dir
+    digest = hashlib.sha256(config.to_yaml().encode()).hexdigest()[:10]
+    return run.root / "experiments" / f"test-{digest}"
 
 
 def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: Path, threshold: float | None = None,

@@ -116,6 +116,15 @@ class RunSettings:
         return dataclasses.replace(self, **sections)
 
 
+def _as_declared(f: dataclasses.Field, value: Any) -> Any:
+    """An int given for a float setting as that float (w=5 is w=5.0): the same settings, the same calibration
+    key, whether they came from Python or the command line."""
+    declared = str(f.type)
+    if isinstance(value, int) and not isinstance(value, bool) and "float" in declared and "int" not in declared:
+        return float(value)
+    return value
+
+
 def override(settings: Any, changes: Mapping[str, Any], within: tuple[str, ...] | None = None,
              ignore_none: bool = True) -> Any:
     """``settings`` (a dataclass) with fields replaced wherever they are in its tree of dataclasses (only
@@ -150,7 +159,7 @@ def override(settings: Any, changes: Mapping[str, Any], within: tuple[str, ...] 
                 continue
             value = getattr(obj, f.name)
             if f.name in changes and not dataclasses.is_dataclass(value):
-                updates[f.name] = changes[f.name]
+                updates[f.name] = _as_declared(f, changes[f.name])
             elif dataclasses.is_dataclass(value):
                 updates[f.name] = rebuild(value, False)
         return dataclasses.replace(obj, **updates)

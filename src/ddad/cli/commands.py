@@ -108,7 +108,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from ..api import test_run
+    from ..api import test_output_dir, test_run
     from ..engine import per_category
     from ..runs import RunDir
 
@@ -119,11 +119,11 @@ def cmd_test(args) -> int:
         print(f"metrics: {(args.out or RunDir(args.run_dir).test_dir) / 'metrics.json'} (each category's in its folder)")
         return 0
     run, config = run_settings(args)
-    metrics = test_run(run, config, args.out, save_images=not args.no_images, progress=not args.quiet,
+    out = args.out or test_output_dir(run, config)
+    metrics = test_run(run, config, out, save_images=not args.no_images, progress=not args.quiet,
                        max_false_alarms=args.max_false_alarms)
     if metrics is None:  # another rank of a torchrun job: rank 0 reports
         return 0
-    out = args.out or run.test_dir
     print(format_metrics(metrics))
     decision = metrics.info.get("decision")
     if decision is not None:

@@ -88,15 +88,31 @@ class ThresholdMismatch(ValueError):
     """The stored threshold was chosen under another calibration key."""
 
 
+KEPT_THRESHOLDS = 16  # records of other settings kept in threshold.json beside the latest
+
+
 def store_threshold(run: RunDir, record: Mapping[str, Any], key: CalibrationKey,
                     colour_scale: tuple[float, float] | None = None) -> None:
     """The decision thresholds ``record`` (``threshold`` and ``source``, and as chosen on validation: the
     target, the validation score range that normalises scores, the pixel threshold, each category's own;
     see :class:`ddad.engine.thresholds.Decisions`) and the heatmaps' colour scale of the same test, under
-    ``key``."""
-    atomic_write_text(run.threshold_path, json.dumps(
-        {**record, "colour_scale": colour_scale, "calibration_key": key.digest, "key": key.as_dict()}, indent=2,
-        default=str))
+    ``key``. The latest record is threshold.json's top level; those of other settings stay under ``others``
+    (an experiment with other settings does not take the run's own threshold away)."""
+    others: dict[str, Any] = {}
+    path = run.threshold_path
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+        others = dict(previous.pop("others", None) or {})
+        if previous.get("calibration_key"):
+            others[previous["calibration_key"]] = previous
+    others.pop(key.digest, None)
+    others = dict(list(others.items())[-KEPT_THRESHOLDS:])
+    atomic_write_text(path, json.dumps(
+        {**record, "colour_scale": colour_scale, "calibration_key": key.digest, "key": key.as_dict(),
+         "others": others}, indent=2, default=str))
 
 
 def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> dict | None:
@@ -107,8 +123,11 @@ def stored_threshold(run: RunDir, key: CalibrationKey, remedy: str) -> dict | No
     if not path.is_file():
         return None
     stored = json.loads(path.read_text())
+    others = stored.pop("others", None) or {}
     if stored.get("calibration_key") == key.digest:
         return stored
+    if key.digest in others:
+        return others[key.digest]
     if "key" in stored:
         differences = key_differences(stored["key"], json.loads(json.dumps(key.as_dict(), default=str)))
         why = "it was chosen under other settings (" + "; ".join(differences[:8]) + \
