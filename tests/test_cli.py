@@ -325,3 +325,18 @@ def test_exported_graphs_give_the_same_normalised_scores_and_labels(trained, tmp
         assert 0.0 <= float(a["pred_score"]) <= 1.0
         if abs(float(a["pred_score"]) - 0.5) > 1e-3:  # away from the threshold the decisions agree
             assert a["pred_label"] == b["pred_label"], image
+
+
+def test_help_and_counts_say_what_the_code_does(capsys):
+    """Issue 28, wall 12: the help of --method and --category matches what training does with several
+    categories; counts are singular for one."""
+    import pytest
+
+    from ddad.cli.commands import count
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "so far" not in text and "refuse" not in text
+    assert "ddad trains one run per category" in text and "drdc one model for all of them" in text
+    assert (count(1, "image"), count(2, "image"), count(0, "image")) == ("1 image", "2 images", "0 images")

@@ -38,6 +38,10 @@ def test_an_experiment_with_other_settings_keeps_the_runs_own_results(synth_root
     folder = synth_root / "washer" / "test"
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "p1"), "--no-images", "--quiet"]) == 0
     assert {float(r["threshold"]) for r in _rows(tmp_path / "p1" / "scores.csv")} == {own["threshold"]}
+    one = next(folder.rglob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", str(run), str(one), "--out", str(tmp_path / "p3"), "--no-images", "--quiet"]) == 0
+    assert "scored 1 image;" in capsys.readouterr().out
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "p2"), "--no-images", "--quiet",
                  "--w", "5"]) == 0
     assert {float(r["threshold"]) for r in _rows(tmp_path / "p2" / "scores.csv")} == {metrics.threshold}

@@ -214,7 +214,8 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
             f"<div class='sub'>run {html.escape(str(run.root))}</div>{_metrics_table(metrics)}"
             f"<details><summary>settings</summary><table class='settings'>{settings}</table></details>"
             f"<h2>Curves</h2><div class='plots'>{''.join(plots)}</div>"
-            f"<h2>Test images ({counts['fn']} missed defects, {counts['fp']} false alarms at the threshold; worst "
+            f"<h2>Test images ({counts['fn']} missed defect{'' if counts['fn'] == 1 else 's'}, {counts['fp']} "
+            f"false alarm{'' if counts['fp'] == 1 else 's'} at the threshold; worst "
             f"first{', by category' if several else ''})</h2>{notes_html}{''.join(sections)}</body></html>")
     atomic_write_text(out_dir / "index.html", page)
     return out_dir / "index.html"

@@ -173,6 +173,11 @@ def cmd_report(args) -> int:
     return 0
 
 
+def count(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_metrics(metrics) -> str:
     """The overall line, then one line per category and their mean where there are several."""
 
@@ -199,7 +204,7 @@ def cmd_predict(args) -> int:
     scored = [r for r in rows if r["error"] is None]
     flagged = sum(r["decision"] == "defective" for r in scored)
     decided = bool(scored) and scored[0]["decision"] is not None
-    print(f"scored {len(scored)} images" + (f"; {flagged} flagged defective" if decided else
+    print(f"scored {count(len(scored), 'image')}" + (f"; {flagged} flagged defective" if decided else
                                             " (no threshold: run ddad test or pass --threshold)")
           + (f"; {len(rows) - len(scored)} unreadable (see scores.csv)" if len(rows) > len(scored) else ""))
     sources = dict.fromkeys((r["category"], r["threshold"], r["threshold_source"]) for r in scored if decided)

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--dataset", help=f"dataset format: {', '.join(sorted(FORMATS))} (default {DataConfig.dataset})")
     p.add_argument("--data-root", help="dataset root folder")
-    p.add_argument("--category", help="category folder under the root; a,b,c or 'all' for several (one model "
-                                      "for all of them: methods that train one per category refuse)")
+    p.add_argument("--category", help="category folder under the root; a,b,c or 'all' for several (ddad trains "
+                                      "one run per category under --run-dir; drdc one model for all of them; "
+                                      "patchcore one bank per category in one run)")
     p.add_argument("--normal-dir", help="folder format: defect-free images")
     p.add_argument("--abnormal-dir", help="folder format: defective test images")
     p.add_argument("--mask-dir", help="folder format: masks of the defective images, matched by stem")
