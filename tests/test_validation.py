@@ -193,13 +193,13 @@ def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root,
         score = float(r["score"])
         assert float(r["pred_score"]) == pytest.approx(float(t.normalise(score)))
         assert int(r["pred_label"]) == int(score >= t.value) == int(float(r["pred_score"]) >= 0.5)
-    masks = sorted((out / "masks").glob("*.png"))
-    assert len(masks) == len(rows)
+    masks = sorted((out / "masks").rglob("*.png"))
+    assert len(masks) == len(rows) and {str(m.relative_to(out)) for m in masks} == {r["mask"] for r in rows}
     from ddad.data.io import read_image
 
     first = loaded.detect(read_image(rows[0]["image"], 3, 32)[None])
     expected = (first.anomaly_map[0, 0].numpy() >= stored["pixel_threshold"]) * 255
-    got = np.asarray(Image.open(out / "masks" / f"{Path(rows[0]['image']).stem}.png"))
+    got = np.asarray(Image.open(out / rows[0]["mask"]))
     assert got.shape == expected.shape and np.array_equal(got, expected)
 
 

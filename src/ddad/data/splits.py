@@ -160,22 +160,49 @@ def calibration_set(data: DataConfig, count: int, seed: int, held_out: bool = Fa
     return torch.stack(picked), categories
 
 
-def collect_images(paths: Sequence[Path | str], exclude: Sequence[str] = (), dataset: str | None = None
-                   ) -> list[Path]:
+@dataclass
+class Inputs:
+    """What ``ddad predict`` was given: the image ``files`` in a stable order, each one's ``names`` (its path
+    relative to the folder given, prefixed by that folder's name when several paths were given; a file given
+    directly: its name), and the files in given folders that are not images (``ignored``)."""
+
+    files: list[Path]
+    names: dict[Path, str]
+    ignored: list[Path]
+
+
+def collect_inputs(paths: Sequence[Path | str], exclude: Sequence[str] = (), dataset: str | None = None) -> Inputs:
     """Files as given, and image files inside given folders (recursively), in a stable order; inside folders
     leaving out files whose name or path matches a glob of ``exclude`` and the masks of format ``dataset``."""
+    paths = list(map(Path, paths))
     found: list[Path] = []
-    for p in map(Path, paths):
+    names: dict[Path, str] = {}
+    ignored: list[Path] = []
+    for p in paths:
         if p.is_dir():
-            found.extend(sorted(q for q in p.rglob("*") if is_image_file(q) and not _excluded(q, p, exclude, dataset)))
+            for q in sorted(q for q in p.rglob("*") if q.is_file() and not _excluded(q, p, exclude, dataset)):
+                if not is_image_file(q):
+                    ignored.append(q)
+                    continue
+                found.append(q)
+                relative = q.relative_to(p).as_posix()
+                names[q] = f"{p.resolve().name}/{relative}" if len(paths) > 1 else relative
         elif p.is_file():
             found.append(p)
+            names[p] = p.name
         else:
             raise DatasetError(f"no such file or folder: {p}")
     if not found:
         raise DatasetError(f"no images found in {', '.join(map(str, paths))}"
-                           + (f" (excluding {', '.join(exclude)})" if exclude else ""))
-    return found
+                           + (f" (excluding {', '.join(exclude)})" if exclude else "")
+                           + (f"; not images: {', '.join(q.name for q in ignored[:5])}" if ignored else ""))
+    return Inputs(found, names, ignored)
+
+
+def collect_images(paths: Sequence[Path | str], exclude: Sequence[str] = (), dataset: str | None = None
+                   ) -> list[Path]:
+    """:func:`collect_inputs`' image files."""
+    return collect_inputs(paths, exclude, dataset).files
 
 
 def _excluded(path: Path, folder: Path, patterns: Sequence[str], dataset: str | None) -> bool:

@@ -1,11 +1,16 @@
 """``ddad predict`` for any method: score unlabelled images and decide with the run's threshold.
 
-    OUT/scores.csv         image, category (and how it was known: given | path | recognised), score, threshold
-                           and its source (how it was chosen, its target and expected false-alarm rate), pred_score (normalised: 0.5 at the threshold), pred_label (1 defective, 0 good),
-                           decision (defective | good; empty without a threshold), error (why a file was not
-                           scored: it could not be read)
-    OUT/images/<name>.png  input | reconstruction | heatmap
-    OUT/masks/<name>.png   with ``masks``: the binary pred_mask (anomaly map >= the stored pixel threshold)
+    OUT/scores.csv         image, panel and mask (their paths under OUT), category (and how it was known:
+                           given | path | recognised), score, threshold and its source (how it was chosen, its
+                           target and expected false-alarm rate), pred_score (normalised: 0.5 at the
+                           threshold), pred_label (1 defective, 0 good), decision (defective | good), note (why
+                           pred_score or the decision is empty), error (why a file was not scored: unreadable,
+                           or too small for the model)
+    OUT/images/<relative path>.png   input | reconstruction | heatmap, named by the image's path relative to
+                           the folder given (a sub-folder stays a sub-folder), titled with it
+    OUT/masks/<relative path>.png    with ``masks``: the binary pred_mask (anomaly map >= the pixel threshold)
+
+Files in the given folders that are not images are listed in a note on stderr, not scored.
 
 The threshold is the one given, else the run's stored one, which must have been chosen under this
 detector's calibration key (``ddad test`` with the same detection settings). A model of several categories
@@ -28,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.io import DatasetError, image_size_of, read_image
-from ..data.splits import collect_images
+from ..data.splits import collect_inputs
 from ..results import safe_name
 from ..runs import RunDir
 from ..visualize import colour_range, panel, save_png
@@ -37,6 +42,24 @@ from .detection import LoadedDetector
 from .testing import write_csv
 from .recognition import build_recogniser
 from .thresholds import Decision, Decisions, Threshold
+
+
+def panel_paths(files: Sequence[Path], names: dict[Path, str], folder: str = "images") -> dict[str, str]:
+    """Each file's panel (or mask) path under OUT, keeping its name relative to the folder it was found in
+    (``good/000.png`` -> ``images/good/000.png``), characters outside letters, digits, ``-_.`` replaced;
+    names that still collide get ``-2``, ``-3``."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for p in files:
+        parts = [safe_name(part) for part in Path(names[p]).with_suffix("").parts]
+        base = "/".join([folder, *parts])
+        name, n = f"{base}.png", 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}.png"
+        used.add(name)
+        out[str(p)] = name
+    return out
 
 
 def category_from_path(path: Path, categories: Sequence[str]) -> str | None:
@@ -57,7 +80,12 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     if category is not None and category not in loaded.categories:
         raise ValueError(f"--category {category!r} is not one of this run's categories: "
                          f"{', '.join(loaded.categories) or 'none recorded'}")
-    files = collect_images(paths, exclude, loaded.data.dataset)
+    inputs = collect_inputs(paths, exclude, loaded.data.dataset)
+    files = inputs.files
+    if inputs.ignored:
+        print(f"note: {len(inputs.ignored)} file(s) in the given folders are not images and were not scored: "
+              + ", ".join(str(q) for q in inputs.ignored[:5]) + (" ..." if len(inputs.ignored) > 5 else ""),
+              file=sys.stderr)
     stored = stored_threshold(run, loaded.key, f"Run `ddad test {run.root}` with the same detection flags as "
                                                f"this predict to store one") if threshold is None else None
     decisions = None  # the thresholds, shared and per category, and the validation ranges that normalise scores
@@ -65,6 +93,13 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
         decisions = Decisions.from_stored(stored)
     elif threshold is not None:
         decisions = Decisions(Decision(Threshold(threshold, "given", {}, threshold, threshold)), normalises=False)
+    note = ("no threshold: run `ddad test` (or `ddad tune`) to store one, or pass --threshold" if decisions is None
+            else "" if decisions.normalises else
+            "pred_score needs the validation scores' range: " + ("the threshold was given (--threshold)"
+                                                                 if threshold is not None else
+                                                                 "the stored threshold was not chosen on a "
+                                                                 "validation split"))
+    smallest = max(8, loaded.data.image_size // 8)  # a smaller image is blown up from almost nothing
     if masks and (decisions is None or decisions.shared.pixel is None):
         raise ValueError(f"--masks needs a pixel threshold: run `ddad test {run.root}` (with a validation split) "
                          "with the same detection flags first")
@@ -99,7 +134,7 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
                 pred_score = float(decision.image.normalise(score))
             rows.append({"image": str(p), "category": cat or "", "category_source": known_by if cat else "",
                          "score": score, "threshold": limit, "threshold_source": decision and decision.image.source,
-                         "error": None, "pred_score": pred_score,
+                         "error": None, "note": note or None, "pred_score": pred_score,
                          "decision": None if limit is None else ("defective" if score >= limit else "good"),
                          "pred_label": None if limit is None else int(score >= limit)})
             recon = None if res.reconstruction is None else res.reconstruction[j]
@@ -113,10 +148,14 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
 
     for p in files:
         try:
+            height, width = image_size_of(p)
+            if min(height, width) < smallest:
+                raise DatasetError(f"{p}: {width}x{height} pixels is too small to score (this model sees {size} px "
+                                   f"images; at least {smallest} px a side)")
             image = read_image(p, channels, size)
         except DatasetError as exc:  # one bad file does not stop the others
             rows.append({"image": str(p), "category": "", "category_source": "", "score": None, "threshold": None,
-                         "threshold_source": None, "decision": None, "error": str(exc), "pred_score": None, "pred_label": None})
+                         "threshold_source": None, "decision": None, "note": None, "error": str(exc), "pred_score": None, "pred_label": None})
             bar.update(1)
         else:
             from_path = category_from_path(p, loaded.categories) if several and category is None else None
@@ -131,23 +170,22 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     order = {str(p): i for i, p in enumerate(files)}
     rows.sort(key=lambda r: order[r["image"]])
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (out_dir / "images").glob("*.png"):  # panels of an earlier predict into this folder
+    for stale in (out_dir / "images").rglob("*.png"):  # panels of an earlier predict into this folder
         stale.unlink()
     blank = lambda v: "" if v is None else v  # noqa: E731
-    columns = ["image", "category", "category_source", "score", "threshold", "threshold_source", "pred_score",
-               "pred_label", "decision", "error"]
+    panels = panel_paths(files, inputs.names) if save_images else {}
+    mask_files = panel_paths([p for p, _ in mask_paths], inputs.names, "masks")
+    for r in rows:
+        r["panel"] = panels.get(r["image"]) if r["error"] is None else None
+        r["mask"] = mask_files.get(r["image"])
+    columns = ["image", "panel", "mask", "category", "category_source", "score", "threshold", "threshold_source",
+               "pred_score", "pred_label", "decision", "note", "error"]
     write_csv(out_dir / "scores.csv", columns, [[blank(r[c]) for c in columns] for r in rows])
-    for stale in (out_dir / "masks").glob("*.png"):
+    for stale in (out_dir / "masks").rglob("*.png"):
         stale.unlink()
-    names: set[str] = set()
     for p, mask in mask_paths:
-        name = safe_name(p.stem)
-        while name in names:
-            name += "_"
-        names.add(name)
-        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
         height, width = image_size_of(p)  # at the image's own size, as masks of the dataset formats
-        save_png(Image.fromarray(mask).resize((width, height), Image.NEAREST), out_dir / "masks" / f"{name}.png")
+        save_png(Image.fromarray(mask).resize((width, height), Image.NEAREST), out_dir / mask_files[str(p)])
     skipped = [r for r in rows if r["error"]]
     if skipped:
         print(f"warning: {len(skipped)} of {len(files)} files could not be read and were not scored "
@@ -157,12 +195,7 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     if save_images and results:
         # the colour scale of the `ddad test` that chose the threshold, so heatmaps compare across both
         colours = (stored or {}).get("colour_scale") or colour_range(torch.stack([r[3] for r in results]))
-        used: set[str] = set()
         for p, img, rec, amap, score, decision, limit in results:
-            name = safe_name(p.stem)
-            while name in used:
-                name += "_"
-            used.add(name)
-            title = f"{p.name}  score {score:.4g}" + (f"  -> {decision}" if decision else "")
-            save_png(panel(img, rec, amap, None, title, *colours, threshold=limit), out_dir / "images" / f"{name}.png")
+            title = f"{inputs.names[p]}  score {score:.4g}" + (f"  -> {decision}" if decision else "")
+            save_png(panel(img, rec, amap, None, title, *colours, threshold=limit), out_dir / panels[str(p)])
     return rows
