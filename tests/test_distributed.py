@@ -80,8 +80,10 @@ def test_two_processes_train_as_one_only_rank_0_writes_and_one_process_resumes_t
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*_ddad_args(synth_root, "--run-dir", "run"), "--val-ratio", "0.125"]
     _train([*args, "--max-steps", "4", "--set", "train.checkpoint_steps=[2]"], 1, [one])
-    _train([*args, "--max-steps", "2"], 2, [two / "rank0", two / "rank1"])
+    out0, out1 = _launch(["train", *args, "--max-steps", "2"], 2, [two / "rank0", two / "rank1"])
     assert not any((two / "rank1").iterdir())  # the other rank wrote nothing
+    assert "trained" in out0 and "7 train images" in out0  # rank 0 prints the banner and the summary, alone
+    assert "trained" not in out1 and "train images" not in out1
     assert "world size 2, backend gloo" in (two / "rank0" / "run" / "train.log").read_text()
     _same_training(_at_step(one / "run", 2).tensors, _weights(two / "rank0" / "run"))
     _train(["--resume", "--run-dir", "run", "--max-steps", "4", "--quiet"], 1, [two / "rank0"])

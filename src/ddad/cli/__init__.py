@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Sequence
 
@@ -22,8 +24,13 @@ COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep":
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # under torchrun, rank 0 prints what the command did; the other ranks' output would repeat it with their
+    # own shard's numbers (errors and warnings on stderr still show)
+    quiet_rank = int(os.environ.get("RANK", "0") or 0) != 0
     try:
-        return COMMANDS[args.command](args)
+        with open(os.devnull, "w") if quiet_rank else contextlib.nullcontext() as sink, \
+                contextlib.redirect_stdout(sink) if quiet_rank else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"ddad {args.command}: error: {exc}", file=sys.stderr)
         return 2
