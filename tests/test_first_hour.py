@@ -232,3 +232,28 @@ def test_wall10_panels_share_test_colours_with_predict_and_carry_a_colour_bar(tm
     # the colour bar under the heatmap: a row whose colours run from the map's cold blue to its hot red
     rows = [r for r in panel if r[:, 2].max() > 150 and r[:, 0].max() > 150 and len(np.unique(r, axis=0)) > 50]
     assert rows, "no colour bar in the panel"
+
+
+def test_colour_bar_labels_never_overlap_wherever_the_threshold_falls():
+    """Issue 28, wall 8 ('1.42' over 'threshold', '2.63threshold'): each label's box, measured by PIL, clears
+    the others on its row and lies inside the bar; the threshold's label sits under its mark where it can."""
+    from PIL import ImageDraw
+
+    from ddad.visualize import colour_bar, colour_bar_labels
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    for width, (vmin, vmax) in ((96, (0.0, 1.45)), (64, (0.0213, 2.63)), (128, (-1.5, 12.25))):
+        for t in np.linspace(vmin, vmax, 41)[1:-1]:
+            labels = colour_bar_labels(width, vmin, vmax, float(t))
+            assert [text for text, _, _ in labels][2] == "threshold"
+            boxes = [(x, x + measure(text), row) for text, x, row in labels]
+            assert all(0 <= a and b <= width for a, b, _ in boxes)
+            for i, (a1, b1, r1) in enumerate(boxes):
+                for a2, b2, r2 in boxes[i + 1:]:
+                    assert r1 != r2 or b1 <= a2 or b2 <= a1, (width, t, labels)
+            mark = (t - vmin) / (vmax - vmin) * (width - 1)
+            a, b, _ = boxes[2]
+            assert a <= mark <= b or a == 0 or b >= width - 1  # under its mark unless held at an end
+            image = colour_bar(width, vmin, vmax, float(t))
+            assert image.height == 10 + 14 * (1 + max(r for _, _, r in boxes))
+    assert len(colour_bar_labels(96, 0.0, 1.0, None)) == 2 and len(colour_bar_labels(96, 0.0, 1.0, 1.0)) == 2

@@ -49,20 +49,38 @@ def colour_range(maps: torch.Tensor) -> tuple[float, float]:
     return vmin, max(vmax, vmin + 1e-12)
 
 
+def colour_bar_labels(width: int, vmin: float, vmax: float, threshold: float | None = None
+                      ) -> list[tuple[str, int, int]]:
+    """(text, x, row) of the colour bar's labels: the range's ends on the first row at the bar's ends, the
+    word "threshold" centred under its mark, on the first row where it clears the end labels, else on the
+    second (so labels never overlap, whatever the threshold's place)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    low, high = f"{vmin:.3g}", f"{vmax:.3g}"
+    high_x = int(width - draw.textlength(high))
+    labels = [(low, 0, 0), (high, high_x, 0)]
+    if threshold is not None and vmin < threshold < vmax:
+        mark = (threshold - vmin) / (vmax - vmin) * (width - 1)
+        w = draw.textlength("threshold")
+        x = int(round(min(max(mark - w / 2, 0), width - w)))
+        clear = x >= draw.textlength(low) + 4 and x + w <= high_x - 4
+        labels.append(("threshold", x, 0 if clear else 1))
+    return labels
+
+
 def colour_bar(width: int, vmin: float, vmax: float, threshold: float | None = None) -> Image.Image:
     """A horizontal scale of the heatmap colours from ``vmin`` to ``vmax``, the threshold marked."""
     bar_h, text_h = 10, 14
+    labels = colour_bar_labels(width, vmin, vmax, threshold)
+    rows = 1 + max(row for _, _, row in labels)
     ramp = colormap(np.linspace(0.0, 1.0, width))[None].repeat(bar_h, axis=0)
-    canvas = Image.new("RGB", (width, bar_h + text_h), (255, 255, 255))
+    canvas = Image.new("RGB", (width, bar_h + rows * text_h), (255, 255, 255))
     canvas.paste(Image.fromarray((ramp * 255).round().astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.text((0, bar_h + 1), f"{vmin:.3g}", fill=(0, 0, 0))
-    label = f"{vmax:.3g}"
-    draw.text((width - 6 * len(label), bar_h + 1), label, fill=(0, 0, 0))
+    for text, x, row in labels:
+        draw.text((x, bar_h + 1 + row * text_h), text, fill=(0, 0, 0))
     if threshold is not None and vmin < threshold < vmax:
         x = int(round((threshold - vmin) / (vmax - vmin) * (width - 1)))
         draw.line([(x, 0), (x, bar_h)], fill=(0, 0, 0), width=2)
-        draw.text((max(0, min(x - 15, width - 60)), bar_h + 1), "threshold", fill=(0, 0, 0))
     return canvas
 
 
