@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,6 +155,9 @@ def test_onnx_export_matches_pytorch(trained, tmp_path):
     assert main(["export", str(run), "--scoring", "combined", "--backbone", "mobilenet_v2",
                  "--backbone-weights", "random"]) == 0
     assert (run / "export" / "unet.onnx").is_file() and (run / "export" / "extractor.onnx").is_file()
+    info = json.loads((run / "export" / "export.json").read_text())  # paths stored absolute, as the README says
+    assert Path(info["run"]).is_absolute() and Path(info["run"]) == run.resolve()
+    assert Path(info["checkpoint"]).is_absolute() and Path(info["checkpoint"]).is_file()
     assert main(["predict", str(run), str(data), "--out", str(tmp_path / "onnx"), "--quiet", "--no-images",
                  "--scoring", "combined", "--backbone", "mobilenet_v2", "--backend", "onnxruntime",
                  "--threshold", "1"]) == 0

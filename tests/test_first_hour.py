@@ -257,3 +257,44 @@ def test_colour_bar_labels_never_overlap_wherever_the_threshold_falls():
             image = colour_bar(width, vmin, vmax, float(t))
             assert image.height == 10 + 14 * (1 + max(r for _, _, r in boxes))
     assert len(colour_bar_labels(96, 0.0, 1.0, None)) == 2 and len(colour_bar_labels(96, 0.0, 1.0, 1.0)) == 2
+
+
+def test_grey_photos_train_grey_and_the_demo_follows_the_validation_workflow(tmp_path, capsys, monkeypatch):
+    """Issue 28, walls 13 and 14."""
+    from ddad import api
+    from ddad.cli.parser import build_parser
+    from ddad.cli.settings import train_settings
+
+    def settings(root, *extra):
+        return train_settings(build_parser().parse_args(["train", "--dataset", "folder", "--normal-dir",
+                                                         str(root / "good"), *extra]))[0]
+
+    rng = np.random.default_rng(0)
+    grey = tmp_path / "grey"
+    (grey / "good").mkdir(parents=True)
+    for i in range(20):  # grey photos saved as RGB, and one saved as L
+        level = (rng.random((24, 40)) * 200).astype(np.uint8)
+        Image.fromarray(np.stack([level] * 3, axis=-1)).save(grey / "good" / f"{i:03d}.png")
+    Image.fromarray(level).save(grey / "good" / "999.png")
+    capsys.readouterr()
+    assert settings(grey).data.channels == 1
+    assert "channels: 1" in capsys.readouterr().out
+    assert settings(grey, "--channels", "3").data.channels == 3  # a choice is kept
+    assert "channels: 1" not in capsys.readouterr().out
+    for i in range(0, 20, 3):  # some colour images among them: colour
+        Image.fromarray((rng.random((24, 40, 3)) * 200).astype(np.uint8)).save(grey / "good" / f"{i:03d}.png")
+    assert settings(grey).data.channels == 3
+    # the demo holds out validation images and chooses its threshold on them
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, *args, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(api, "train_run", capture)
+    with pytest.raises(Stop):
+        api.demo(tmp_path / "demo", progress=False)
+    assert seen["config"].data.val_ratio > 0

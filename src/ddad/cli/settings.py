@@ -117,13 +117,16 @@ def train_settings(args):
     for assignment in args.set:
         assigned = merge(assigned, parse_assignment(assignment))
     data = merge(data, assigned)
-    if args.model:  # the preset at the final image size; --set model.* still wins
-        data["model"] = merge(UNetConfig.preset(args.model, data["data"]["image_size"],
-                                                data["data"]["channels"]).to_dict(), assigned.get("model") or {})
     given = [settings.upgrade(m) for m in (file_data, assigned)]  # what the file and --set chose themselves
 
     def chosen(section: str, *keys: str) -> bool:
         return any(k in (m.get(section) or {}) for m in given for k in keys)
+
+    if args.channels is None and not args.preset and not args.resume and not chosen("data", "channels"):
+        data["data"]["channels"] = default_channels(data["data"])
+    if args.model:  # the preset at the final image size; --set model.* still wins
+        data["model"] = merge(UNetConfig.preset(args.model, data["data"]["image_size"],
+                                                data["data"]["channels"]).to_dict(), assigned.get("model") or {})
 
     if method.name == "ddad":  # the UNet's size follows the images
         if not (args.model or args.preset or chosen("model", *data["model"])):
@@ -142,6 +145,30 @@ def train_settings(args):
     name = (f"folder-{Path(config.data.normal_dir).name}" if config.data.dataset == "folder"
             else f"{config.data.dataset}-{config.data.category or 'data'}")
     return config, args.run_dir or Path("runs") / name
+
+
+GREY_SAMPLE = 16  # training images looked at to tell grey data from colour
+
+
+def default_channels(data: dict) -> int:
+    """1 where :data:`GREY_SAMPLE` training images spread over the whole training set (every category) are
+    all grey (said on stdout), else the default of :class:`DataConfig` (3); the default too where the data
+    cannot be read yet (training names the error)."""
+    from ..data.formats import DataConfig, build_index
+    from ..data.io import DatasetError, is_grey
+
+    try:
+        train = build_index(DataConfig(**data)).train
+        picks = sorted({round(i * (len(train) - 1) / max(GREY_SAMPLE - 1, 1)) for i in range(GREY_SAMPLE)})
+        sample = [train[i].image for i in picks] if train else []
+        grey = bool(sample) and all(is_grey(p) for p in sample)
+    except (DatasetError, ValueError, TypeError, OSError):
+        return DataConfig.channels
+    if grey:
+        print(f"channels: 1 ({len(sample)} training images across the set are all grey; --channels 3 to train "
+              "in colour)")
+        return 1
+    return DataConfig.channels
 
 
 def default_model(image_size: int, channels: int, device: str) -> dict:

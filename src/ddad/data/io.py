@@ -119,6 +119,16 @@ def image_size_of(path: Path) -> tuple[int, int]:
         raise DatasetError(f"cannot decode image file {path}: {exc}") from None
 
 
+def is_grey(path: Path) -> bool:
+    """Whether the image holds one grey level per pixel: a single-band mode, or colour bands that are equal
+    everywhere (grey photos saved as RGB)."""
+    im = _open(path, 256)
+    if len(im.getbands()) - ("A" in im.getbands()) == 1:
+        return True
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
 def read_image(path: Path, channels: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Decode ``path`` to a (channels, H, W) float tensor in [-1, 1], resized to ``size`` if given."""
     if channels not in (1, 3):

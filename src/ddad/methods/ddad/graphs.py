@@ -34,7 +34,7 @@ def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None) ->
     x = torch.zeros(2, channels, size, size)
     t = torch.tensor([250, 25], dtype=torch.long)
     export_graph(unet, (x, t), out_dir / "unet.onnx", ["x", "t"], ["eps"])
-    info = {"run": str(run.root), "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint)),
+    info = {"run": str(run.root.resolve()), "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
             "weights": config.weights.average, "image_size": size, "channels": channels, "extractor": None}
     if detector.extractor is not None:
         layers = config.detect.scoring.feature_layers
