@@ -165,3 +165,18 @@ def test_the_attention_dropout_setting_reaches_every_attention():
     assert rates(replace(SMALL, dropout=0.2, attention_dropout=0.0)) == {0.0}
     with pytest.raises(ValueError, match="model.attention_dropout"):
         replace(SMALL, attention_dropout=1.0)
+
+
+def test_a_cpu_run_trains_without_attention_dropout_unless_told(synth_root, capsys):
+    from ddad.cli.parser import build_parser
+    from ddad.cli.settings import train_settings
+
+    def settings(*extra):
+        args = ["train", "--method", "drdc", "--data-root", str(synth_root), "--category", "washer", "--device",
+                "cpu", *extra]
+        return train_settings(build_parser().parse_args(args))[0]
+
+    capsys.readouterr()
+    assert settings().model.attention_dropout == 0.0 and "no attention dropout" in capsys.readouterr().out
+    assert settings("--set", "model.attention_dropout=0.1").model.attention_dropout == 0.1
+    assert "no attention dropout" not in capsys.readouterr().out
