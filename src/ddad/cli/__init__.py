@@ -1,4 +1,4 @@
-"""The ``ddad`` command: synth, train, adapt, test, predict, report, export, sweep, presets, import, demo.
+"""The ``ddad`` command: synth, combine, train, adapt, test, predict, report, export, sweep, presets, import, demo.
 
 ``parser`` holds the arguments, ``settings`` turns them into a run's settings, ``commands`` runs them.
 """
@@ -12,12 +12,12 @@ from typing import Sequence
 
 from ..config import ConfigError
 from ..data.io import DatasetError
-from .commands import (cmd_adapt, cmd_demo, cmd_export, cmd_import, cmd_predict, cmd_presets, cmd_report,
+from .commands import (cmd_adapt, cmd_combine, cmd_demo, cmd_export, cmd_import, cmd_predict, cmd_presets, cmd_report,
                        cmd_sweep, cmd_synth, cmd_test, cmd_train, cmd_tune, format_metrics)
 from .parser import build_parser
 from .settings import train_settings
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
+COMMANDS = {"synth": cmd_synth, "combine": cmd_combine, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
             "presets": cmd_presets, "export": cmd_export, "report": cmd_report, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo,
             "tune": cmd_tune}
 

@@ -225,6 +225,17 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    from ..data.combine import Source, combine
+
+    counts = combine([Source.parse(spec) for spec in args.sources], args.out, args.data_seed)
+    for category, c in counts.items():
+        print(f"{category}: {c['train']} train, {c['test']} test images, {c['masks']} masks")
+    print(f"wrote {args.out}: train one model on all of them with\n  ddad train --method drdc --data-root "
+          f"{args.out} --category all ...")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ..api import demo
 

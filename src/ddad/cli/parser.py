@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generator")
     p.add_argument("--categories", nargs="+", default=None, help="which categories (default: all: stripes, washer)")
 
+    p = add("combine", help="several datasets of different layouts as one MVTec-layout root (links), for one "
+                            "model of all their categories")
+    p.add_argument("out", type=Path, help="folder to write (OUT/CATEGORY/train, test, ground_truth)")
+    p.add_argument("sources", nargs="+", metavar="[NAME=]FORMAT:ROOT[:CATEGORY]",
+                   help="e.g. mtd=mtd:data/mtd kolektorsdd=kolektorsdd:data/kolektorsdd mpdd:data/mpdd:metal_plate "
+                        "mvtec:data/deeppcb (CATEGORY for formats with categories: one, a,b,c or all, the default)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of each source's train/test split")
+
     p = add("train", help="train the denoising UNet on defect-free images")
     p.add_argument("--method", choices=sorted(METHODS),
                    help="ddad: one diffusion model per category (default); drdc: one model for all the categories "
