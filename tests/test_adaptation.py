@@ -137,8 +137,10 @@ def test_adapt_writes_resumable_epochs_and_test_uses_them(adapted_run):
     assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "adapted"
     adapted_scores = (r.test_dir / "scores.csv").read_text()
     assert main(["test", str(adapted_run), "--quiet", "--no-images", "--pretrained"]) == 0
-    assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "pretrained"
-    assert (r.test_dir / "scores.csv").read_text() != adapted_scores  # the adapted extractor changed the scores
+    (other,) = (r.root / "experiments").iterdir()  # other settings than the run's: written apart
+    assert json.loads((other / "metrics.json").read_text())["extractor"] == "pretrained"
+    assert json.loads((r.test_dir / "metrics.json").read_text())["extractor"] == "adapted"
+    assert (other / "scores.csv").read_text() != adapted_scores  # the adapted extractor changed the scores
     # the detector's extractor holds exactly the weights of the last adapted epoch
     from ddad import load_detector
     from ddad.checkpoint import Checkpoint
