@@ -81,7 +81,7 @@ def test_predict_scores_folders_and_matches_test(trained):
     assert main(["predict", str(run), str(root / "data" / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 6 and all(r["decision"] in ("good", "defective") for r in rows)
-    assert len(list((out / "images").glob("*.png"))) == 6
+    assert len(list((out / "images").rglob("*.png"))) == 6 and all((out / r["panel"]).is_file() for r in rows)
     # the same image gets the same score in predict as in test (content-seeded noise)
     tested = {r["image"]: float(r["score"]) for r in csv.DictReader(open(run / "test" / "scores.csv"))}
     for r in rows:
@@ -186,15 +186,16 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
     root, run = trained
     for old in (run / "calibration").glob("scale-*"):
         old.unlink()
+    out = tmp_path / "t"  # other settings than the run's: written where told
     args = ["test", str(run), "--quiet", "--no-images", "--scoring", "combined", "--backbone", "mobilenet_v2",
-            "--backbone-weights", "random"]
+            "--backbone-weights", "random", "--out", str(out)]
     assert main(args) == 0
     files = list((run / "calibration").glob("scale-*.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
     assert stored["scale"]["n_images"] == 5  # all five training images (one of six held out for validation)
     assert stored["scale"]["max_pixel"] > 0 and stored["scale"]["max_feature"] > 0
-    first = json.loads((run / "test" / "metrics.json").read_text())
+    first = json.loads((out / "metrics.json").read_text())
 
     def boom(*a, **k):
         raise AssertionError("a stored calibration must be reused")
@@ -210,7 +211,7 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
                          "mobilenet_v2", "--backbone-weights", "random"]) == 0
         finally:
             (tmp_path / "train").rename(train_dir)
-        assert json.loads((run / "test" / "metrics.json").read_text())["image_auroc"] == first["image_auroc"]
+        assert json.loads((out / "metrics.json").read_text())["image_auroc"] == first["image_auroc"]
         # per-image normalisation needs no calibration
         assert main(args + ["--normalization", "image"]) == 0
     assert main(args + ["--w", "5"]) == 0  # another setting, another calibration
@@ -222,7 +223,7 @@ def test_calibration_is_stored_reused_and_keyed(trained, monkeypatch, tmp_path):
     assert main(args + ["--normalization", "calibrated"]) == 0
     assert len(list((run / "calibration").glob("scale-*.json"))) == 3
     assert len(list((run / "calibration").glob("scale-*.safetensors"))) == 2
-    assert json.loads((run / "test" / "metrics.json").read_text())["score_scale"]["positional"] is False
+    assert json.loads((out / "metrics.json").read_text())["score_scale"]["positional"] is False
 
 
 def test_old_configs_keep_their_normalisation(tmp_path):
@@ -240,6 +241,7 @@ def test_predict_refuses_a_threshold_from_other_detection_settings(trained, tmp_
     another w (or checkpoint, scoring, ...) refuses it, names what differs and the command that makes one."""
     root, run = trained
     data = root / "data" / "washer" / "test"
+    (run / "threshold.json").unlink(missing_ok=True)  # earlier tests of the module stored other settings' records
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     stored = json.loads((run / "threshold.json").read_text())
     assert len(stored["calibration_key"]) == 16 and stored["key"]["settings"]["algorithm"]["sampler"]["w"] == 3.0

@@ -326,7 +326,7 @@ OTHER_VALUES = {
     "features": {"backbone": "mobilenet_v2", "strides": (4, 8, 16), "grid": 7, "base": "bank"},
     "bank": {"fraction": 0.5, "projection_dim": 64, "per_category": True, "seed": 1},
     "model": {"hidden": 128, "encoder_layers": 2, "decoder_layers": 3, "heads": 4, "ffn": 512, "dropout": 0.2,
-              "neighbour": 5, "jitter_scale": 10.0, "jitter_prob": 0.5},
+              "attention_dropout": 0.0, "neighbour": 5, "jitter_scale": 10.0, "jitter_prob": 0.5},
     "refine": {"enabled": False, "image_size": 64, "unet": "compact", "model_conditioning": False, "cells": (4, 8),
                "sets": 3, "schedule": ScheduleConfig(beta_end=0.03)},
     "detect": {"pool": 8, "crop": 0.9, "precision": "bf16", "start_step": 200, "steps": 5,

@@ -34,8 +34,11 @@ def test_restricted_timesteps_are_never_exceeded(tmp_path, monkeypatch):
     seen = []
     real = objective.ddpm_loss
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
     def spy(model, x0, t, noise, table, reduction="sum", weights=None):
-        seen.append(t.clone())
+        if not isinstance(x0, FakeTensor):  # the step's memory is measured once on fake tensors, before training
+            seen.append(t.clone())
         return real(model, x0, t, noise, table, reduction, weights)
 
     monkeypatch.setattr(objective, "ddpm_loss", spy)

@@ -16,11 +16,13 @@ batch 4: 0.89 / 0.91 GB).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..config import ConfigError
 
 # the share of the available memory a step may take: the data, the moving average and the allocator need room
 USABLE_SHARE = 0.8
@@ -88,3 +90,38 @@ def step_memory(model: nn.Module, loss: Callable[[nn.Module, torch.Tensor, Any],
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss(model, mode.from_tensor(batch), draws)
     return StepMemory(sum(saved.values()), sum(p.numel() * p.element_size() for p in params), int(batch.shape[0]))
+
+
+def require_step_fits(model: nn.Module, objective, sample: torch.Tensor, batch_size: int, device: torch.device,
+                      ctx=None) -> None:
+    """A :class:`ConfigError` with the numbers and a batch size that fits, where one training step of
+    ``batch_size`` images like ``sample`` (1, ...) (``objective``: the trainer's, with ``draw`` and ``loss``;
+    ``ctx``: the torchrun context, each rank training its share) would take more than :data:`USABLE_SHARE` of
+    the memory available now. Nothing is checked where the memory or the measurement is unavailable. The
+    caller's random state is left as it was."""
+    world_size = 1 if ctx is None else ctx.world_size
+    batch = sample.expand(batch_size, *sample.shape[1:])
+    available = available_memory(device)
+    if available is None:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):
+            draws = objective.draw(len(batch), batch.shape[1:], torch.Generator().manual_seed(0))
+            need = step_memory(model, objective.loss, batch, tuple(d.to(device) for d in draws))
+            if need.total > USABLE_SHARE * available and len(batch) > 1:  # the part that does not grow with it
+                firsts = tuple((d[:1] if d.ndim and d.shape[0] == len(batch) else d).to(device) for d in draws)
+                one = step_memory(model, objective.loss, batch[:1], firsts)
+                slope = (need.activations - one.activations) / (len(batch) - 1)
+                need = replace(need, fixed=max(0, int(one.activations - slope)))
+    except Exception:  # noqa: BLE001 - an op fake tensors cannot run: train unchecked rather than refuse
+        return
+    if need.total <= USABLE_SHARE * available:
+        return
+    gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
+    fits = need.largest_batch(available) * world_size
+    raise ConfigError(
+        f"one training step needs about {gb(need.total)} ({gb(need.activations)} of activations for a batch of "
+        f"{need.batch} images of {'x'.join(map(str, batch.shape[1:]))}, {gb(4 * need.parameters)} of weights, "
+        f"gradients and optimizer state), more than {USABLE_SHARE:.0%} of the {gb(available)} available on "
+        f"{device.type}. " + (f"--batch-size {fits} fits (or a smaller --image-size or model)" if fits else
+                              "Not even one image fits: choose a smaller --image-size or model"))

@@ -22,18 +22,17 @@ import copy
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from ..checkpoint import Checkpoint, save_checkpoint
-from ..config import ConfigError
 from ..runs import RunDir
 from ..runtime import autocast, resolve_device
 from .distributed import context
-from .memory import USABLE_SHARE, available_memory, step_memory
+from .memory import require_step_fits
 from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, learning_rate, make_optimizer
 
 
@@ -103,37 +102,6 @@ def as_float_images(batch: torch.Tensor) -> torch.Tensor:
     if batch.dtype == torch.uint8:
         return batch.float() / 127.5 - 1.0
     return batch
-
-
-def require_step_fits(model: torch.nn.Module, objective: Objective, batch: torch.Tensor, device: torch.device,
-                      world_size: int = 1) -> None:
-    """A :class:`ConfigError` with the numbers and a batch size that fits, where one training step of ``batch``
-    would take more than :data:`ddad.engine.memory.USABLE_SHARE` of the memory available now. Nothing is
-    checked where the memory or the measurement is unavailable. The caller's random state is left as it was."""
-    available = available_memory(device)
-    if available is None:
-        return
-    try:
-        with torch.random.fork_rng(devices=[]):
-            draws = objective.draw(len(batch), batch.shape[1:], torch.Generator().manual_seed(0))
-            need = step_memory(model, objective.loss, batch, tuple(d.to(device) for d in draws))
-            if need.total > USABLE_SHARE * available and len(batch) > 1:  # the part that does not grow with it
-                firsts = tuple((d[:1] if d.ndim and d.shape[0] == len(batch) else d).to(device) for d in draws)
-                one = step_memory(model, objective.loss, batch[:1], firsts)
-                slope = (need.activations - one.activations) / (len(batch) - 1)
-                need = replace(need, fixed=max(0, int(one.activations - slope)))
-    except Exception:  # noqa: BLE001 - an op fake tensors cannot run: train unchecked rather than refuse
-        return
-    if need.total <= USABLE_SHARE * available:
-        return
-    gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
-    fits = need.largest_batch(available) * world_size
-    raise ConfigError(
-        f"one training step needs about {gb(need.total)} ({gb(need.activations)} of activations for a batch of "
-        f"{need.batch} images of {'x'.join(map(str, batch.shape[1:]))}, {gb(4 * need.parameters)} of weights, "
-        f"gradients and optimizer state), more than {USABLE_SHARE:.0%} of the {gb(available)} available on "
-        f"{device.type}. " + (f"--batch-size {fits} fits (or a smaller --image-size or model)" if fits else
-                              "Not even one image fits: choose a smaller --image-size or model"))
 
 
 def fit(
@@ -210,9 +178,7 @@ def fit(
                          f"was the batch size or the training set changed?")
     images_cpu = images.contiguous()
     model.train()
-    per_rank = -(-batch // ctx.world_size)
-    require_step_fits(model, objective, as_float_images(images_cpu[:1]).expand(per_rank, *images.shape[1:]),
-                      device, ctx.world_size)
+    require_step_fits(model, objective, as_float_images(images_cpu[:1]), -(-batch // ctx.world_size), device, ctx)
     data_on_device = images_cpu.to(device) if device.type == "cuda" else images_cpu
     last_loss = float("nan")
     total_steps = tc.epochs * steps_per_epoch
