@@ -8,8 +8,8 @@ The activations are measured, not guessed: the objective's loss runs once on fak
 (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no arithmetic), and every distinct
 storage the autograd graph saves is counted (``torch.autograd.graph.saved_tensors_hooks``), parameters
 apart. A loss that branches on a draw's value (DRDC's jitter coin) cannot run on fake tensors: such a step
-is trained unchecked (DRDC's token features are small; its refiner's UNet is checked). On this machine's UNets the estimate was within 5 % of the measured growth of the process's peak
-memory over one real step (compact at 64 px, batch 16: 0.70 GB estimated, 0.72 GB measured; DDAD-S at 128 px,
+is trained unchecked (DRDC's token features are small; its refiner's UNet is checked). On this machine's
+UNets the estimate was within 5 % of the measured growth of the process's peak memory over one real step (compact at 64 px, batch 16: 0.70 GB estimated, 0.72 GB measured; DDAD-S at 128 px,
 batch 4: 0.89 / 0.91 GB).
 """
 
@@ -99,11 +99,11 @@ def require_step_fits(model: nn.Module, objective, sample: torch.Tensor, batch_s
     ``ctx``: the torchrun context, each rank training its share) would take more than :data:`USABLE_SHARE` of
     the memory available now. Nothing is checked where the memory or the measurement is unavailable. The
     caller's random state is left as it was."""
-    world_size = 1 if ctx is None else ctx.world_size
-    batch = sample.expand(batch_size, *sample.shape[1:])
     available = available_memory(device)
     if available is None:
         return
+    world_size = 1 if ctx is None else ctx.world_size
+    batch = sample.expand(batch_size, *sample.shape[1:])
     try:
         with torch.random.fork_rng(devices=[]):
             draws = objective.draw(len(batch), batch.shape[1:], torch.Generator().manual_seed(0))

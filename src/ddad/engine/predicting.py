@@ -44,6 +44,11 @@ from .recognition import build_recogniser
 from .thresholds import Decision, Decisions, Threshold
 
 
+# scores.csv's columns, in order (a row of a file that could not be scored has only image and error)
+COLUMNS = ("image", "panel", "mask", "category", "category_source", "score", "threshold", "threshold_source",
+           "pred_score", "pred_label", "decision", "note", "error")
+
+
 def panel_paths(files: Sequence[Path], names: dict[Path, str], folder: str = "images") -> dict[str, str]:
     """Each file's panel (or mask) path under OUT, keeping its name relative to the folder it was found in
     (``good/000.png`` -> ``images/good/000.png``), characters outside letters, digits, ``-_.`` replaced;
@@ -154,8 +159,8 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
                                    f"images; at least {smallest} px a side)")
             image = read_image(p, channels, size)
         except DatasetError as exc:  # one bad file does not stop the others
-            rows.append({"image": str(p), "category": "", "category_source": "", "score": None, "threshold": None,
-                         "threshold_source": None, "decision": None, "note": None, "error": str(exc), "pred_score": None, "pred_label": None})
+            rows.append({**dict.fromkeys(COLUMNS), "image": str(p), "category": "", "category_source": "",
+                         "error": str(exc)})
             bar.update(1)
         else:
             from_path = category_from_path(p, loaded.categories) if several and category is None else None
@@ -178,9 +183,7 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     for r in rows:
         r["panel"] = panels.get(r["image"]) if r["error"] is None else None
         r["mask"] = mask_files.get(r["image"])
-    columns = ["image", "panel", "mask", "category", "category_source", "score", "threshold", "threshold_source",
-               "pred_score", "pred_label", "decision", "note", "error"]
-    write_csv(out_dir / "scores.csv", columns, [[blank(r[c]) for c in columns] for r in rows])
+    write_csv(out_dir / "scores.csv", COLUMNS, [[blank(r[c]) for c in COLUMNS] for r in rows])
     for stale in (out_dir / "masks").rglob("*.png"):
         stale.unlink()
     for p, mask in mask_paths:
