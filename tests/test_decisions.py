@@ -79,7 +79,7 @@ def test_each_category_gets_its_own_threshold_from_its_own_validation_images(run
     scores = {c: [] for c in ("stripes", "washer")}  # the good images'
     every = {c: [] for c in ("stripes", "washer")}  # with the synthetic defects
     for i, s in enumerate(val.samples):
-        score = float(loaded.detect(val.images[i:i + 1], [s.category]).pred_score[0])
+        score = float(loaded.detect(val.images[i:i + 1], [s.category]).score[0])
         every[s.category].append(score)
         if s.label == 0:
             scores[s.category].append(score)

@@ -45,12 +45,12 @@ def test_score_and_map_do_not_depend_on_the_batch(normalization):
     batch = det(x)
     for i in (0, 3, 5):
         alone = det(x[i:i + 1])
-        assert torch.allclose(alone.pred_score, batch.pred_score[i:i + 1], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(alone.score, batch.score[i:i + 1], rtol=1e-5, atol=1e-6)
         assert torch.allclose(alone.anomaly_map, batch.anomaly_map[i:i + 1], rtol=1e-4, atol=1e-5)
     # The authors' batch normalisation of Eq. 9 does couple images: this test would catch it.
     authors = Detector(random_unet(), DetectConfig(**{**cfg.__dict__, "scoring": ScoringConfig(
         mode="combined", sigma=1, normalization="batch")}), extractor=extractor)
-    assert not torch.allclose(authors(x[:1]).pred_score, authors(x).pred_score[:1], rtol=1e-3)
+    assert not torch.allclose(authors(x[:1]).score, authors(x).score[:1], rtol=1e-3)
 
 
 def calibration_detector(normalization: str) -> Detector:
@@ -150,7 +150,7 @@ def test_defect_gets_the_highest_score(mode, feature_size):
     peak = divmod(int(amap.argmax()), 32)
     assert mask[peak], f"map peak {peak} is outside the defect"
     good = det(clean)
-    assert res.pred_score.item() > good.pred_score.item()
+    assert res.score.item() > good.score.item()
 
 
 def test_pixel_only_needs_no_backbone(monkeypatch):
@@ -215,7 +215,7 @@ def test_speed_options_keep_the_scores(option):
     algorithm = DetectConfig(**{**cfg.__dict__, "precision": "bf16"}) if option == "bf16" else cfg
     fast = Detector(random_unet(), algorithm, extractor=extractor(), runtime=RuntimeConfig(**change))(x)
     tol = 2e-2 if option == "bf16" else 1e-4
-    assert torch.allclose(fast.pred_score, ref.pred_score, rtol=tol)
+    assert torch.allclose(fast.score, ref.score, rtol=tol)
     assert torch.allclose(fast.reconstruction, ref.reconstruction, atol=0.1 if option == "bf16" else 1e-3)
 
 

@@ -119,7 +119,7 @@ def test_per_category_metrics_equal_a_brute_force_reference(unified):
     loaded = DRDC().load(RunDir(run), config)
     split = load_test_split(config.data, progress=False)
     result = loaded.detect(split.images)
-    assert [float(r["score"]) for r in rows] == pytest.approx(result.pred_score.tolist(), rel=1e-5)
+    assert [float(r["score"]) for r in rows] == pytest.approx(result.score.tolist(), rel=1e-5)
     for category, m in metrics["categories"].items():
         sel = np.array([s.category == category for s in split.samples])
         maps, masks = result.anomaly_map[sel][:, 0].numpy(), split.masks[sel][:, 0].numpy() > 0.5
@@ -127,7 +127,7 @@ def test_per_category_metrics_equal_a_brute_force_reference(unified):
         # defective pixels score above good ones, in each category (pixel AUROC > 0.5 by a margin)
         reference = mannwhitneyu(bad, good).statistic / (len(bad) * len(good))
         assert m["pixel_auroc"] == pytest.approx(reference, rel=1e-6), category
-        scores, labels = result.pred_score[sel].numpy(), split.labels[sel]
+        scores, labels = result.score[sel].numpy(), split.labels[sel]
         image_reference = mannwhitneyu(scores[labels == 1], scores[labels == 0]).statistic / (
             (labels == 1).sum() * (labels == 0).sum())
         assert m["image_auroc"] == pytest.approx(image_reference, abs=1e-12)

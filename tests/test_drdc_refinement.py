@@ -187,7 +187,7 @@ def test_a_drdc_score_does_not_depend_on_the_batch():
     shuffled = detector(images[[3, 0, 4, 1, 2]])
     for i in range(5):
         assert torch.allclose(alone[i].anomaly_map[0], together.anomaly_map[i], atol=1e-5)
-        assert alone[i].pred_score[0] == pytest.approx(together.pred_score[i].item(), rel=1e-5)
+        assert alone[i].score[0] == pytest.approx(together.score[i].item(), rel=1e-5)
     assert torch.allclose(shuffled.anomaly_map, together.anomaly_map[[3, 0, 4, 1, 2]], atol=1e-5)
 
 
@@ -289,7 +289,7 @@ def _maps_are_reused_across_alpha(run_dir, monkeypatch):
     assert sum(calls) == len(split.images)  # no map computed again
     fresh = method.load(run, other, progress=False).score_split(split, False, False)
     assert sum(calls) == 2 * len(split.images)
-    assert torch.equal(cached.pred_score, fresh.pred_score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
+    assert torch.equal(cached.score, fresh.score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
     method.load(run, with_detection(config, steps=2), progress=False).score_split(split, True, False)
     assert sum(calls) == 3 * len(split.images)  # the steps change the maps (their scale is stored above)
 
@@ -556,7 +556,7 @@ def test_a_memory_bank_base_per_category_compares_each_image_with_its_own_catego
 
     loaded.detect.model = TokenBank(poisoned)
     again = loaded.score_split(split, cache=False, progress=False)
-    assert torch.equal(again.pred_score[stripes], result.pred_score[stripes])
+    assert torch.equal(again.score[stripes], result.score[stripes])
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
 
 

@@ -79,7 +79,7 @@ class MeanImageDetector:
         # the nearest category mean stands in for "which category is this" (the engine passes images only)
         dists = torch.stack([(images - m).abs().mean(1, keepdim=True) for m in self.means.values()])
         maps = dists.amin(0)
-        return AnomalyResult(pred_score=maps.flatten(1).amax(1), anomaly_map=maps, reconstruction=None)
+        return AnomalyResult(score=maps.flatten(1).amax(1), anomaly_map=maps, reconstruction=None)
 
 
 @pytest.fixture(scope="module")

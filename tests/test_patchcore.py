@@ -72,7 +72,7 @@ def test_each_image_is_scored_against_its_own_categorys_bank_only(fitted):
     detector.banks["washer"] = feats[[i for i, c in enumerate(categories) if c == "stripes"]].reshape(-1, feats.shape[-1])
     again = loaded.score_split(split, progress=False)
     stripes = torch.tensor([c == "stripes" for c in categories])
-    assert torch.equal(again.pred_score[stripes], result.pred_score[stripes])
+    assert torch.equal(again.score[stripes], result.score[stripes])
     # an image of unknown category gets the nearest patch of any bank
     unknown = detector(split.images[:1].float()).extras["patch_distance"][0].flatten()
     both = torch.cat([banks["stripes"].double(), detector.banks["washer"].double()])

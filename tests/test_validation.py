@@ -175,7 +175,7 @@ def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root,
     config = load_config(tiny_run)
     loaded = get_method("ddad").load(RunDir(tiny_run), config, progress=False)
     val = load_validation_split(config.data, progress=False)
-    good_scores = loaded.detect(val.images[val.labels == 0]).pred_score.numpy()
+    good_scores = loaded.detect(val.images[val.labels == 0]).score.numpy()
     assert stored["target"]["max_false_alarms"] == 0.01 and stored["target"]["default"] is True
     assert stored["threshold"] == pytest.approx(good_scores.max(), rel=1e-5)  # batches of other sizes here
     assert stored["threshold"] > np.sort(good_scores)[-2] + 1e-3
@@ -200,6 +200,44 @@ def test_predict_writes_normalised_scores_labels_and_masks(tiny_run, synth_root,
     expected = (first.anomaly_map[0, 0].numpy() >= stored["pixel_threshold"]) * 255
     got = np.asarray(Image.open(out / rows[0]["mask"]))
     assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_the_python_api_decides_as_anomalib_and_as_predict(tiny_run, synth_root, tmp_path):
+    """ddad.load_model(run)(images): the raw score under `score`, pred_score normalised with 0.5 at the stored
+    threshold (min-max over the validation range, written out here), pred_label and pred_mask from the stored
+    thresholds, and the same figures as `ddad predict` writes (issue 28, wall 4)."""
+    from ddad import load_config, load_model
+    from ddad.data.io import read_image
+    from ddad.methods import get_method
+    from ddad.runs import RunDir
+
+    assert main(["test", str(tiny_run), "--quiet", "--no-images"]) == 0
+    stored = json.loads((tiny_run / "threshold.json").read_text())
+    files = sorted((synth_root / "washer" / "test").rglob("*.png"))[:6]
+    images = torch.stack([read_image(f, 3, 32) for f in files])
+    model = load_model(tiny_run)
+    result = model(images)
+    raw = get_method("ddad").load(RunDir(tiny_run), load_config(tiny_run), progress=False).detect(images)
+    assert torch.allclose(result.score, raw.score, rtol=1e-5) and torch.equal(result.anomaly_map, raw.anomaly_map)
+    value, (low, high) = stored["threshold"], stored["validation_range"]
+    expected = np.clip((raw.score.double().numpy() - value) / (high - low) + 0.5, 0, 1)
+    assert result.pred_score.dtype == torch.float32 and np.allclose(result.pred_score.numpy(), expected, atol=1e-6)
+    assert result.pred_label.tolist() == (raw.score.double().numpy() >= value).tolist()
+    assert torch.equal(result.pred_mask, raw.anomaly_map.double() >= stored["pixel_threshold"])
+    assert result.pred_mask.any()
+    # as predict writes them
+    assert main(["predict", str(tiny_run), *map(str, files), "--out", str(tmp_path / "pred"), "--quiet",
+                 "--no-images"]) == 0
+    rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "pred" / "scores.csv"))}
+    for f, s, label in zip(files, result.pred_score.tolist(), result.pred_label.tolist()):
+        assert float(rows[str(f)]["pred_score"]) == pytest.approx(s, abs=1e-5) and int(rows[str(f)]["pred_label"]) == label
+    # a threshold by hand decides but cannot normalise; a wrong shape or category is an error that says so
+    given = load_model(tiny_run, threshold=float(np.median(raw.score.numpy())))(images)
+    assert given.pred_score is None and given.pred_label.sum() == 3 and given.pred_mask is None
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        model(images[:, :1])
+    with pytest.raises(ValueError, match="not one of this run's"):
+        model(images[:1], ["bottle"])
 
 
 def test_without_a_validation_split_the_test_threshold_is_labelled_an_oracle(synth_root, tmp_path):
@@ -241,7 +279,7 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     for row in rows:
         loaded = get_method("ddad").load(RunDir(run), with_detection(config, mode=row["mode"], v=row["v"]),
                                          progress=False)
-        scores = loaded.detect(split.images).pred_score.numpy()
+        scores = loaded.detect(split.images).score.numpy()
         good, bad = scores[split.labels == 0], scores[split.labels == 1]
         assert row["image_auroc"] == pytest.approx(mannwhitneyu(bad, good).statistic / (len(bad) * len(good)))
     best = max(rows, key=lambda r: r["objective"])
@@ -252,7 +290,7 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     # equal up to float32 noise, as these scores come from another batch than tune's)
     loaded = get_method("ddad").load(RunDir(run), tuned, progress=False)
     good = split.images[torch.from_numpy(split.labels == 0)]
-    good_scores = loaded.detect(good).pred_score.numpy().astype(np.float64)
+    good_scores = loaded.detect(good).score.numpy().astype(np.float64)
     threshold = json.loads((run / "threshold.json").read_text())
     assert threshold["calibration_key"] == loaded.key.digest
     assert threshold["threshold"] == pytest.approx(good_scores.max(), rel=1e-5)

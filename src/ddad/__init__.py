@@ -5,12 +5,13 @@ Pipeline: data -> backbones / diffusion -> methods (ddad) -> scoring -> metrics 
 (:class:`ddad.results.AnomalyResult`).
 """
 
-from .api import (adapt_run, demo, export, load_config, load_detector, predict, test_run, train_run,
-                  with_detection)
+from .api import (adapt_run, demo, export, load_config, load_detector, load_model, predict, test_run, train_run,
+                  tune_run, with_detection)
 from .data.formats import DataConfig, build_index
 from .diffusion.sampler import SamplerConfig, conditioned_denoise
 from .diffusion.schedule import ScheduleConfig
 from .diffusion.unet import UNet, UNetConfig
+from .engine.inference import Inferencer
 from .engine.recipe import TrainConfig
 from .methods.ddad.detector import Detector
 from .methods.ddad.settings import AdaptConfig, DDADConfig, DDADWeights, DetectConfig
@@ -27,5 +28,5 @@ __all__ = [
     "AdaptConfig", "AnomalyResult", "DDADConfig", "DDADWeights", "DataConfig", "DetectConfig", "Detector", "RunConfig",
     "RunDir", "RuntimeConfig", "SamplerConfig", "ScheduleConfig", "ScoringConfig", "SplitMetrics", "TestMetrics",
     "TrainConfig", "UNet", "UNetConfig", "WeightsConfig", "adapt_run", "build_index", "conditioned_denoise", "demo",
-    "export", "load_config", "load_detector", "predict", "test_run", "train_run", "with_detection",
+    "export", "Inferencer", "load_config", "load_detector", "load_model", "predict", "test_run", "train_run", "tune_run", "with_detection",
 ]

@@ -23,6 +23,7 @@ from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
 from .engine import distributed, per_category, predicting, testing
+from .engine.inference import Inferencer
 from .engine.thresholds import Threshold
 from .engine.recipe import TrainConfig
 from .engine.trainer import TrainResult
@@ -182,6 +183,17 @@ def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | Non
     run = _run(run_dir).require()
     config = config or load_config(run)
     return get_method(config.method).export(run, config, out_dir)
+
+
+def load_model(run_dir: Path | str | RunDir, config: Any = None, threshold: float | None = None,
+               progress: bool = False) -> Inferencer:
+    """Any method's run ready to decide, as anomalib's inferencers: ``model(images, categories=None)`` gives an
+    AnomalyResult with the raw ``score``, ``pred_score`` normalised (0.5 at the run's threshold), ``pred_label``,
+    ``anomaly_map`` and ``pred_mask`` (see :mod:`ddad.engine.inference`). The run's stored threshold is used
+    (``ddad test`` stores it), else ``threshold``."""
+    run = _run(run_dir).require()
+    config = config or load_config(run)
+    return Inferencer.from_run(run, get_method(config.method).load(run, config, progress), threshold, progress)
 
 
 def load_detector(run_dir: Path | str | RunDir, config: DDADConfig | None = None, calibrate: bool = True,

@@ -1,8 +1,11 @@
 """The typed results every method returns and every command writes or reads.
 
 :class:`AnomalyResult` uses anomalib's field names where they mean the same (``pred_score``,
-``pred_label``, ``anomaly_map``, ``pred_mask``), plus the defect-free ``reconstruction`` where a method
-makes one and ``extras`` for what is a method's own (DDAD: its pixel and feature distances).
+``pred_label``, ``anomaly_map``, ``pred_mask``), plus the raw ``score`` every method computes, the
+defect-free ``reconstruction`` where a method makes one and ``extras`` for what is a method's own (DDAD: its
+pixel and feature distances). As in anomalib and in scores.csv, ``pred_score`` is the *normalised* score
+(0.5 at the threshold, in [0, 1]): a method fills ``score`` and the maps, the run's decisions
+(:meth:`ddad.engine.thresholds.Decisions.apply`) fill ``pred_score``, ``pred_label`` and ``pred_mask``.
 :class:`TestMetrics` is what ``ddad test`` writes to metrics.json and ``ddad report`` reads back.
 """
 
@@ -23,15 +26,16 @@ from .checkpoint import atomic_write_text
 class AnomalyResult:
     """One batch's output; every tensor is on the CPU, indexed like the input batch."""
 
-    pred_score: torch.Tensor  # (B,) image anomaly score (raw: larger is more anomalous)
+    score: torch.Tensor  # (B,) raw image anomaly score (larger is more anomalous; its scale is the method's)
     anomaly_map: torch.Tensor  # (B, 1, H, W) the heatmap at the input's size
     reconstruction: torch.Tensor | None = None  # (B, C, H, W) in [-1, 1], for methods that reconstruct
+    pred_score: torch.Tensor | None = None  # (B,) normalised: 0.5 at the threshold, in [0, 1], once decided
     pred_label: torch.Tensor | None = None  # (B,) bool, once a threshold has been applied
     pred_mask: torch.Tensor | None = None  # (B, 1, H, W) bool, once a pixel threshold has been applied
     extras: dict[str, torch.Tensor | None] = field(default_factory=dict)  # a method's own maps
 
     def __len__(self) -> int:
-        return len(self.pred_score)
+        return len(self.score)
 
     @staticmethod
     def concat(parts: Sequence["AnomalyResult"]) -> "AnomalyResult":

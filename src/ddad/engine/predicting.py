@@ -37,11 +37,9 @@ from ..data.splits import collect_inputs
 from ..results import safe_name
 from ..runs import RunDir
 from ..visualize import colour_range, panel, save_png
-from .calibration import stored_threshold
 from .detection import LoadedDetector
 from .testing import write_csv
-from .recognition import build_recogniser
-from .thresholds import Decision, Decisions, Threshold
+from .inference import Inferencer
 
 
 # scores.csv's columns, in order (a row of a file that could not be scored has only image and error)
@@ -91,25 +89,13 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
         print(f"note: {len(inputs.ignored)} file(s) in the given folders are not images and were not scored: "
               + ", ".join(str(q) for q in inputs.ignored[:5]) + (" ..." if len(inputs.ignored) > 5 else ""),
               file=sys.stderr)
-    stored = stored_threshold(run, loaded.key, f"Run `ddad test {run.root}` with the same detection flags as "
-                                               f"this predict to store one") if threshold is None else None
-    decisions = None  # the thresholds, shared and per category, and the validation ranges that normalise scores
-    if stored is not None:
-        decisions = Decisions.from_stored(stored)
-    elif threshold is not None:
-        decisions = Decisions(Decision(Threshold(threshold, "given", {}, threshold, threshold)), normalises=False)
-    note = ("no threshold: run `ddad test` (or `ddad tune`) to store one, or pass --threshold" if decisions is None
-            else "" if decisions.normalises else
-            "pred_score needs the validation scores' range: " + ("the threshold was given (--threshold)"
-                                                                 if threshold is not None else
-                                                                 "the stored threshold was not chosen on a "
-                                                                 "validation split"))
+    model = Inferencer.from_run(run, loaded, threshold, progress)
+    decisions, stored, note = model.decisions, model.stored, model.note
     smallest = max(8, loaded.data.image_size // 8)  # a smaller image is blown up from almost nothing
     if masks and (decisions is None or decisions.shared.pixel is None):
         raise ValueError(f"--masks needs a pixel threshold: run `ddad test {run.root}` (with a validation split) "
                          "with the same detection flags first")
     several = len(loaded.categories) > 1
-    recogniser = None
     size, channels = loaded.data.image_size, loaded.data.channels
     out_dir = Path(out_dir)
     rows: list[dict] = []
@@ -119,35 +105,26 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
     mask_paths: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
-        nonlocal recogniser
         images = torch.stack([img for _, img, _, _ in pending])
-        unknown = [j for j, item in enumerate(pending) if item[2] is None]
-        if unknown and several and loaded.embed is not None:
-            if recogniser is None:
-                recogniser = build_recogniser(run, loaded.data, loaded.embed, loaded.embed_identity,
-                                              loaded.batch_size, progress)
-            for j, name in zip(unknown, recogniser(images[unknown])):
-                pending[j] = (*pending[j][:2], name, "recognised")
-        cats = [item[2] for item in pending]
-        res = loaded.detect(images, cats) if loaded.by_category else loaded.detect(images)
-        for j, (p, img, cat, known_by) in enumerate(pending):
-            score = float(res.pred_score[j])
-            decision = None if decisions is None else decisions.of(cat)
-            limit = None if decision is None else decision.image.value
-            pred_score = None
-            if decision is not None and decisions.normalises:
-                pred_score = float(decision.image.normalise(score))
-            rows.append({"image": str(p), "category": cat or "", "category_source": known_by if cat else "",
-                         "score": score, "threshold": limit, "threshold_source": decision and decision.image.source,
-                         "error": None, "note": note or None, "pred_score": pred_score,
-                         "decision": None if limit is None else ("defective" if score >= limit else "good"),
-                         "pred_label": None if limit is None else int(score >= limit)})
+        cats = model.resolve(images, [item[2] for item in pending])
+        res = model.decide(images, cats)
+        for j, (p, img, given, known_by) in enumerate(pending):
+            cat = cats[j]
+            score = float(res.score[j])
+            limit = None if decisions is None else decisions.of(cat).image.value
+            rows.append({"image": str(p), "category": cat or "",
+                         "category_source": (known_by if given is not None else "recognised" if several else "run")
+                         if cat else "",
+                         "score": score, "threshold": limit,
+                         "threshold_source": None if decisions is None else decisions.of(cat).image.source,
+                         "error": None, "note": note or None,
+                         "pred_score": None if res.pred_score is None else float(res.pred_score[j]),
+                         "decision": None if limit is None else ("defective" if res.pred_label[j] else "good"),
+                         "pred_label": None if limit is None else int(res.pred_label[j])})
             recon = None if res.reconstruction is None else res.reconstruction[j]
             results.append((p, img, recon, res.anomaly_map[j], score, rows[-1]["decision"], limit))
             if masks:
-                pixel = decision.pixel or decisions.shared.pixel
-                mask = (res.anomaly_map[j, 0].numpy() >= pixel.value).astype(np.uint8) * 255
-                mask_paths.append((p, mask))
+                mask_paths.append((p, res.pred_mask[j, 0].numpy().astype(np.uint8) * 255))
         bar.update(len(pending))
         pending.clear()
 
@@ -164,8 +141,7 @@ def predict(run: RunDir, loaded: LoadedDetector, paths: Sequence[Path | str], ou
             bar.update(1)
         else:
             from_path = category_from_path(p, loaded.categories) if several and category is None else None
-            given = category if category is not None else from_path if from_path is not None else (
-                loaded.categories[0] if len(loaded.categories) == 1 else None)
+            given = category if category is not None else from_path
             pending.append((p, image, given, "given" if category is not None else "path" if from_path else "run"))
         if len(pending) == loaded.batch_size:
             flush()

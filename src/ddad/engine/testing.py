@@ -68,7 +68,7 @@ def split_metrics(split: TestSplit, scores: np.ndarray, maps, crop_fraction: flo
 def measure(split: TestSplit, result: AnomalyResult, crop_fraction: float, curves: dict | None = None
             ) -> tuple[SplitMetrics, dict[str, SplitMetrics]]:
     """Metrics of the whole split and of each of its categories."""
-    scores = result.pred_score.numpy()
+    scores = result.score.numpy()
     overall = split_metrics(split, scores, result.anomaly_map, crop_fraction, curves)
     names = np.array([s.category for s in split.samples])
     per_category = {c: split_metrics(split, scores, result.anomaly_map, crop_fraction, subset=np.flatnonzero(names == c))
@@ -91,7 +91,7 @@ def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms:
     if val.has_masks:
         maps = crop(result.anomaly_map, loaded.crop).flatten(1).numpy()
         masks = crop(val.masks, loaded.crop).flatten(1).numpy() > 0.5
-    return choose_decisions(result.pred_score.numpy(), val.labels, [s.category for s in val.samples], maps, masks,
+    return choose_decisions(result.score.numpy(), val.labels, [s.category for s in val.samples], maps, masks,
                             max_false_alarms, defects)
 
 
@@ -138,7 +138,7 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     result = loaded.score_split(split, cache, progress)  # under torchrun: each image once, on some rank
     if not distributed.context().is_main:
         return None  # rank 0 measures and writes
-    scores = result.pred_score.numpy()
+    scores = result.score.numpy()
     curves: dict = {}
     overall, per_category = measure(split, result, loaded.crop, curves)
     oracle = f1_optimal_threshold(scores, split.labels)

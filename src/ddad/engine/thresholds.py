@@ -25,12 +25,14 @@ one (for images whose category is unknown).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from ..metrics import f1_optimal_threshold
+from ..results import AnomalyResult
 
 DEFAULT_MAX_FALSE_ALARMS = 0.01  # the default target without real validation defects (module docstring)
 
@@ -171,6 +173,28 @@ class Decisions:
 
     def to_dict(self) -> dict:
         return {**self.shared.to_dict(), "categories": {c: d.to_dict() for c, d in self.categories.items()}}
+
+    def apply(self, result: AnomalyResult, categories: Sequence[str | None] | None = None) -> AnomalyResult:
+        """``result`` with each image decided by its category's decision (``categories[i]``; None: the
+        shared one): ``pred_label`` (score >= threshold), ``pred_score`` normalised (left None when no
+        validation range was stored) and ``pred_mask`` (anomaly map >= the category's pixel threshold, else
+        the shared one; None without pixel thresholds)."""
+        categories = list(categories) if categories is not None else [None] * len(result)
+        if len(categories) != len(result):
+            raise ValueError(f"{len(categories)} categories for {len(result)} images")
+        scores = result.score.double().numpy()
+        decided = [self.of(c) for c in categories]
+        label = torch.tensor([d.image.label(s) for d, s in zip(decided, scores)], dtype=torch.bool)
+        pred_score = None
+        if self.normalises:
+            pred_score = torch.tensor([float(d.image.normalise(s)) for d, s in zip(decided, scores)],
+                                      dtype=torch.float32)
+        pred_mask = None
+        pixels = [d.pixel or self.shared.pixel for d in decided]
+        if all(t is not None for t in pixels):
+            limits = torch.tensor([t.value for t in pixels], dtype=torch.float64).view(-1, 1, 1, 1)
+            pred_mask = result.anomaly_map.double() >= limits
+        return replace(result, pred_score=pred_score, pred_label=label, pred_mask=pred_mask)
 
     @classmethod
     def from_stored(cls, stored: Mapping) -> "Decisions":

@@ -105,7 +105,7 @@ def with_candidate(config: Any, candidate: Mapping[str, Any]) -> Any:
 def validation_score(loaded: LoadedDetector, split) -> dict[str, float | None]:
     """Image and pixel AUROC of ``loaded`` on a validation split, and the objective (their mean)."""
     result = loaded.score_split(split, True, False)
-    image = roc_auc(result.pred_score.numpy(), split.labels) if split.labels.any() else None
+    image = roc_auc(result.score.numpy(), split.labels) if split.labels.any() else None
     pixel = None
     if split.has_masks:
         pixel = pixel_auroc(crop(result.anomaly_map, loaded.crop)[:, 0], crop(split.masks, loaded.crop)[:, 0] > 0.5)

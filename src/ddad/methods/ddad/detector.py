@@ -159,6 +159,6 @@ class Detector:
             maps = anomaly_map(d_p, d_f, self.config.scoring, self.score_scale)
             scores = image_scores(maps, self.config.crop)
         return AnomalyResult(
-            pred_score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),
+            score=scores.cpu(), anomaly_map=maps.cpu(), reconstruction=x0.cpu(),
             extras={"pixel_distance": d_p.cpu(), "feature_distance": None if d_f is None else d_f.cpu()},
         )

@@ -82,7 +82,7 @@ class DRDCDetector:
             fused = fuse(base, diffusion, self.detect.alpha)  # Eq. 17
             extras.update(base_map=base.cpu(), diffusion_map=diffusion.cpu())
         scores = pooled_max(crop(fused, self.detect.crop), self.detect.pool)
-        return AnomalyResult(pred_score=scores.float().cpu(), anomaly_map=fused.float().cpu(),
+        return AnomalyResult(score=scores.float().cpu(), anomaly_map=fused.float().cpu(),
                              reconstruction=None if self.refiner is None else maps["inpainted"].cpu(), extras=extras)
 
 

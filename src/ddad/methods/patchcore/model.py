@@ -52,5 +52,5 @@ class PatchCoreDetector:
         grid = self.distances(images, categories)
         maps = gaussian_blur(F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False),
                              self.detect.sigma)
-        return AnomalyResult(pred_score=image_scores(maps, self.detect.crop).cpu(), anomaly_map=maps.cpu(),
+        return AnomalyResult(score=image_scores(maps, self.detect.crop).cpu(), anomaly_map=maps.cpu(),
                              extras={"patch_distance": grid.cpu()})
