@@ -22,7 +22,7 @@ from .data.splits import check_images, load_train_images
 from .data.synth import SynthConfig, generate
 from .diffusion.sampler import SamplerConfig
 from .diffusion.unet import UNetConfig
-from .engine import distributed, per_category, predicting, testing
+from .engine import distributed, per_category, predicting, testing, trainer
 from .engine.inference import Inferencer
 from .engine.thresholds import Threshold
 from .engine.recipe import TrainConfig
@@ -56,7 +56,9 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
               on_step=None) -> TrainResult:
     """Train ``config`` (any method's settings) into ``run_dir`` (created), or continue it with ``resume``.
     A one-model-per-category method (DDAD) given several categories trains them one after another into
-    RUN_DIR/<category>/ (see :mod:`ddad.engine.per_category`) and returns {category: TrainResult}."""
+    RUN_DIR/<category>/ (see :mod:`ddad.engine.per_category`) and returns {category: TrainResult}. A time
+    budget (``max_minutes``) counts from this call: loading the images and building the model are part of it."""
+    started = trainer.clock()
     run = RunDir(run_dir)
     method = get_method(config.method)
     if getattr(method, "one_model_per_category", False) and len(selected_categories(config.data)) > 1:
@@ -64,10 +66,11 @@ def train_run(config: Any, run_dir: Path | str, resume: bool = False, progress: 
                                        train_run(c, r.root, again, progress, on_step))
     main_rank = distributed.context(resolve_device(config.train.device).type).is_main  # torchrun: rank 0 writes
     with run.locked("training") if main_rank else nullcontext():  # a second training of the run stops here
-        return _train_locked(config, run, method, resume, progress, on_step, main_rank)
+        return _train_locked(config, run, method, resume, progress, on_step, main_rank, started)
 
 
-def _train_locked(config: Any, run: RunDir, method, resume: bool, progress: bool, on_step, main_rank: bool):
+def _train_locked(config: Any, run: RunDir, method, resume: bool, progress: bool, on_step, main_rank: bool,
+                  started: float):
     if resume:
         stored = load_config(run)
         trainings = {f.name: getattr(config, f.name) for f in fields(config)
@@ -91,7 +94,8 @@ def _train_locked(config: Any, run: RunDir, method, resume: bool, progress: bool
     # Several categories: uint8 in memory (a quarter of float32's; all of VisA at 256 px is ~7 GB as float).
     images = load_train_images(config.data, index, progress and main_rank, run.log if main_rank else None,
                                uint8=len(index.categories) > 1)
-    return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step, index=index)
+    return method.fit(run, config, images, resume=resume, progress=progress, on_step=on_step, index=index,
+                      started=started)
 
 
 def test_run(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None, save_images: bool = True,
@@ -178,11 +182,12 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
     return best, rows, image
 
 
-def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None) -> Path:
+def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None,
+           progress: bool = True) -> Path:
     """Write the run's networks as ONNX graphs (default RUN_DIR/export)."""
     run = _run(run_dir).require()
     config = config or load_config(run)
-    return get_method(config.method).export(run, config, out_dir)
+    return get_method(config.method).export(run, config, out_dir, progress)
 
 
 def load_model(run_dir: Path | str | RunDir, config: Any = None, threshold: float | None = None,

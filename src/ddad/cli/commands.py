@@ -95,7 +95,7 @@ def cmd_export(args) -> int:
     from ..api import export
 
     run, config = run_settings(args)
-    out = export(run, config, args.out)
+    out = export(run, config, args.out, progress=not args.quiet)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

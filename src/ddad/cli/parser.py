@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="graph format")
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_detect_flags(p)
 
     p = add("presets", help="print the paper's per-category settings (Tables 9-11)")

@@ -114,13 +114,18 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     on_step: StepHook | None = None,
+    started: float | None = None,
+    label: str | None = None,
 ) -> TrainResult:
     """Train the model of ``build_model`` on ``images`` (N, ...; float in [-1, 1], or uint8) into ``run``.
 
     With ``resume``, continue from the run's latest checkpoint (weights, EMA, optimizer, epoch and the
     step inside it), exactly as an uninterrupted run would. Training ends after ``tc.epochs``, or
     earlier at ``tc.max_steps`` / ``tc.max_minutes`` (saved, and resumable with a larger budget).
-    ``info`` is stored in every checkpoint (e.g. the run's config)."""
+    ``info`` is stored in every checkpoint (e.g. the run's config). ``started`` (a :data:`clock` reading, default
+    this call) is when this session's time began: ``tc.max_minutes`` counts from it, setup included (loading
+    images, building the model, the memory check), as a user's ``--minutes`` counts from the command. ``label`` names the model on the progress bar (default
+    the run part's name: DRDC's ``refine``)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(tc.device)
@@ -211,11 +216,13 @@ def fit(
 
     # With a time budget the bar counts training seconds, so its total and ETA are the budget's.
     budget_s = None if tc.max_minutes is None else max(60 * tc.max_minutes - trained_s, 0.0)
-    bar = tqdm(total=max(total_steps - step, 0) if budget_s is None else round(budget_s), desc="train",
+    bar = tqdm(total=max(total_steps - step, 0) if budget_s is None else round(budget_s),
+               desc=" ".join(["train", *filter(None, [label or run.part])]),
                unit="step" if budget_s is None else "s", disable=not progress or not ctx.is_main, dynamic_ncols=True)
-    t_start, seen = clock(), 0
+    t_start = clock() if started is None else min(started, clock())  # this session's time: setup included
+    t_loop, seen = clock(), 0
     shown = 0.0  # training seconds the time bar has shown
-    last_save = t_start
+    last_save = t_loop
     signals = StopSignals().install()
     try:
         for epoch in range(start_epoch, tc.epochs):
@@ -259,7 +266,7 @@ def fit(
                 last_loss = loss.item()
                 epoch_loss += last_loss
                 seen += len(idx)
-                rate = seen / max(clock() - t_start, 1e-9)
+                rate = seen / max(clock() - t_loop, 1e-9)
                 if budget_s is None:
                     bar.update(1)
                 else:
@@ -304,7 +311,7 @@ def fit(
     if stop == "interrupted":
         name = signal.Signals(signals.received).name if signals.received else "a stop signal on another rank"
         log(f"{name} received: saved {last_path} at step {step}")
-    rate = seen / max(clock() - t_start, 1e-9)
+    rate = seen / max(clock() - t_loop, 1e-9)
     epochs_done = step // steps_per_epoch
     stopped_by = stop or "epochs"
     log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")

@@ -121,7 +121,12 @@ def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[G
 
     current = current_values(config, setting_names(grids))
     rows, best, best_value = [], config, -np.inf
-    for candidate in tqdm(candidates(grids, current), desc="tune", unit="setting", disable=not progress):
+    # smoothing 0: the ETA from the mean time per setting so far, not from the last ones (settings that only
+    # re-weigh maps already computed, e.g. DRDC's alpha, take a fraction of a second, the others minutes)
+    bar = tqdm(candidates(grids, current), desc="tune (settings on validation)", unit="setting", smoothing=0,
+               disable=not progress, dynamic_ncols=True)
+    for candidate in bar:
+        bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in candidate.items()))
         tried = with_candidate(config, candidate)
         row = {**candidate, **validation_score(load(tried), split)}
         rows.append(row)

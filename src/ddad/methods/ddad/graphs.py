@@ -24,24 +24,33 @@ from .settings import DetectConfig
 EXPORT_DIR = "export"
 
 
-def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None) -> Path:
+def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, progress: bool = True) -> Path:
     """Write unet.onnx (and extractor.onnx unless scoring is pixel-only) of ``detector`` (the run's, in
     PyTorch) into ``out_dir`` (default RUN_DIR/export)."""
+    from tqdm.auto import tqdm
+
     require_onnx()
     out_dir = Path(out_dir) if out_dir else run.root / EXPORT_DIR
     size, channels = config.data.image_size, config.data.channels
     unet = detector.unet.float().cpu().eval()
     x = torch.zeros(2, channels, size, size)
     t = torch.tensor([250, 25], dtype=torch.long)
+    bar = tqdm(total=1 + (detector.extractor is not None), desc="export (ONNX graphs)", unit="graph",
+               disable=not progress, dynamic_ncols=True)
+    bar.set_postfix_str("unet.onnx")
     export_graph(unet, (x, t), out_dir / "unet.onnx", ["x", "t"], ["eps"])
+    bar.update(1)
     info = {"run": str(run.root.resolve()), "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
             "weights": config.weights.average, "image_size": size, "channels": channels, "extractor": None}
     if detector.extractor is not None:
         layers = config.detect.scoring.feature_layers
         graph = ExtractorGraph(detector.extractor.float().cpu().eval(), layers)
+        bar.set_postfix_str("extractor.onnx")
         export_graph(graph, (x,), out_dir / "extractor.onnx", ["image"], [f"stage{j}" for j in layers])
+        bar.update(1)
         info["extractor"] = {"backbone": config.detect.backbone, "layers": list(layers),
                              "adapted": detector.extractor_source == "adapted"}
+    bar.close()
     atomic_write_text(out_dir / "export.json", json.dumps(info, indent=2))
     return out_dir
 

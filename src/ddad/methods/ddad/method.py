@@ -38,9 +38,10 @@ class DDAD:
                 f"(--category {index.categories[0]} --run-dir ...)")
 
     def fit(self, run: RunDir, config: DDADConfig, images: torch.Tensor, resume: bool = False,
-            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None
-            ) -> TrainResult:
-        """Train the UNet of ``config.model`` on ``images`` (N, C, H, W) with the DDPM objective."""
+            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None,
+            started: float | None = None) -> TrainResult:
+        """Train the UNet of ``config.model`` on ``images`` (N, C, H, W) with the DDPM objective; the time
+        budget counts from ``started`` (see :func:`ddad.engine.trainer.fit`)."""
         model, tc, n_timesteps = config.model, config.train, config.schedule.num_timesteps
         if images.ndim != 4 or images.shape[1] != model.in_channels:
             raise ValueError(f"images must be (N, {model.in_channels}, H, W), got {tuple(images.shape)}")
@@ -53,11 +54,12 @@ class DDAD:
             return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
 
         return fit(run, tc, lambda: UNet(model), objective, images, {"config": config.to_dict()}, resume, progress,
-                   on_step)
+                   on_step, started)
 
     def load(self, run: RunDir, config: DDADConfig, progress: bool = True) -> LoadedDetector:
         return loaded_detector(run, config, progress)
 
-    def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None) -> Path:
+    def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None,
+               progress: bool = True) -> Path:
         detector, _ = load_detector(run, config, calibrate_scale=False)
-        return export_graphs(detector, run, config, out_dir)
+        return export_graphs(detector, run, config, out_dir, progress)

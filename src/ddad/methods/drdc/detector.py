@@ -58,11 +58,18 @@ class DRDCDetector:
         return out
 
     def calibrate(self, images: torch.Tensor, categories: Sequence[str | None] | None = None,
-                  batch_size: int = 16) -> ScoreScale:
+                  batch_size: int = 16, progress: bool = False) -> ScoreScale:
         """The two maps' maxima on defect-free ``images`` (the scale of Eq. 17's inputs)."""
+        from tqdm.auto import tqdm
+
         categories = list(categories) if categories is not None else [None] * len(images)
-        maps = [self.maps(images[i:i + batch_size], categories[i:i + batch_size])
-                for i in range(0, len(images), batch_size)]
+        bar = tqdm(total=len(images), desc="calibrate (Eq. 17's scale)", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        maps = []
+        for i in range(0, len(images), batch_size):
+            maps.append(self.maps(images[i:i + batch_size], categories[i:i + batch_size]))
+            bar.update(len(maps[-1]["base"]))
+        bar.close()
         return ScoreScale.from_distances(torch.cat([m["diffusion"] for m in maps]), torch.cat([m["base"] for m in maps]))
 
     def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:

@@ -67,8 +67,10 @@ class DRDC:
             raise ValueError(f"{index.name} has no defect-free training images")
 
     def fit(self, run: RunDir, config: DRDCConfig, images: torch.Tensor, resume: bool = False,
-            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None) -> TrainResult:
-        """Train the reconstructor on the (cached) features of ``images``: the training images of ``index``."""
+            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None,
+            started: float | None = None) -> TrainResult:
+        """Train the reconstructor on the (cached) features of ``images``: the training images of ``index``.
+        The base's time budget counts from ``started`` (the command's start), the refiner's from the base's end."""
         index = index or build_index(config.data)
         device = resolve_device(config.train.device)
         extractor = build_extractor(config.features, config.weights, config.runtime).to(device)
@@ -82,7 +84,7 @@ class DRDC:
         else:
             base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
                        lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress,
-                       on_step)
+                       on_step, started, label="base")
         if not config.refine.enabled or base.stopped_by == "interrupted":
             return base
         return self.fit_refiner(run, config, images, info, resume, progress, on_step)
@@ -130,7 +132,7 @@ class DRDC:
             return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
 
         return fit(part, tc, lambda: UNet(unet), objective, small, info,
-                   resume and part.latest_checkpoint() is not None, progress, on_step)
+                   resume and part.latest_checkpoint() is not None, progress, on_step, label="refiner")
 
     def load(self, run: RunDir, config: DRDCConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
@@ -173,7 +175,7 @@ class DRDC:
         key, maps_key = calibration_keys(config, networks)
         if refiner is not None:
             detector.scale = stored_scale(run, maps_key, lambda: detector.calibrate(*calibration_set(
-                config.data, config.detect.calibration_images, config.detect.seed, held_out)))
+                config.data, config.detect.calibration_images, config.detect.seed, held_out), progress=progress))
         settings = {name: to_plain(getattr(config, name)) for name in (*SCORING_SECTIONS, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
@@ -183,5 +185,6 @@ class DRDC:
                               split_scorer=lambda split, cache, show: score_split(
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 
-    def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None) -> Path:
+    def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None,
+               progress: bool = True) -> Path:
         raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")

@@ -69,7 +69,8 @@ class PatchCore:
             raise ValueError(f"{index.name} has no defect-free training images")
 
     def fit(self, run: RunDir, config: PatchCoreConfig, images: torch.Tensor, resume: bool = False,
-            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None) -> TrainResult:
+            progress: bool = True, on_step: StepHook | None = None, index: DatasetIndex | None = None,
+            started: float | None = None) -> TrainResult:
         """Fit a bank per group of :func:`bank_groups` that the run does not hold yet."""
         index = index or build_index(config.data)
         have = stored_banks(run.banks_dir)
@@ -118,5 +119,6 @@ class PatchCore:
                               by_category=True, categories=index.categories,
                               embed=backbone_embed(detector.extractor, detector.device), embed_identity=backbone)
 
-    def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None) -> Path:
+    def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None,
+               progress: bool = True) -> Path:
         raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")
