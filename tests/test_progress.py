@@ -24,7 +24,7 @@ class _Bars:
         class Recording(tqdm.auto.tqdm):
             def __init__(self, iterable=None, *a, **k):
                 super().__init__(iterable, *a, **k)
-                self.record = {"desc": k.get("desc", ""), "n": 0,
+                self.record = {"desc": k.get("desc", ""), "n": 0, "shown": not k.get("disable", False),
                                "total": k.get("total", len(iterable) if hasattr(iterable, "__len__") else None)}
                 made.append(self)
 
@@ -82,8 +82,9 @@ def test_drdc_names_its_two_trainings_and_its_calibration(synth_root, tmp_path, 
     assert len(base) == 1 and len(refiner) == 1 and base[0]["total"] == 2 == refiner[0]["total"]
     assert {b["desc"] for b in bars.named("train")} == {"train base", "train refiner"}
     bars.made.clear()
-    assert main(["test", str(tmp_path / "run"), "--quiet", "--no-images"]) == 0
+    assert main(["test", str(tmp_path / "run"), "--no-images"]) == 0
     (calibrate,) = bars.named("calibrate")
+    assert calibrate["shown"]
     # detect.calibration_images (16), capped at the 14 training images, every one counted
     assert calibrate["total"] == 14 and calibrate["n"] == 14
     names = [b.record["desc"] for b in bars.made]
