@@ -15,6 +15,8 @@ def cmd_train(args) -> int:
     if isinstance(result, dict):  # one model per category
         for category, r in result.items():
             print(f"{category}: {r.epochs_done} epochs ({r.steps_done} steps, stopped by {r.stopped_by})")
+            if r.warning:
+                print(f"warning: {category}: {r.warning}", file=sys.stderr)
             if r.stopped_by == "interrupted":
                 print(f"ddad train: interrupted in {category}; run the same command again to continue",
                       file=sys.stderr)
@@ -31,6 +33,8 @@ def cmd_train(args) -> int:
     print(f"trained {result.epochs_done} epochs ({result.steps_done} steps, stopped by {result.stopped_by}); "
           f"last loss {result.last_loss:.4g}; {result.images_per_second:.1f} img/s\ncheckpoint: "
           f"{result.checkpoint}\nrun: {run_dir}")
+    for warning in (result.warning or "").splitlines():
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     share of the images and return None)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else run.test_dir
+    for warning in loaded.info.get("undertrained") or ():  # kept in metrics.json's info too
+        print(f"warning: {warning}", file=sys.stderr)
     chosen = validation_thresholds(run, loaded, max_false_alarms, progress, cache)  # before the test split is read
     split = load_test_split(loaded.data, progress, run.log)
     result = loaded.score_split(split, cache, progress)  # under torchrun: each image once, on some rank

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,9 @@ from ..checkpoint import Checkpoint, save_checkpoint
 from ..runs import RunDir
 from ..runtime import autocast, resolve_device
 from .distributed import context
+from .interruption import StopSignals, rng_state, set_rng_state
 from .memory import require_step_fits
+from .undertraining import Rule, recent_loss, undertrained
 from .recipe import TrainConfig, ema_decay_at, ema_update, epoch_seed, learning_rate, make_optimizer
 
 
@@ -44,6 +45,7 @@ class TrainResult:
     images_per_second: float
     steps_done: int = 0
     stopped_by: str = "epochs"  # epochs | max_steps | max_minutes | interrupted
+    warning: str | None = None  # why the model is undertrained, one line per model (:mod:`ddad.engine.undertraining`), if it is
 
 
 StepHook = Callable[[int, int, float], None]  # (epoch, global step, loss)
@@ -56,45 +58,6 @@ class Objective(Protocol):
     def draw(self, n: int, sample_shape: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]: ...
 
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
-
-
-class StopSignals:
-    """Between :meth:`install` and :meth:`restore` (in the main thread): the first SIGINT or SIGTERM is only
-    recorded, so that training can finish its step and save; a second one interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._saved: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def install(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self._saved = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def restore(self) -> None:
-        for s, handler in self._saved.items():
-            signal.signal(s, handler)
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The global generators' states (the CPU's, and the device's on CUDA): what dropout draws from."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def as_float_images(batch: torch.Tensor) -> torch.Tensor:
@@ -116,6 +79,7 @@ def fit(
     on_step: StepHook | None = None,
     started: float | None = None,
     label: str | None = None,
+    rule: Rule | None = None,
 ) -> TrainResult:
     """Train the model of ``build_model`` on ``images`` (N, ...; float in [-1, 1], or uint8) into ``run``.
 
@@ -125,7 +89,8 @@ def fit(
     ``info`` is stored in every checkpoint (e.g. the run's config). ``started`` (a :data:`clock` reading, default
     this call) is when this session's time began: ``tc.max_minutes`` counts from it, setup included (loading
     images, building the model, the memory check), as a user's ``--minutes`` counts from the command. ``label`` names the model on the progress bar (default
-    the run part's name: DRDC's ``refine``)."""
+    the run part's name: DRDC's ``refine``). ``rule``: what a trained model of this kind has reached (steps, loss;
+    :mod:`ddad.engine.undertraining`; None: the warm-up only)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(tc.device)
@@ -150,6 +115,9 @@ def fit(
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
     start_epoch, step, trained_s = 0, 0, 0.0
+    losses: list[float] = []  # this session's, for the undertraining rule
+    rule = rule or Rule()
+    resumed_loss = None
     last_path: Path | None = None
     resumed_rng: dict[str, torch.Tensor] | None = None
     if resume:
@@ -168,6 +136,7 @@ def fit(
         trained_s = float(ckpt.info.get("train_seconds", 0.0))
         last_path = path
         resumed_rng = ckpt.state_dict("rng") if ckpt.has("rng") else None
+        resumed_loss = ckpt.info.get("recent_loss")
         log(f"resumed from {path.name} (epoch {start_epoch}, step {step}); world size {ctx.world_size}, "
             f"backend {ctx.backend}")
     else:
@@ -205,7 +174,9 @@ def fit(
         path = run.checkpoint_path(epoch_done, step if named else None)
         modules = {"model": model} if ema is None else {"model": model, "ema": ema}
         modules["rng"] = rng_state(device)  # dropout's generator: a mid-epoch resume continues it exactly
-        record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start, **(info or {})}
+        record = {"epoch": epoch_done, "step": step, "train_seconds": trained_s + clock() - t_start,
+                  "recent_loss": recent_loss(losses) if losses else resumed_loss, "warmup_steps": tc.warmup_steps,
+                  "min_steps": rule.min_steps, "settled_loss": rule.settled_loss, **(info or {})}
         if ctx.is_main:
             save_checkpoint(path, modules, record, optimizer)
         if timed is not None and timed != path:
@@ -265,6 +236,7 @@ def fit(
                 done_in_epoch += 1
                 last_loss = loss.item()
                 epoch_loss += last_loss
+                losses.append(last_loss)
                 seen += len(idx)
                 rate = seen / max(clock() - t_loop, 1e-9)
                 if budget_s is None:
@@ -315,7 +287,11 @@ def fit(
     epochs_done = step // steps_per_epoch
     stopped_by = stop or "epochs"
     log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
-    return TrainResult(epochs_done, last_loss, str(last_path), rate, step, stopped_by)
+    warning = undertrained(step, tc.warmup_steps, recent_loss(losses) if losses else resumed_loss, rule,
+                           label or run.part)
+    if warning:
+        log(f"warning: {warning}")
+    return TrainResult(epochs_done, last_loss, str(last_path), rate, step, stopped_by, warning)
 
 
 def _prune(run: RunDir, keep: int) -> None:

@@ -19,6 +19,7 @@ from ...data.formats import build_index
 from ...data.splits import TestSplit, calibration_images, readable_batches
 from ...diffusion.unet import UNet, UNetConfig
 from ...engine.calibration import CalibrationKey, file_id, stored_scale
+from ...engine.undertraining import checkpoint_warning
 from ...engine.detection import LoadedDetector
 from ...engine.distributed import context
 from ...memory_bank import BankConfig, fit_coreset, load_bank, save_bank, stored_banks
@@ -180,8 +181,9 @@ def loaded_detector(run: RunDir, config: DDADConfig, progress: bool = True) -> L
         return score_split(detector, split, reconstruct_split(detector, run, config, split, cache, show))
 
     scale = detector.score_scale
-    info = {"extractor": detector.extractor_source,
-            "score_scale": None if scale is None else scale.to_dict()}
+    record = Checkpoint(run.resolve_checkpoint(config.weights.checkpoint)).info
+    info = {"extractor": detector.extractor_source, "score_scale": None if scale is None else scale.to_dict(),
+            "undertrained": [w for w in [checkpoint_warning(record)] if w]}
     settings = {"detect": to_plain(config.detect), "weights": to_plain(config.weights),
                 "runtime": to_plain(config.runtime)}
     return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,

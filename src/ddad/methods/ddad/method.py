@@ -11,6 +11,7 @@ from ...diffusion.objective import DDPMObjective
 from ...diffusion.schedule import alphas_cumprod
 from ...diffusion.unet import UNet
 from ...engine.detection import LoadedDetector
+from ...engine.undertraining import diffusion_rule
 from ...engine.trainer import StepHook, TrainResult, fit
 from ...runs import RunDir
 from .graphs import export_graphs
@@ -54,7 +55,7 @@ class DDAD:
             return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
 
         return fit(run, tc, lambda: UNet(model), objective, images, {"config": config.to_dict()}, resume, progress,
-                   on_step, started)
+                   on_step, started, rule=diffusion_rule(tc))
 
     def load(self, run: RunDir, config: DDADConfig, progress: bool = True) -> LoadedDetector:
         return loaded_detector(run, config, progress)

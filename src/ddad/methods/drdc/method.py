@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from ...engine.detection import LoadedDetector
 from ...engine.recognition import backbone_embed
 from ...engine.distributed import context
 from ...engine.trainer import StepHook, TrainResult, fit
+from ...engine.undertraining import TRANSFORMER_MIN_STEPS, Rule, checkpoint_warning, diffusion_rule
 from ...memory_bank import UNIFIED, as_patches, bank_groups, fit_coreset, load_banks, save_bank, stored_banks
 from ...runs import RunDir
 from ...runtime import resolve_device
@@ -84,10 +86,11 @@ class DRDC:
         else:
             base = fit(run, config.train, lambda: FeatureReconstructor(channels, config.features.grid, config.model),
                        lambda device: FeatureReconstructionObjective(config.model), feats, info, resume, progress,
-                       on_step, started, label="base")
+                       on_step, started, label="base", rule=Rule(min_steps=TRANSFORMER_MIN_STEPS))
         if not config.refine.enabled or base.stopped_by == "interrupted":
             return base
-        return self.fit_refiner(run, config, images, info, resume, progress, on_step)
+        refined = self.fit_refiner(run, config, images, info, resume, progress, on_step)
+        return replace(refined, warning="\n".join(filter(None, [base.warning, refined.warning])) or None)
 
     def fit_token_bank(self, run: RunDir, config: DRDCConfig, feats: torch.Tensor, info: dict, resume: bool,
                        progress: bool, index: DatasetIndex) -> TrainResult:
@@ -132,13 +135,15 @@ class DRDC:
             return DDPMObjective(table, t_high, tc.loss_reduction, tc.timestep_weighting, tc.min_snr_gamma)
 
         return fit(part, tc, lambda: UNet(unet), objective, small, info,
-                   resume and part.latest_checkpoint() is not None, progress, on_step, label="refiner")
+                   resume and part.latest_checkpoint() is not None, progress, on_step, label="refiner",
+                   rule=diffusion_rule(None if refine.model_conditioning else tc))
 
     def load(self, run: RunDir, config: DRDCConfig, progress: bool = True) -> LoadedDetector:
         if config.runtime.backend != "torch":
             raise ValueError("drdc runs in PyTorch only so far (--backend torch)")
         extractor = build_extractor(config.features, config.weights, config.runtime)
         index = build_index(config.data)
+        warnings: list = []  # undertrained models (:mod:`ddad.engine.undertraining`)
         if config.features.base == "bank":
             banks = load_banks(run.banks_dir, list(bank_groups(config.bank.per_category,
                                                                [s.category for s in index.train])),
@@ -153,6 +158,7 @@ class DRDC:
             model = FeatureReconstructor(feature_channels(extractor), config.features.grid, config.model)
             model.load_state_dict(config.weights.state_dict(ckpt))
             ids = [file_id(path)]
+            warnings.append(checkpoint_warning(ckpt.info, "base"))
         categories = index.categories
         unknown = [c for c in categories if c not in trained]
         if unknown:
@@ -165,7 +171,9 @@ class DRDC:
         if config.refine.enabled:
             unet_path = run.part_of("refine").resolve_checkpoint(None)
             unet = UNet(config.refine.unet_config(config.data.channels))
-            unet.load_state_dict(config.weights.state_dict(Checkpoint(unet_path)))
+            unet_ckpt = Checkpoint(unet_path)
+            unet.load_state_dict(config.weights.state_dict(unet_ckpt))
+            warnings.append(checkpoint_warning(unet_ckpt.info, "refiner"))
             refiner = Refiner(unet, alphas_cumprod(config.refine.schedule), config.refine, config.detect)
             networks.append(file_id(unet_path))
         detector = DRDCDetector(extractor, model, config.features, config.detect, device, refiner)
@@ -179,7 +187,8 @@ class DRDC:
         settings = {name: to_plain(getattr(config, name)) for name in (*SCORING_SECTIONS, "weights", "runtime")}
         return LoadedDetector(detect=detector, data=config.data, key=key, batch_size=config.runtime.batch_size,
                               settings=settings, crop=config.detect.crop,
-                              info={"extractor": "pretrained", "trained_categories": trained},
+                              info={"extractor": "pretrained", "trained_categories": trained,
+                                    "undertrained": [w for w in warnings if w]},
                               categories=categories, embed=backbone_embed(detector.extractor, detector.device),
                               embed_identity=backbone, by_category=config.features.base == "bank",
                               split_scorer=lambda split, cache, show: score_split(
