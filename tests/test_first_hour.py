@@ -298,3 +298,23 @@ def test_grey_photos_train_grey_and_the_demo_follows_the_validation_workflow(tmp
     with pytest.raises(Stop):
         api.demo(tmp_path / "demo", progress=False)
     assert seen["config"].data.val_ratio > 0
+
+
+def test_issue28_wall1_cpu_defaults_fit_the_machine_and_say_so(capsys, monkeypatch):
+    """A DDAD run that names no image size or budget trains on a CPU at 64 px for 10 minutes (said on stdout),
+    where the paper's 256 px at batch 16 needed ~19 GB and stopped before its first step."""
+    from ddad.cli import settings
+
+    config = _parse("--data-root", "d", "--device", "cpu")
+    out = capsys.readouterr().out
+    assert config.data.image_size == 64 == config.model.image_size and config.train.max_minutes == 10.0
+    assert "image size: 64 px (the default on a CPU" in out and "budget: 10 minutes" in out
+    assert config.model.base_channels == 32  # the compact UNet that 64 px brings
+    # each named setting stays as given, and one named does not bring the other's default back
+    given = _parse("--data-root", "d", "--device", "cpu", "--image-size", "128", "--max-steps", "7")
+    assert given.data.image_size == 128 and given.train.max_minutes is None and given.train.max_steps == 7
+    assert _parse("--data-root", "d", "--device", "cpu", "--set", "data.image_size=128").train.max_minutes == 10.0
+    assert _parse("--data-root", "d", "--device", "cpu", "--epochs", "3").data.image_size == 64
+    assert _parse("--data-root", "d", "--preset", "mvtec", "--category", "cable").data.image_size == 256
+    monkeypatch.setattr(settings, "CPU_IMAGE_SIZE", 256)
+    assert _parse("--data-root", "d", "--device", "cpu").data.image_size == 256  # the constant decides
