@@ -313,7 +313,9 @@ def test_issue28_wall1_cpu_defaults_fit_the_machine_and_say_so(capsys, monkeypat
     # each named setting stays as given, and one named does not bring the other's default back
     given = _parse("--data-root", "d", "--device", "cpu", "--image-size", "128", "--max-steps", "7")
     assert given.data.image_size == 128 and given.train.max_minutes is None and given.train.max_steps == 7
-    assert _parse("--data-root", "d", "--device", "cpu", "--set", "data.image_size=128").train.max_minutes == 10.0
+    by_set = _parse("--data-root", "d", "--device", "cpu", "--set", "data.image_size=128")
+    assert by_set.data.image_size == 128 and by_set.train.max_minutes == 10.0
+    assert _parse("--data-root", "d", "--device", "cpu", "--set", "train.max_steps=5").train.max_minutes is None
     assert _parse("--data-root", "d", "--device", "cpu", "--epochs", "3").data.image_size == 64
     assert _parse("--data-root", "d", "--preset", "mvtec", "--category", "cable").data.image_size == 256
     monkeypatch.setattr(settings, "CPU_IMAGE_SIZE", 256)
