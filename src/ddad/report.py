@@ -201,6 +201,8 @@ def write_report(run: RunDir, test_dir: Path | None = None, out_dir: Path | None
     elif threshold is not None:
         notes.append(f"The threshold was chosen {html.escape(metrics.threshold_source)}, before any test image was "
                      "read: the counts of missed defects and false alarms below are what it does on unseen images.")
+    for warning in metrics.info.get("undertrained") or ():
+        notes.append(f"Warning: {html.escape(warning)}.")
     sizes = metrics.info.get("original_sizes") or {}
     size = metrics.info.get("image_size")
     stretched = [s for s in sizes if len(set(s.split("x"))) > 1]
