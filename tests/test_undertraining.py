@@ -65,7 +65,7 @@ def test_a_run_stopped_in_its_warm_up_warns_at_train_and_at_test(synth_root, tmp
     info = json.loads((run / "test" / "metrics.json").read_text())
     assert len(info["undertrained"]) == 1 and "warm-up" in info["undertrained"][0]
     assert main(["report", str(run)]) == 0  # the report says it too
-    assert "undertrained: its 3 steps stopped inside" in (run / "report" / "index.html").read_text()
+    assert "<p class='note'>Warning: the model is undertrained: its 3 steps" in (run / "report" / "index.html").read_text()
     # trained on to the warm-up's end, the warm-up rule is silent (the loss rule may still speak)
     assert main(["train", "--resume", "--run-dir", str(run), "--max-steps", "100", "--quiet"]) == 0
     assert "warm-up" not in capsys.readouterr().err
