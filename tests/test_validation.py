@@ -213,13 +213,19 @@ def test_the_python_api_decides_as_anomalib_and_as_predict(tiny_run, synth_root,
 
     assert main(["test", str(tiny_run), "--quiet", "--no-images"]) == 0
     stored = json.loads((tiny_run / "threshold.json").read_text())
+    value, (low, high) = stored["threshold"], stored["validation_range"]
+    tested = list(csv.DictReader(open(tiny_run / "test" / "scores.csv")))  # ddad test's rows carry them too
+    for r in tested:
+        score = float(r["score"])
+        assert float(r["pred_score"]) == pytest.approx(min(max((score - value) / (high - low) + 0.5, 0), 1))
+        assert int(r["pred_label"]) == int(score >= value)
+    assert {r["pred_label"] for r in tested} == {"0", "1"}
     files = sorted((synth_root / "washer" / "test").rglob("*.png"))[:6]
     images = torch.stack([read_image(f, 3, 32) for f in files])
     model = load_model(tiny_run)
     result = model(images)
     raw = get_method("ddad").load(RunDir(tiny_run), load_config(tiny_run), progress=False).detect(images)
     assert torch.allclose(result.score, raw.score, rtol=1e-5) and torch.equal(result.anomaly_map, raw.anomaly_map)
-    value, (low, high) = stored["threshold"], stored["validation_range"]
     expected = np.clip((raw.score.double().numpy() - value) / (high - low) + 0.5, 0, 1)
     assert result.pred_score.dtype == torch.float32 and np.allclose(result.pred_score.numpy(), expected, atol=1e-6)
     assert result.pred_label.tolist() == (raw.score.double().numpy() >= value).tolist()

@@ -2,7 +2,9 @@
 
     OUT/metrics.json   :class:`ddad.results.TestMetrics` (overall, per category and their mean)
     OUT/curves.json    the PRO curve
-    OUT/scores.csv     image, category, defect_type, label, score (scores written exactly)
+    OUT/scores.csv     image, category, defect_type, label, score (scores written exactly), threshold (the
+                       image's), pred_score (normalised as ``ddad predict``'s, where the thresholds came from
+                       the validation split), pred_label (score >= threshold)
     OUT/images/        one panel per image: input | reconstruction | heatmap | ground truth
     RUN_DIR/threshold.json   the decision thresholds (image and pixel), under the detector's calibration key
 
@@ -172,9 +174,14 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.save(out_dir / "metrics.json")
     atomic_write_text(out_dir / "curves.json", json.dumps(curves))
-    write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score", "threshold"],
-              [(str(s.image), s.category, s.defect_type, s.label, float(v), "" if np.isnan(t) else float(t))
-               for s, v, t in zip(split.samples, scores, thresholds)])
+    # pred_score normalised by the validation range where the decisions came from validation (as predict)
+    normalised = chosen.apply(result, names, masks=False).pred_score if chosen is not None and chosen.normalises else None
+    blank = lambda v: "" if v is None else v  # noqa: E731
+    write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score", "threshold",
+                                       "pred_score", "pred_label"],
+              [(str(s.image), s.category, s.defect_type, s.label, float(v), "" if np.isnan(t) else float(t),
+                blank(None if normalised is None else float(normalised[i])), "" if np.isnan(t) else int(v >= t))
+               for i, (s, v, t) in enumerate(zip(split.samples, scores, thresholds))])
     colours = colour_range(result.anomaly_map)
     if record is not None:
         store_threshold(run, record, loaded.key, colours)

@@ -174,11 +174,12 @@ class Decisions:
     def to_dict(self) -> dict:
         return {**self.shared.to_dict(), "categories": {c: d.to_dict() for c, d in self.categories.items()}}
 
-    def apply(self, result: AnomalyResult, categories: Sequence[str | None] | None = None) -> AnomalyResult:
+    def apply(self, result: AnomalyResult, categories: Sequence[str | None] | None = None,
+              masks: bool = True) -> AnomalyResult:
         """``result`` with each image decided by its category's decision (``categories[i]``; None: the
         shared one): ``pred_label`` (score >= threshold), ``pred_score`` normalised (left None when no
         validation range was stored) and ``pred_mask`` (anomaly map >= the category's pixel threshold, else
-        the shared one; None without pixel thresholds)."""
+        the shared one; None without pixel thresholds, or without ``masks``)."""
         categories = list(categories) if categories is not None else [None] * len(result)
         if len(categories) != len(result):
             raise ValueError(f"{len(categories)} categories for {len(result)} images")
@@ -191,7 +192,7 @@ class Decisions:
                                       dtype=torch.float32)
         pred_mask = None
         pixels = [d.pixel or self.shared.pixel for d in decided]
-        if all(t is not None for t in pixels):
+        if masks and all(t is not None for t in pixels):
             limits = torch.tensor([t.value for t in pixels], dtype=torch.float64).view(-1, 1, 1, 1)
             pred_mask = result.anomaly_map.double() >= limits
         return replace(result, pred_score=pred_score, pred_label=label, pred_mask=pred_mask)
