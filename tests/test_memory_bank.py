@@ -45,9 +45,9 @@ def test_bank_distances_equal_brute_force_nearest_neighbours_in_any_chunking():
     bank, queries = torch.randn(257, 16, generator=g) * 10, torch.randn(101, 16, generator=g) * 10
     queries[:5] = bank[[0, 7, 100, 200, 256]]  # exact matches: distance 0, no cancellation error
     reference = np.linalg.norm(queries.double().numpy()[:, None] - bank.double().numpy()[None], axis=-1).min(axis=1)
-    for chunk in (1, 7, 4096):
-        got = nearest_distances(queries, bank, chunk=chunk).double().numpy()
-        assert np.allclose(got, reference, rtol=1e-5, atol=1e-5), chunk
+    for chunk, block in ((1, 4096), (7, 4096), (4096, 4096), (7, 1), (13, 50), (4096, 256)):  # bank in blocks too
+        got = nearest_distances(queries, bank, chunk=chunk, block=block).double().numpy()
+        assert np.allclose(got, reference, rtol=1e-5, atol=1e-5), (chunk, block)
     assert np.all(nearest_distances(queries[:5], bank).numpy() == 0)
     with pytest.raises(ValueError, match="share D"):
         nearest_distances(queries[:, :3], bank)
