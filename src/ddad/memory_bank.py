@@ -114,8 +114,9 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 51
     the CPU's cache; the minimum is carried across blocks): memory stays bounded whatever Q and M are. The
     nearest row is found through the expansion |q|^2 + |b|^2 - 2 q.b (one matrix product per block), then its
     distance is taken directly (no cancellation error for a query close to a row). Measured on the unified
-    DRDC bank (69,678 x 168, 2 threads): 52 ms per image of 196 tokens, against 143 ms with whole bank rows
-    per query chunk and 40 ms for faiss-cpu's exact index (BENCHMARKS.md, "Memory bank")."""
+    DRDC bank (69,678 x 168, 2 threads): 59 ms per image of 196 tokens, against 147 ms with whole bank rows
+    per query chunk, and 36 ms for faiss-cpu's exact index: not enough to add a dependency (BENCHMARKS.md,
+    "Memory bank")."""
     if bank.ndim != 2 or queries.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries (Q, D) and bank (M, D) must share D, got {tuple(queries.shape)} and "
                          f"{tuple(bank.shape)}")
