@@ -43,7 +43,8 @@ def test_training_and_testing_say_when_the_loss_has_not_settled(tmp_path, monkey
     cfg = tiny_config(epochs=3, every=1)  # 10 images, batch 4: 3 steps an epoch
     cfg = cfg.replace(train=cfg.train.__class__(**{**cfg.train.__dict__, "warmup_steps": 0, "max_steps": 6}))
     monkeypatch.setattr(undertraining, "SETTLED_EPS_LOSS", 1e3)
-    result = train(RunDir(tmp_path / "a"), cfg, images(10), progress=False, on_step=lambda e, s, loss: seen.append(loss))
+    result = train(RunDir(tmp_path / "a"), cfg, images(10), progress=False,
+                   on_step=lambda e, s, loss: seen.append(loss))
     assert result.warning is None and len(seen) == 6
     info = Checkpoint(RunDir(tmp_path / "a").latest_checkpoint()).info
     assert info["recent_loss"] == pytest.approx(sum(seen) / 6) and info["settled_loss"] == 1e3
@@ -65,7 +66,8 @@ def test_a_run_stopped_in_its_warm_up_warns_at_train_and_at_test(synth_root, tmp
     info = json.loads((run / "test" / "metrics.json").read_text())
     assert len(info["undertrained"]) == 1 and "warm-up" in info["undertrained"][0]
     assert main(["report", str(run)]) == 0  # the report says it too
-    assert "<p class='note'>Warning: the model is undertrained: its 3 steps" in (run / "report" / "index.html").read_text()
+    page = (run / "report" / "index.html").read_text()
+    assert "<p class='note'>Warning: the model is undertrained: its 3 steps" in page
     # trained on to the warm-up's end, the warm-up rule is silent (the loss rule may still speak)
     assert main(["train", "--resume", "--run-dir", str(run), "--max-steps", "100", "--quiet"]) == 0
     assert "warm-up" not in capsys.readouterr().err

@@ -25,8 +25,9 @@ RunConfig = DDADConfig  # the name of DDAD's run settings before ddad had severa
 __version__ = "0.2.0"
 
 __all__ = [
-    "AdaptConfig", "AnomalyResult", "DDADConfig", "DDADWeights", "DataConfig", "DetectConfig", "Detector", "RunConfig",
-    "RunDir", "RuntimeConfig", "SamplerConfig", "ScheduleConfig", "ScoringConfig", "SplitMetrics", "TestMetrics",
-    "TrainConfig", "UNet", "UNetConfig", "WeightsConfig", "adapt_run", "build_index", "conditioned_denoise", "demo",
-    "export", "Inferencer", "load_config", "load_detector", "load_model", "predict", "test_run", "train_run", "tune_run", "with_detection",
+    "AdaptConfig", "AnomalyResult", "DDADConfig", "DDADWeights", "DataConfig", "DetectConfig", "Detector",
+    "Inferencer", "RunConfig", "RunDir", "RuntimeConfig", "SamplerConfig", "ScheduleConfig", "ScoringConfig",
+    "SplitMetrics", "TestMetrics", "TrainConfig", "UNet", "UNetConfig", "WeightsConfig", "adapt_run", "build_index",
+    "conditioned_denoise", "demo", "export", "load_config", "load_detector", "load_model", "predict", "test_run",
+    "train_run", "tune_run", "with_detection",
 ]

@@ -175,7 +175,9 @@ def test_run(run: RunDir, loaded: LoadedDetector, out_dir: Path | None = None, s
     metrics.save(out_dir / "metrics.json")
     atomic_write_text(out_dir / "curves.json", json.dumps(curves))
     # pred_score normalised by the validation range where the decisions came from validation (as predict)
-    normalised = chosen.apply(result, names, masks=False).pred_score if chosen is not None and chosen.normalises else None
+    normalised = None
+    if chosen is not None and chosen.normalises:
+        normalised = chosen.apply(result, names, masks=False).pred_score
     blank = lambda v: "" if v is None else v  # noqa: E731
     write_csv(out_dir / "scores.csv", ["image", "category", "defect_type", "label", "score", "threshold",
                                        "pred_score", "pred_label"],

@@ -45,7 +45,7 @@ class TrainResult:
     images_per_second: float
     steps_done: int = 0
     stopped_by: str = "epochs"  # epochs | max_steps | max_minutes | interrupted
-    warning: str | None = None  # why the model is undertrained, one line per model (:mod:`ddad.engine.undertraining`), if it is
+    warning: str | None = None  # why it is undertrained, a line per model (:mod:`ddad.engine.undertraining`)
 
 
 StepHook = Callable[[int, int, float], None]  # (epoch, global step, loss)
@@ -86,11 +86,12 @@ def fit(
     With ``resume``, continue from the run's latest checkpoint (weights, EMA, optimizer, epoch and the
     step inside it), exactly as an uninterrupted run would. Training ends after ``tc.epochs``, or
     earlier at ``tc.max_steps`` / ``tc.max_minutes`` (saved, and resumable with a larger budget).
-    ``info`` is stored in every checkpoint (e.g. the run's config). ``started`` (a :data:`clock` reading, default
-    this call) is when this session's time began: ``tc.max_minutes`` counts from it, setup included (loading
-    images, building the model, the memory check), as a user's ``--minutes`` counts from the command. ``label`` names the model on the progress bar (default
-    the run part's name: DRDC's ``refine``). ``rule``: what a trained model of this kind has reached (steps, loss;
-    :mod:`ddad.engine.undertraining`; None: the warm-up only)."""
+    ``info`` is stored in every checkpoint (e.g. the run's config). ``started`` (a :data:`clock` reading,
+    default this call) is when this session's time began: ``tc.max_minutes`` counts from it, setup included
+    (loading images, building the model, the memory check), as a user's ``--minutes`` counts from the command.
+    ``label`` names the model on the progress bar (default the run part's name: DRDC's ``refine``). ``rule``:
+    what a trained model of this kind has reached (steps, loss; :mod:`ddad.engine.undertraining`; None: the
+    warm-up only); a model short of it is logged and returned with a ``warning``."""
     from tqdm.auto import tqdm
 
     device = resolve_device(tc.device)
