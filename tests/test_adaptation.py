@@ -93,8 +93,9 @@ def test_recipe_flag_and_stored_runs_from_before_recipes(tmp_path):
     from ddad.cli import build_parser, train_settings as _train_config
     from ddad import RunConfig
 
-    def parse(*extra):
-        return _train_config(build_parser().parse_args(["train", "--data-root", "x", "--category", "c", *extra]))[0]
+    def parse(*extra):  # on a GPU or with the budget named (a CPU run naming none gets 10 minutes)
+        return _train_config(build_parser().parse_args(["train", "--data-root", "x", "--category", "c",
+                                                        "--epochs", str(TrainConfig.epochs), *extra]))[0]
 
     assert parse().train == TrainConfig()
     assert parse("--recipe", "paper").train == TrainConfig.recipe("paper")
