@@ -64,8 +64,8 @@ def test_ctrl_c_on_the_command_line_saves_and_says_how_to_resume(synth_root, tmp
 
     real_fit = trainer.fit
 
-    def fit_with_ctrl_c(*args):
-        return real_fit(*args[:8], on_step=send)
+    def fit_with_ctrl_c(*args, **kwargs):
+        return real_fit(*args[:8], **{**kwargs, "on_step": send})
 
     monkeypatch.setattr("ddad.methods.ddad.method.fit", fit_with_ctrl_c)
     run = tmp_path / "run"

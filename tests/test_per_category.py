@@ -26,12 +26,12 @@ def test_ddad_trains_and_tests_every_category_and_continues_where_it_stopped(syn
     args = ["train", *common, "--category", "all", "--run-dir", str(run)]
     real_fit = trainer.fit
 
-    def ctrl_c_in_stripes(run_dir, *rest):
+    def ctrl_c_in_stripes(run_dir, *rest, **kwargs):
         def send(epoch, step, loss):
             if step == 3:  # mid-epoch: the second epoch's first step
                 os.kill(os.getpid(), signal.SIGINT)
 
-        return real_fit(*(run_dir, *rest[:7]), on_step=send if run_dir.root.name == "stripes" else None)
+        return real_fit(*(run_dir, *rest[:7]), **{**kwargs, "on_step": send if run_dir.root.name == "stripes" else None})
 
     monkeypatch.setattr("ddad.methods.ddad.method.fit", ctrl_c_in_stripes)
     assert main(args) == 130
