@@ -289,7 +289,7 @@ def fit(
     stopped_by = stop or "epochs"
     log(f"training stopped ({stopped_by}) at step {step}, epoch {epochs_done} ({rate:.2f} img/s)")
     warning = undertrained(step, tc.warmup_steps, recent_loss(losses) if losses else resumed_loss, rule,
-                           label or run.part)
+                           label or run.part) if ctx.is_main else None  # said once, by rank 0
     if warning:
         log(f"warning: {warning}")
     return TrainResult(epochs_done, last_loss, str(last_path), rate, step, stopped_by, warning)
