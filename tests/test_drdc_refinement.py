@@ -277,6 +277,9 @@ def _maps_are_reused_across_alpha(run_dir, monkeypatch):
     from ddad.data.splits import load_test_split
     from ddad.methods import get_method
 
+    from ddad.methods.drdc import detector
+
+    detector._last_maps.clear()  # the tests above scored these splits in this process
     run, config, method = RunDir(run_dir), load_config(run_dir), get_method("drdc")
     split = load_test_split(config.data, progress=False)
     calls = []
@@ -292,6 +295,16 @@ def _maps_are_reused_across_alpha(run_dir, monkeypatch):
     assert torch.equal(cached.score, fresh.score) and torch.equal(cached.anomaly_map, fresh.anomaly_map)
     method.load(run, with_detection(config, steps=2), progress=False).score_split(split, True, False)
     assert sum(calls) == 3 * len(split.images)  # the steps change the maps (their scale is stored above)
+    # a test scores the validation split, then the test split: a second test (another alpha) reuses both
+    from ddad.data.splits import load_validation_split
+
+    val = load_validation_split(config.data, progress=False)
+    calls.clear()
+    for alpha in (0.2, 0.6):
+        loaded = method.load(run, with_detection(config, alpha=alpha), progress=False)
+        loaded.score_split(val, True, False)
+        loaded.score_split(split, True, False)
+    assert sum(calls) == len(val.images) + len(split.images)  # each split's maps computed once
 
 
 def test_a_base_model_run_of_part_one_still_loads_as_the_base_model():

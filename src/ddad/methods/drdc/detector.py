@@ -93,10 +93,12 @@ class DRDCDetector:
                              reconstruction=None if self.refiner is None else maps["inpainted"].cpu(), extras=extras)
 
 
-# The unscaled maps of the last split scored, by the maps' calibration key and the split's images: alpha, the
-# pooling and the crop only re-weigh them, so ``ddad tune`` runs the diffusion once per map setting. Kept for
-# validation-sized splits only (a test split's maps would double the memory its result already takes).
+# The unscaled maps of the last two splits scored (a test scores the validation split, then the test split),
+# by the maps' calibration key and the split's images: alpha, the pooling and the crop only re-weigh them, so
+# ``ddad tune`` runs the diffusion once per map setting and a second test with another alpha none. Kept for
+# splits of up to CACHED_SPLIT_IMAGES images (a larger split's maps would double the memory its result takes).
 CACHED_SPLIT_IMAGES = 1024
+CACHED_SPLITS = 2
 _last_maps: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -119,7 +121,8 @@ def score_split(detector: DRDCDetector, split, batch_size: int, maps_key: str, c
         bar.close()
         maps = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if cache and len(split.images) <= CACHED_SPLIT_IMAGES:
-            _last_maps.clear()
+            while len(_last_maps) >= CACHED_SPLITS:
+                _last_maps.pop(next(iter(_last_maps)))  # the oldest
             _last_maps[key] = maps
     return AnomalyResult.concat([detector.score_maps({k: v[i:i + batch_size] for k, v in maps.items()})
                                  for i in range(0, len(split.images), batch_size)])
