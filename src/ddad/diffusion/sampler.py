@@ -23,11 +23,13 @@ Differences from the authors' code, each deliberate:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from ddad_infer.noise import image_seed as seed_of
+from ddad_infer.sampler import denoising_steps as steps_from
 
 from .schedule import alpha_bar
 
@@ -70,23 +72,15 @@ def skip_for_steps(start_step: int, steps: int) -> int:
 
 
 def denoising_steps(config: SamplerConfig) -> list[tuple[int, int]]:
-    """Pairs (t, t_next) of network timestep and the timestep it steps to; t_next = -1 is clean.
-
-    Ours: t = T', T' - skip, ... while t > 0, and the last step lands on the clean image.
-    Authors': t = T' - skip, ..., 0 after noising to T' (the first call one step too low)."""
-    if config.authors_first_step:
-        ts = list(range(0, config.start_step, config.skip))[::-1]
-        return [(t, t - config.skip if t - config.skip >= 0 else -1) for t in ts]
-    ts = list(range(config.start_step, 0, -config.skip))
-    return [(t, t - config.skip if t - config.skip > 0 else -1) for t in ts]
+    """Pairs (t, t_next) of network timestep and the timestep it steps to; t_next = -1 is clean
+    (:func:`ddad_infer.sampler.denoising_steps`: ours from T', or the authors' from T' - skip)."""
+    return steps_from(config.start_step, config.skip, config.authors_first_step)
 
 
 def image_seed(image: torch.Tensor, seed: int) -> int:
     """A per-image noise seed from the image's content and the run seed: the same image gets the same
-    noise in ``ddad test`` and ``ddad predict``, alone or in any batch."""
-    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8,
-                             key=int(seed).to_bytes(8, "little", signed=True)).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    noise in ``ddad test``, ``ddad predict`` and an exported model, alone or in any batch."""
+    return seed_of(image.detach().float().cpu().contiguous().numpy(), seed)
 
 
 def per_image_noise(seeds: Sequence[int], shape: Sequence[int], draws: int,

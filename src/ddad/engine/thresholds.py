@@ -25,11 +25,13 @@ one (for images whose category is unknown).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Mapping, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from ddad_infer.decisions import Decision, DecisionTable, Threshold  # noqa: F401 (ddad's names)
 
 from ..metrics import f1_optimal_threshold
 from ..results import AnomalyResult
@@ -59,28 +61,6 @@ def false_alarm_interval(n_good: int, rate: float, level: float = 0.95) -> tuple
     a, b = k, n_good + 1 - k
     tail = (1 - level) / 2
     return k / (n_good + 1), float(beta.ppf(tail, a, b)), float(beta.ppf(1 - tail, a, b))
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """A decision threshold and where it came from, with the validation range that normalises scores."""
-
-    value: float
-    source: str  # e.g. "false alarms <= 0.01 on 80 good validation images"
-    target: dict  # {"max_false_alarms": 0.01} or {"f1": "validation defects (synthetic)"}
-    low: float  # min and max of the validation scores
-    high: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def normalise(self, scores):
-        """anomalib's min-max normalisation: 0.5 exactly at the threshold, clipped to [0, 1]."""
-        span = max(self.high - self.low, 1e-12)
-        return np.clip((np.asarray(scores, dtype=np.float64) - self.value) / span + 0.5, 0.0, 1.0)
-
-    def label(self, scores) -> np.ndarray:
-        return np.asarray(scores, dtype=np.float64) >= self.value
 
 
 def choose_threshold(scores, labels, max_false_alarms: float | None = None, defects: str = "real",
@@ -125,54 +105,9 @@ def decision_stats(scores, labels, threshold: float) -> dict:
             "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The thresholds of one group of images: the image threshold (``pred_label``, ``pred_score``) and the
-    pixel threshold (``pred_mask``) where validation masks exist."""
-
-    image: Threshold
-    pixel: Threshold | None = None
-
-    def to_dict(self) -> dict:
-        """As threshold.json stores it (the image threshold's fields at the top, as earlier versions wrote)."""
-        image, pixel = self.image, self.pixel
-        return {"threshold": image.value, "source": image.source, "target": image.target,
-                "validation_range": [image.low, image.high],
-                "pixel_threshold": None if pixel is None else pixel.value,
-                "pixel_source": None if pixel is None else pixel.source}
-
-    @classmethod
-    def from_dict(cls, stored: Mapping) -> "Decision":
-        """From threshold.json's fields; a record without a validation range (a test-split oracle, or an
-        older version's) normalises nothing: its range is empty (see :meth:`Decisions.normalises`)."""
-        value = float(stored["threshold"])
-        low, high = stored.get("validation_range") or (value, value)
-        image = Threshold(value, stored.get("source", ""), stored.get("target") or {}, float(low), float(high))
-        pixel = None
-        if stored.get("pixel_threshold") is not None:
-            pv = float(stored["pixel_threshold"])
-            pixel = Threshold(pv, stored.get("pixel_source") or "", {}, pv, pv)
-        return cls(image, pixel)
-
-
-@dataclass(frozen=True)
-class Decisions:
-    """The shared decision and one per category (each chosen on that category's validation images)."""
-
-    shared: Decision
-    categories: dict[str, Decision] = field(default_factory=dict)
-    normalises: bool = True  # False: no validation range was stored, pred_score is left empty
-
-    def of(self, category: str | None) -> Decision:
-        """The category's own decision where it has one, else the shared one."""
-        return self.categories.get(category, self.shared) if category is not None else self.shared
-
-    def thresholds(self, categories: Sequence[str | None]) -> np.ndarray:
-        """Each image's image threshold, by its category."""
-        return np.array([self.of(c).image.value for c in categories], dtype=np.float64)
-
-    def to_dict(self) -> dict:
-        return {**self.shared.to_dict(), "categories": {c: d.to_dict() for c, d in self.categories.items()}}
+class Decisions(DecisionTable):
+    """The shared decision and one per category, applied to an :class:`AnomalyResult` (the decisions
+    themselves: :class:`ddad_infer.decisions.DecisionTable`, shared with the exported models' runtime)."""
 
     def apply(self, result: AnomalyResult, categories: Sequence[str | None] | None = None,
               masks: bool = True) -> AnomalyResult:
@@ -180,28 +115,12 @@ class Decisions:
         shared one): ``pred_label`` (score >= threshold), ``pred_score`` normalised (left None when no
         validation range was stored) and ``pred_mask`` (anomaly map >= the category's pixel threshold, else
         the shared one; None without pixel thresholds, or without ``masks``)."""
-        categories = list(categories) if categories is not None else [None] * len(result)
-        if len(categories) != len(result):
+        if categories is not None and len(categories) != len(result):
             raise ValueError(f"{len(categories)} categories for {len(result)} images")
-        scores = result.score.double().numpy()
-        decided = [self.of(c) for c in categories]
-        label = torch.tensor([d.image.label(s) for d, s in zip(decided, scores)], dtype=torch.bool)
-        pred_score = None
-        if self.normalises:
-            pred_score = torch.tensor([float(d.image.normalise(s)) for d, s in zip(decided, scores)],
-                                      dtype=torch.float32)
-        pred_mask = None
-        pixels = [d.pixel or self.shared.pixel for d in decided]
-        if masks and all(t is not None for t in pixels):
-            limits = torch.tensor([t.value for t in pixels], dtype=torch.float64).view(-1, 1, 1, 1)
-            pred_mask = result.anomaly_map.double() >= limits
-        return replace(result, pred_score=pred_score, pred_label=label, pred_mask=pred_mask)
-
-    @classmethod
-    def from_stored(cls, stored: Mapping) -> "Decisions":
-        return cls(Decision.from_dict(stored), {c: Decision.from_dict(d) for c, d in
-                                                (stored.get("categories") or {}).items()},
-                   normalises=bool(stored.get("validation_range")))
+        out = self.decide(result.score.double().numpy(), result.anomaly_map.numpy() if masks else None, categories)
+        as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+        return replace(result, pred_score=as_tensor(out["pred_score"]), pred_label=as_tensor(out["pred_label"]),
+                       pred_mask=as_tensor(out["pred_mask"]))
 
 
 def choose_decisions(scores, labels, categories: Sequence[str], maps=None, masks=None,
