@@ -183,11 +183,12 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None,
-           progress: bool = True) -> Path:
-    """Write the run's networks as ONNX graphs (default RUN_DIR/export)."""
+           progress: bool = True, fmt: str = "onnx") -> Path:
+    """Write the run's exported model (default RUN_DIR/export) in ``fmt`` (onnx or openvino): graphs and the
+    manifest that the torch-free runtime (:mod:`ddad_infer`) scores with."""
     run = _run(run_dir).require()
     config = config or load_config(run)
-    return get_method(config.method).export(run, config, out_dir, progress)
+    return get_method(config.method).export(run, config, out_dir, progress, fmt)
 
 
 def load_model(run_dir: Path | str | RunDir, config: Any = None, threshold: float | None = None,

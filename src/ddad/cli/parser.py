@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 
-    p = add("export", help="write the UNet step and the feature extractor as ONNX graphs")
+    p = add("export", help="write a self-contained model (graphs, settings, thresholds) for ddad-infer")
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="graph format")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                   help="graph format: ONNX (ONNX Runtime) or OpenVINO IR (ddad-infer runs either)")
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_detect_flags(p)

@@ -1,56 +1,153 @@
-"""DDAD's exported graphs: the UNet step and the feature extractor, and the detector networks that
-``--backend onnxruntime`` runs in their place.
+"""DDAD's exported model: a self-contained folder that scores exactly like the run, for the torch-free
+runtime (:mod:`ddad_infer`: ``ddad-infer FOLDER IMAGES``) and for ``--backend onnxruntime``.
 
-The sampling loop (Algorithm 1) stays in Python: it is a few tensor operations per step around the
-network call, and keeping it there keeps per-image seeded noise and every sampler setting available.
+    unet.onnx       x (B, C, H, W) float32, t (B,) int64 -> eps (B, C, H, W): the noise predictor of Alg. 1
+    scorer.onnx     image y, reconstruction x0 (B, C, H, W) -> anomaly map (B, 1, H, W), score (B,): Eq. 8-9,
+                    the Gaussian, the crop and the maximum, with the run's calibrated maxima baked in
+    extractor.onnx  image (B, C, H, W) in [-1, 1] -> one output per scoring stage (``--backend onnxruntime``)
+    *.xml, *.bin    the same graphs as OpenVINO IR (``--format openvino``)
+    export.json     the manifest: settings of the sampler, the schedule's alphas_cumprod, the run's
+                    calibration key and the decisions chosen under it (thresholds, normalisation), and
+                    each graph file's SHA-256
 
-    RUN_DIR/export/unet.onnx        inputs x (B, C, H, W) float32, t (B,) int64 -> eps (B, C, H, W)
-    RUN_DIR/export/extractor.onnx   input image (B, C, H, W) in [-1, 1] -> one output per scoring stage
-    RUN_DIR/export/export.json      which run, checkpoint, backbone and stages they came from
+The sampling loop stays outside the graphs (numpy in the runtime, Python in ddad): a few tensor operations
+per step around the network call, with every image's own seeded noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from ...checkpoint import atomic_write_text
+from ...engine.calibration import stored_threshold
 from ...export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graph, require_onnx
 from ...runs import RunDir
+from ...scoring import anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
 from .settings import DetectConfig
 
 EXPORT_DIR = "export"
+FORMATS = ("onnx", "openvino")
+MANIFEST_VERSION = 1
 
 
-def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, progress: bool = True) -> Path:
-    """Write unet.onnx (and extractor.onnx unless scoring is pixel-only) of ``detector`` (the run's, in
-    PyTorch) into ``out_dir`` (default RUN_DIR/export)."""
+class ScorerGraph(torch.nn.Module):
+    """Eq. 8-9 as one exportable module: (y, x0) -> (anomaly map, image score), with the detector's
+    extractor, scoring settings and calibrated maxima (the same functions as :meth:`Detector.score`)."""
+
+    def __init__(self, detector) -> None:
+        super().__init__()
+        self.config, self.scale, self.crop = detector.config.scoring, detector.score_scale, detector.config.crop
+        self.extractor = detector.extractor
+
+    def forward(self, y: torch.Tensor, x0: torch.Tensor):
+        d_p, d_f = pixel_distance(x0, y), None
+        if self.extractor is not None:
+            feats = self.extractor(resize_for_features(torch.cat([x0, y]), self.config.feature_size),
+                                   self.config.feature_layers)
+            n = y.shape[0]
+            d_f = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], tuple(y.shape[-2:]),
+                                   self.config.patch_size)
+        maps = anomaly_map(d_p, d_f, self.config, self.scale)
+        return maps, image_scores(maps, self.crop)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_openvino(onnx_path: Path) -> list[Path]:
+    """The ONNX graph converted to OpenVINO IR beside it (fp32 weights kept): [xml, bin]."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise RuntimeError("--format openvino needs OpenVINO: pip install 'ddad[openvino]'") from None
+    xml = onnx_path.with_suffix(".xml")
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    return [xml, xml.with_suffix(".bin")]
+
+
+def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, progress: bool = True,
+                  fmt: str = "onnx", key=None) -> Path:
+    """Write the exported model of ``detector`` (the run's, in PyTorch, calibrated) into ``out_dir`` (default
+    RUN_DIR/export) in ``fmt`` (onnx or openvino), with its manifest; ``key``: the detector's calibration key
+    (the decisions chosen under it go into the manifest)."""
     from tqdm.auto import tqdm
 
+    from ...diffusion.schedule import alphas_cumprod
+
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if config.detect.scoring.uses_features and config.detect.scoring.reference == "bank":
+        raise ValueError("an exported DDAD model scores against the reconstruction's features; "
+                         "detect.scoring.reference 'bank' is not exported yet")
+    if config.detect.scoring.needs_calibration and detector.score_scale is None:
+        raise ValueError("the detector must be calibrated (Eq. 9's maxima) before its scorer is exported")
     require_onnx()
     out_dir = Path(out_dir) if out_dir else run.root / EXPORT_DIR
     size, channels = config.data.image_size, config.data.channels
     unet = detector.unet.float().cpu().eval()
     x = torch.zeros(2, channels, size, size)
     t = torch.tensor([250, 25], dtype=torch.long)
-    bar = tqdm(total=1 + (detector.extractor is not None), desc="export (ONNX graphs)", unit="graph",
+    graphs = ["unet", "scorer"] + (["extractor"] if detector.extractor is not None else [])
+    bar = tqdm(total=len(graphs) * (2 if fmt == "openvino" else 1), desc=f"export ({fmt} graphs)", unit="graph",
                disable=not progress, dynamic_ncols=True)
     bar.set_postfix_str("unet.onnx")
     export_graph(unet, (x, t), out_dir / "unet.onnx", ["x", "t"], ["eps"])
     bar.update(1)
-    info = {"run": str(run.root.resolve()), "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
+    if detector.extractor is not None:
+        detector.extractor.float().cpu().eval()
+    bar.set_postfix_str("scorer.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # two distinct example tensors: the exporter treats one tensor passed twice as one input (x0 - y == 0)
+        export_graph(ScorerGraph(detector).eval(), (x, torch.full_like(x, 0.5)), out_dir / "scorer.onnx",
+                     ["y", "x0"], ["anomaly_map", "score"])
+    bar.update(1)
+    info = {"format_version": MANIFEST_VERSION, "method": "ddad", "format": fmt,
+            "run": str(run.root.resolve()),
+            "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
             "weights": config.weights.average, "image_size": size, "channels": channels, "extractor": None}
     if detector.extractor is not None:
         layers = config.detect.scoring.feature_layers
-        graph = ExtractorGraph(detector.extractor.float().cpu().eval(), layers)
+        graph = ExtractorGraph(detector.extractor, layers)
         bar.set_postfix_str("extractor.onnx")
         export_graph(graph, (x,), out_dir / "extractor.onnx", ["image"], [f"stage{j}" for j in layers])
         bar.update(1)
         info["extractor"] = {"backbone": config.detect.backbone, "layers": list(layers),
                              "adapted": detector.extractor_source == "adapted"}
+    files = {name: [out_dir / f"{name}.onnx"] for name in graphs}
+    if fmt == "openvino":
+        for name in graphs:
+            bar.set_postfix_str(f"{name}.xml")
+            files[name] = to_openvino(out_dir / f"{name}.onnx")
+            bar.update(1)
     bar.close()
+    sampler = config.detect.sampler
+    decisions = None if key is None else stored_threshold(run, key, f"Run `ddad test {run.root}` again")
+    if decisions is not None:
+        decisions = {k: v for k, v in decisions.items() if k not in ("key", "colour_scale")}
+    info.update({
+        "graphs": {name: {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
+                   for name, paths in files.items()},
+        "sampler": {"start_step": sampler.start_step, "skip": sampler.skip, "w": sampler.w, "eta": sampler.eta,
+                    "authors_first_step": sampler.authors_first_step},
+        "seed": config.detect.seed,
+        "alphas_cumprod": alphas_cumprod(config.schedule).float().tolist(),
+        "batch_size": config.runtime.batch_size,
+        "calibration_key": None if key is None else key.digest,
+        "settings": None if key is None else json.loads(json.dumps(key.as_dict(), default=str)),
+        "decisions": decisions,
+        "decisions_key": None if decisions is None else decisions.get("calibration_key", key.digest),
+    })
     atomic_write_text(out_dir / "export.json", json.dumps(info, indent=2))
     return out_dir
 

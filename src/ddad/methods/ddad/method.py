@@ -61,6 +61,6 @@ class DDAD:
         return loaded_detector(run, config, progress)
 
     def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None,
-               progress: bool = True) -> Path:
-        detector, _ = load_detector(run, config, calibrate_scale=False)
-        return export_graphs(detector, run, config, out_dir, progress)
+               progress: bool = True, fmt: str = "onnx") -> Path:
+        detector, key = load_detector(run, config, progress=progress)
+        return export_graphs(detector, run, config, out_dir, progress, fmt, key)
