@@ -75,9 +75,11 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def checked_files(folder: Path, manifest: dict, name: str) -> list[Path]:
-    """The graph ``name``'s files, each present and equal (SHA-256) to what the export wrote."""
-    entry = (manifest.get("graphs") or {}).get(name)
+def checked_files(folder: Path, manifest: dict, name: str, backend: str) -> list[Path]:
+    """The graph ``name``'s files for ``backend`` (OpenVINO: its IR where the export wrote one, else the ONNX
+    graph, which it reads too), each present and equal (SHA-256) to what the export wrote."""
+    kinds = (manifest.get("graphs") or {}).get(name) or {}
+    entry = kinds.get("openvino") if backend == "openvino" and "openvino" in kinds else kinds.get("onnx")
     if entry is None:
         raise ExportError(f"{folder / MANIFEST} lists no {name} graph")
     paths = []
@@ -110,7 +112,7 @@ class ExportedModel:
                               f"{manifest.get('decisions_key')}, its graphs are {self.key}: thresholds from other "
                               "settings would decide wrongly; export the run again after `ddad test`")
         self.decisions = None if stored is None else DecisionTable.from_stored(stored)
-        graphs = {name: checked_files(self.folder, manifest, name)[0] for name in ("unet", "scorer")}
+        graphs = {name: checked_files(self.folder, manifest, name, self.backend)[0] for name in ("unet", "scorer")}
         self._unet = open_graph(graphs["unet"], self.backend, threads)
         self._scorer = open_graph(graphs["scorer"], self.backend, threads)
 

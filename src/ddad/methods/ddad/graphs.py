@@ -5,10 +5,10 @@ runtime (:mod:`ddad_infer`: ``ddad-infer FOLDER IMAGES``) and for ``--backend on
     scorer.onnx     image y, reconstruction x0 (B, C, H, W) -> anomaly map (B, 1, H, W), score (B,): Eq. 8-9,
                     the Gaussian, the crop and the maximum, with the run's calibrated maxima baked in
     extractor.onnx  image (B, C, H, W) in [-1, 1] -> one output per scoring stage (``--backend onnxruntime``)
-    *.xml, *.bin    the same graphs as OpenVINO IR (``--format openvino``)
+    *.xml, *.bin    the same graphs as OpenVINO IR (``--format openvino``; the ONNX files stay beside them)
     export.json     the manifest: settings of the sampler, the schedule's alphas_cumprod, the run's
                     calibration key and the decisions chosen under it (thresholds, normalisation), and
-                    each graph file's SHA-256
+                    each graph file's SHA-256 (graphs.NAME.onnx, graphs.NAME.openvino)
 
 The sampling loop stays outside the graphs (numpy in the runtime, Python in ddad): a few tensor operations
 per step around the network call, with every image's own seeded noise.
@@ -124,11 +124,11 @@ def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, pr
         bar.update(1)
         info["extractor"] = {"backbone": config.detect.backbone, "layers": list(layers),
                              "adapted": detector.extractor_source == "adapted"}
-    files = {name: [out_dir / f"{name}.onnx"] for name in graphs}
+    files = {name: {"onnx": [out_dir / f"{name}.onnx"]} for name in graphs}
     if fmt == "openvino":
         for name in graphs:
             bar.set_postfix_str(f"{name}.xml")
-            files[name] = to_openvino(out_dir / f"{name}.onnx")
+            files[name]["openvino"] = to_openvino(out_dir / f"{name}.onnx")
             bar.update(1)
     bar.close()
     sampler = config.detect.sampler
@@ -136,8 +136,8 @@ def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, pr
     if decisions is not None:
         decisions = {k: v for k, v in decisions.items() if k not in ("key", "colour_scale")}
     info.update({
-        "graphs": {name: {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
-                   for name, paths in files.items()},
+        "graphs": {name: {kind: {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
+                          for kind, paths in kinds.items()} for name, kinds in files.items()},
         "sampler": {"start_step": sampler.start_step, "skip": sampler.skip, "w": sampler.w, "eta": sampler.eta,
                     "authors_first_step": sampler.authors_first_step},
         "seed": config.detect.seed,

@@ -1,0 +1,220 @@
+"""The exported model and its torch-free runtime (ddad_infer): parity with PyTorch for ONNX Runtime and
+OpenVINO, the runtime without torch, refusals of folders that cannot score like their run, and the runtime's
+numpy parts against torch as the oracle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddad.cli import main
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny DDAD run (combined scoring, positional maxima, thresholds from `ddad test`) exported as OpenVINO IR
+    (the folder holds the ONNX graphs too)."""
+    root = tmp_path_factory.mktemp("export")
+    assert main(["synth", str(root / "data"), "--size", "32", "--train", "8", "--test-good", "3",
+                 "--test-defective", "2", "--categories", "washer"]) == 0
+    run = root / "run"
+    assert main(["train", "--data-root", str(root / "data"), "--category", "washer", "--model", "tiny",
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--run-dir", str(run), "--quiet",
+                 "--set", "detect.sampler.start_step=100", "--set", "detect.sampler.skip=50",
+                 "--set", "detect.backbone=mobilenet_v2", "--set", "weights.backbone_weights=random",
+                 "--set", "detect.scoring.mode=combined", "--set", "runtime.batch_size=4"]) == 0
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+    assert main(["export", str(run), "--format", "openvino", "--out", str(root / "export"), "--quiet"]) == 0
+    return root, run, root / "export"
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted((root / "data" / "washer" / "test").rglob("*.png"))
+
+
+def _torch_results(run: Path, files: list[Path]):
+    """What the run itself gives (ddad's Python API, PyTorch): the oracle of every parity test."""
+    from ddad import load_model
+    from ddad.data.io import read_image
+
+    model = load_model(run)
+    images = torch.stack([read_image(p, model.loaded.data.channels, model.loaded.data.image_size) for p in files])
+    return model(images)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_model_scores_and_decides_as_the_run(exported, backend):
+    import ddad_infer
+
+    root, run, folder = exported
+    files = _files(root)
+    ref = _torch_results(run, files)
+    got = ddad_infer.load(folder, backend=backend).predict(files)
+    scores = np.array([r.score for r in got])
+    np.testing.assert_allclose(scores, ref.score.numpy(), rtol=1e-4, atol=1e-6)
+    maps = np.stack([r.anomaly_map for r in got])
+    scale = float(ref.anomaly_map.abs().max())
+    np.testing.assert_allclose(maps, ref.anomaly_map[:, 0].numpy(), rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(np.stack([r.reconstruction for r in got]), ref.reconstruction.numpy(), atol=1e-4)
+    assert [r.pred_label for r in got] == ref.pred_label.tolist()
+    # pred_score divides the score's difference by the validation range: its tolerance follows
+    stored = json.loads((folder / "export.json").read_text())["decisions"]
+    low, high = stored["validation_range"]
+    np.testing.assert_allclose([r.pred_score for r in got], ref.pred_score.numpy(),
+                               atol=2e-4 * float(np.abs(scores).max()) / (high - low))
+    assert any(r.pred_label for r in got) and not all(r.pred_label for r in got)  # the threshold separates some
+
+
+def test_ddad_infer_writes_what_ddad_predict_writes(exported, tmp_path):
+    root, run, folder = exported
+    data = root / "data" / "washer" / "test"
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path / "torch"), "--quiet", "--no-images"]) == 0
+    out = tmp_path / "infer"
+    result = subprocess.run([sys.executable, "-m", "ddad_infer.cli", str(folder), str(data), str(bad), "--out",
+                             str(out), "--backend", "onnxruntime"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr
+    ours = {Path(r["image"]).resolve(): r for r in csv.DictReader(open(out / "scores.csv"))}
+    theirs = {Path(r["image"]).resolve(): r for r in csv.DictReader(open(tmp_path / "torch" / "scores.csv"))}
+    assert "cannot decode image file" in ours.pop(bad.resolve())["error"]
+    assert ours.keys() == theirs.keys() and len(ours) == len(_files(root))
+    for image, a in theirs.items():
+        b = ours[image]
+        assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-4)
+        assert (b["pred_label"], b["decision"], float(b["threshold"])) == \
+               (a["pred_label"], a["decision"], float(a["threshold"]))
+
+
+def test_the_runtime_runs_with_torch_unimportable(exported, tmp_path):
+    """Imported and run where torch cannot be imported (as on a line PC without it); its scores equal the
+    runtime's own in this process."""
+    import ddad_infer
+
+    root, run, folder = exported
+    files = _files(root)
+    expected = [r.score for r in ddad_infer.load(folder, backend="openvino").predict(files)]
+    script = (
+        "import sys, json\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'ddad'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ddad_infer\n"
+        f"m = ddad_infer.load({str(folder)!r}, backend='openvino')\n"
+        f"print(json.dumps([r.score for r in m.predict({[str(p) for p in files]!r})]))\n"
+        "assert not any(k.split('.')[0] in ('torch', 'ddad') for k in sys.modules), 'torch was imported'\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(ddad_infer.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_a_folder_that_cannot_score_like_its_run_is_refused_naming_the_file(exported, tmp_path):
+    import ddad_infer
+    from ddad_infer import ExportError
+
+    root, run, folder = exported
+    # decisions chosen under another calibration key (thresholds of other settings)
+    other = _copy(folder, tmp_path / "other-key")
+    manifest = json.loads((other / "export.json").read_text())
+    manifest["decisions_key"] = "0123456789abcdef"
+    (other / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="chosen under calibration key 0123456789abcdef"):
+        ddad_infer.load(other)
+    # a truncated graph, for each backend's file
+    for backend, name in (("onnxruntime", "unet.onnx"), ("openvino", "scorer.bin")):
+        corrupt = _copy(folder, tmp_path / f"corrupt-{backend}")
+        data = (corrupt / name).read_bytes()
+        (corrupt / name).write_bytes(data[:len(data) // 2])
+        with pytest.raises(ExportError, match=rf"graph file .*{name} is not the one this export wrote"):
+            ddad_infer.load(corrupt, backend=backend)
+    # a graph swapped in from another export: same refusal
+    swapped = _copy(folder, tmp_path / "swapped")
+    (swapped / "scorer.onnx").write_bytes((folder / "extractor.onnx").read_bytes())
+    with pytest.raises(ExportError, match=r"scorer\.onnx is not the one"):
+        ddad_infer.load(swapped, backend="onnxruntime")
+    missing = _copy(folder, tmp_path / "missing")
+    (missing / "unet.xml").unlink()
+    with pytest.raises(ExportError, match=r"graph file .*unet\.xml is missing"):
+        ddad_infer.load(missing, backend="openvino")
+    with pytest.raises(ExportError, match="export.json not found"):
+        ddad_infer.load(tmp_path)
+    stale = _copy(folder, tmp_path / "stale")
+    manifest = json.loads((stale / "export.json").read_text())
+    manifest["format_version"] = 0
+    (stale / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="format version 0"):
+        ddad_infer.load(stale)
+
+
+# --- the runtime's numpy parts, torch as the oracle ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, 2**63 - 1])
+@pytest.mark.parametrize("shape", [(16,), (3, 7, 5), (4, 3, 16, 16), (2, 1, 33, 31)])
+def test_the_noise_is_torchs_for_the_same_seed(seed, shape):
+    from ddad_infer.noise import torch_randn
+
+    expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+    np.testing.assert_allclose(torch_randn(seed, shape), expected, rtol=0, atol=2e-6)
+
+
+def test_the_seed_is_ddads():
+    from ddad.diffusion.sampler import image_seed as ddad_seed
+    from ddad_infer.noise import image_seed
+
+    image = torch.rand(3, 8, 8) * 2 - 1
+    assert image_seed(image.numpy(), 3) == ddad_seed(image, 3) != image_seed(image.numpy(), 4)
+    assert image_seed(image.numpy(), 3) != image_seed((image + 1e-7).numpy(), 3)
+
+
+@pytest.mark.parametrize("eta,authors", [(1.0, False), (0.0, False), (0.5, True)])
+def test_the_numpy_sampler_is_algorithm_1_as_ddad_runs_it(eta, authors):
+    """Both samplers around the same denoiser (a fixed smooth function of x_t and t, written for each)."""
+    from ddad.diffusion.sampler import SamplerConfig, conditioned_denoise
+    from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+    from ddad_infer.sampler import reconstruct
+
+    table = alphas_cumprod(ScheduleConfig()).float()
+    config = SamplerConfig(start_step=120, skip=30, w=2.5, eta=eta, authors_first_step=authors)
+    images = torch.rand(3, 2, 8, 8) * 2 - 1
+    seeds = [11, 12, 13]
+    expected = conditioned_denoise(lambda x, t: torch.tanh(0.7 * x) + t.float().view(-1, 1, 1, 1) / 1000, images,
+                                   images, table, config, seeds)
+    got = reconstruct(lambda x, t: np.tanh(np.float32(0.7) * x) + (t.astype(np.float32) / 1000).reshape(-1, 1, 1, 1),
+                      images.numpy(), table.numpy(), seeds, config.start_step, config.skip, config.w, eta, authors)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("size,out", [((300, 420), (64, 64)), ((100, 90), (224, 224)), ((77, 333), (32, 40)),
+                                      ((5, 3), (1, 1))])
+def test_the_resize_is_torchvisions_antialiased_bilinear(size, out):
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from ddad_infer.images import resize_bilinear
+
+    image = np.random.default_rng(0).random((3, *size), dtype=np.float32)
+    expected = TF.resize(torch.from_numpy(image), list(out), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    np.testing.assert_allclose(resize_bilinear(image, *out), expected.numpy(), atol=1e-5)
