@@ -26,7 +26,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Override with the environment variable DDAD_MAX_IMAGE_PIXELS.
 MAX_IMAGE_PIXELS = 100_000_000
 _PIL_LIMIT = threading.Lock()
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
+LUMA = (0.299, 0.587, 0.114)
+# Names how images become arrays; caches of results computed from them carry it in their keys.
+READER = "pil-bilinear-float/1"  # ITU-R 601-2, the weights of PIL's convert("L")
 
 
 class DatasetError(ValueError):

@@ -10,6 +10,7 @@ import hashlib
 import json
 
 import torch
+from ddad_infer.images import READER
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -141,6 +142,7 @@ def _cache_key(run: RunDir, config: DDADConfig, samples: list) -> str:
     denoiser = (run.root / EXPORT_DIR / "unet.onnx" if config.runtime.backend == "onnxruntime"
                 else run.resolve_checkpoint(config.weights.checkpoint))
     key = {"denoiser": [config.runtime.backend, *file_id(denoiser)], "average": config.weights.average,
+           "reader": READER,  # how the images were decoded and resized (the noise is seeded by the result)
            "detect": to_plain(config.detect.reconstruction_settings()), "data": to_plain(config.data),
            "images": [str(s.image) for s in samples]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
