@@ -1,0 +1,173 @@
+"""An exported ddad model (``ddad export RUN --format onnx|openvino``) loaded for scoring without torch:
+images in, ``pred_score`` / ``pred_label`` / ``anomaly_map`` / ``pred_mask`` out, as ``ddad predict`` gives them.
+
+    model = ddad_infer.load("runs/washer/export")
+    for r in model.predict(["part-001.png"]):
+        print(r.image, r.pred_score, r.pred_label)
+
+The folder is self-contained: graphs, sampler settings, the schedule, the calibrated scorer and the decisions
+chosen under the run's calibration key. Loading checks each graph file against the SHA-256 in the manifest
+(a missing, truncated or swapped file is named) and refuses decisions chosen under other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .backends import open_graph
+from .decisions import DecisionTable
+from .images import load_image
+from .noise import image_seed
+from .sampler import reconstruct
+
+MANIFEST = "export.json"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+    """An exported folder that cannot be trusted to score like its run; the message names the file."""
+
+
+@dataclass
+class Prediction:
+    """One image's result (anomalib's names): raw ``score``, ``pred_score`` in [0, 1] with 0.5 at the
+    threshold, ``pred_label`` (score >= threshold), ``anomaly_map`` (H, W) and ``pred_mask`` (H, W) at the
+    model's size, and the ``reconstruction`` (C, H, W) in [-1, 1]."""
+
+    image: str
+    score: float
+    threshold: float | None
+    pred_score: float | None
+    pred_label: bool | None
+    anomaly_map: np.ndarray
+    pred_mask: np.ndarray | None
+    reconstruction: np.ndarray
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {folder} is not a folder written by `ddad export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not a valid manifest: {exc}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
+                          "export the run again with the ddad that matches this runtime")
+    if manifest.get("method") != "ddad":
+        raise ExportError(f"{path} holds a {manifest.get('method')!r} model; this runtime scores ddad's exports")
+    return manifest
+
+
+def checked_files(folder: Path, manifest: dict, name: str, backend: str) -> list[Path]:
+    """The graph ``name``'s files for ``backend`` (OpenVINO: its IR where the export wrote one, else the ONNX
+    graph, which it reads too), each present and equal (SHA-256) to what the export wrote."""
+    kinds = (manifest.get("graphs") or {}).get(name) or {}
+    entry = kinds.get("openvino") if backend == "openvino" and "openvino" in kinds else kinds.get("onnx")
+    if entry is None:
+        raise ExportError(f"{folder / MANIFEST} lists no {name} graph")
+    paths = []
+    for file, digest in zip(entry["files"], entry["sha256"], strict=True):
+        path = folder / Path(file).name  # a manifest names files inside its folder, never elsewhere
+        if not path.is_file():
+            raise ExportError(f"graph file {path} is missing (listed in {folder / MANIFEST})")
+        if _sha256(path) != digest:
+            raise ExportError(f"graph file {path} is not the one this export wrote (its SHA-256 differs from "
+                              f"{folder / MANIFEST}): corrupt, or copied from another export; export the run again")
+        paths.append(path)
+    return paths
+
+
+class ExportedModel:
+    """An exported model ready to score (:func:`load`)."""
+
+    def __init__(self, folder: Path | str, backend: str | None = None, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest = read_manifest(self.folder)
+        self.backend = backend or ("openvino" if manifest["format"] == "openvino" else "onnxruntime")
+        self.image_size, self.channels = int(manifest["image_size"]), int(manifest["channels"])
+        self.sampler, self.seed = manifest["sampler"], int(manifest["seed"])
+        self.table = np.asarray(manifest["alphas_cumprod"], dtype=np.float32)
+        self.batch_size = int(manifest.get("batch_size") or 8)
+        self.key = manifest.get("calibration_key")
+        stored = manifest.get("decisions")
+        if stored is not None and manifest.get("decisions_key") != self.key:
+            raise ExportError(f"{self.folder / MANIFEST}: its decisions were chosen under calibration key "
+                              f"{manifest.get('decisions_key')}, its graphs are {self.key}: thresholds from other "
+                              "settings would decide wrongly; export the run again after `ddad test`")
+        self.decisions = None if stored is None else DecisionTable.from_stored(stored)
+        graphs = {name: checked_files(self.folder, manifest, name, self.backend)[0] for name in ("unet", "scorer")}
+        self._unet = open_graph(graphs["unet"], self.backend, threads)
+        self._scorer = open_graph(graphs["scorer"], self.backend, threads)
+
+    def _denoise(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return self._unet({"x": x, "t": t})[0]
+
+    def score(self, images: np.ndarray) -> dict:
+        """Raw results of (N, C, H, W) float32 images in [-1, 1] at the model's size: ``score`` (N,),
+        ``anomaly_map`` (N, 1, H, W), ``reconstruction`` (N, C, H, W); batch by batch, each image with its
+        own seeded noise (so its result does not depend on the others)."""
+        images = np.asarray(images, dtype=np.float32)
+        expected = (self.channels, self.image_size, self.image_size)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must be (N, {', '.join(map(str, expected))}) for this model, got {images.shape}")
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            y = np.ascontiguousarray(images[start:start + self.batch_size])
+            seeds = [image_seed(img, self.seed) for img in y]
+            x0 = reconstruct(self._denoise, y, self.table, seeds, **self.sampler)
+            maps, scores = self._scorer({"y": y, "x0": x0})
+            parts.append((scores, maps, x0))
+        return {"score": np.concatenate([p[0] for p in parts]), "anomaly_map": np.concatenate([p[1] for p in parts]),
+                "reconstruction": np.concatenate([p[2] for p in parts])}
+
+    def predict_arrays(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
+        """:meth:`score` and the decisions: ``pred_score``, ``pred_label``, ``pred_mask`` (None without stored
+        decisions, or without pixel thresholds for the mask)."""
+        out = self.score(images)
+        if self.decisions is None:
+            return {**out, "pred_score": None, "pred_label": None, "pred_mask": None, "threshold": None}
+        decided = self.decisions.decide(out["score"], out["anomaly_map"], categories)
+        cats = list(categories) if categories is not None else [None] * len(out["score"])
+        return {**out, **decided, "threshold": self.decisions.thresholds(cats)}
+
+    def predict(self, paths: Iterable[Path | str], category: str | None = None) -> list[Prediction]:
+        """Each image file read as the run reads it (:func:`ddad_infer.images.load_image`), scored and decided."""
+        paths = [Path(p) for p in paths]
+        results: list[Prediction] = []
+        for start in range(0, len(paths), self.batch_size):
+            batch = paths[start:start + self.batch_size]
+            images = np.stack([load_image(p, self.channels, self.image_size) for p in batch])
+            out = self.predict_arrays(images, [category] * len(batch))
+            for i, p in enumerate(batch):
+                pick = lambda k: None if out[k] is None else out[k][i]  # noqa: E731
+                results.append(Prediction(
+                    image=str(p), score=float(out["score"][i]),
+                    threshold=None if out["threshold"] is None else float(out["threshold"][i]),
+                    pred_score=None if out["pred_score"] is None else float(out["pred_score"][i]),
+                    pred_label=None if out["pred_label"] is None else bool(out["pred_label"][i]),
+                    anomaly_map=out["anomaly_map"][i, 0],
+                    pred_mask=None if pick("pred_mask") is None else out["pred_mask"][i, 0],
+                    reconstruction=out["reconstruction"][i]))
+        return results
+
+
+def load(folder: Path | str, backend: str | None = None, threads: int | None = None) -> ExportedModel:
+    """The exported model in ``folder`` (``backend``: onnxruntime or openvino; default from its format)."""
+    return ExportedModel(folder, backend, threads)
