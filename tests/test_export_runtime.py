@@ -24,7 +24,7 @@ pytest.importorskip("openvino")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny DDAD run (combined scoring, positional maxima, thresholds from `ddad test`) exported as OpenVINO IR
-    (the folder holds the ONNX graphs too)."""
+    with INT8 graphs (the folder holds the ONNX graphs too)."""
     root = tmp_path_factory.mktemp("export")
     assert main(["synth", str(root / "data"), "--size", "32", "--train", "8", "--test-good", "3",
                  "--test-defective", "2", "--categories", "washer"]) == 0
@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
                  "--set", "detect.backbone=mobilenet_v2", "--set", "weights.backbone_weights=random",
                  "--set", "detect.scoring.mode=combined", "--set", "runtime.batch_size=4"]) == 0
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
-    assert main(["export", str(run), "--format", "openvino", "--out", str(root / "export"), "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "openvino", "--int8", "--out", str(root / "export"), "--quiet"]) == 0
     return root, run, root / "export"
 
 
@@ -74,6 +74,32 @@ def test_the_exported_model_scores_and_decides_as_the_run(exported, backend):
     np.testing.assert_allclose([r.pred_score for r in got], ref.pred_score.numpy(),
                                atol=2e-4 * float(np.abs(scores).max()) / (high - low))
     assert any(r.pred_label for r in got) and not all(r.pred_label for r in got)  # the threshold separates some
+
+
+def test_int8_scores_and_labels_stay_near_fp32(exported):
+    """INT8 (what `ddad export --int8` chose per graph) against the fp32 export on the test images: maps within
+    the deviation the manifest states (measured on other, defect-free, images) plus 5 % of their range; the
+    same labels wherever the fp32 score is more than 5 % of its range from the threshold."""
+    import ddad_infer
+    from ddad_infer import ExportError
+
+    root, run, folder = exported
+    record = json.loads((folder / "export.json").read_text())["int8"]
+    assert set(record["graphs"]) == {"unet", "scorer"} and record["tried"][-1]["max_map_error"] == record["max_map_error"]
+    fp32 = ddad_infer.load(folder, backend="openvino").predict(_files(root))
+    int8 = ddad_infer.load(folder, backend="openvino", precision="int8").predict(_files(root))
+    maps32, maps8 = np.stack([r.anomaly_map for r in fp32]), np.stack([r.anomaly_map for r in int8])
+    span = float(maps32.max() - maps32.min())
+    assert np.abs(maps8 - maps32).max() <= (record["max_map_error"] + 0.05) * span
+    assert not np.array_equal(maps8, maps32)  # the INT8 graphs are really other graphs
+    scores = np.array([r.score for r in fp32])
+    margin = 0.05 * float(scores.max() - scores.min())
+    for a, b in zip(fp32, int8):
+        assert abs(b.score - a.score) <= 0.05 * abs(a.score) + 1e-6
+        if abs(a.score - a.threshold) > margin:
+            assert a.pred_label == b.pred_label, a.image
+    with pytest.raises(ExportError, match="INT8 graphs run in OpenVINO"):
+        ddad_infer.load(folder, backend="onnxruntime", precision="int8")
 
 
 def test_ddad_infer_writes_what_ddad_predict_writes(exported, tmp_path):

@@ -183,12 +183,15 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None,
-           progress: bool = True, fmt: str = "onnx") -> Path:
+           progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
     """Write the run's exported model (default RUN_DIR/export) in ``fmt`` (onnx or openvino): graphs and the
-    manifest that the torch-free runtime (:mod:`ddad_infer`) scores with."""
+    manifest that the torch-free runtime (:mod:`ddad_infer`) scores with; ``int8`` adds INT8 graphs
+    (OpenVINO, :mod:`ddad.int8`)."""
     run = _run(run_dir).require()
     config = config or load_config(run)
-    return get_method(config.method).export(run, config, out_dir, progress, fmt)
+    if int8 and fmt != "openvino":
+        raise ValueError("--int8 writes OpenVINO graphs: add --format openvino")
+    return get_method(config.method).export(run, config, out_dir, progress, fmt, int8)
 
 
 def load_model(run_dir: Path | str | RunDir, config: Any = None, threshold: float | None = None,

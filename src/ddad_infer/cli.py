@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="CPU threads of the runtime (default: its own choice)")
     ap.add_argument("--category", help="the images' category, for a model with decisions per category")
     ap.add_argument("--masks", action="store_true", help="also write each pred_mask as OUT/masks/NAME.png")
+    ap.add_argument("--int8", action="store_true", help="the INT8 graphs of `ddad export --int8` (OpenVINO)")
     args = ap.parse_args(argv)
     try:
-        model = load(args.folder, args.backend, args.threads)
+        model = load(args.folder, args.backend or ("openvino" if args.int8 else None), args.threads,
+                     "int8" if args.int8 else "fp32")
         files = image_files(args.images)
     except (ExportError, DatasetError, RuntimeError, ValueError) as exc:
         print(f"ddad-infer: error: {exc}", file=sys.stderr)

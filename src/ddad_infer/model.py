@@ -28,6 +28,7 @@ from .sampler import reconstruct
 
 MANIFEST = "export.json"
 FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "int8")
 
 
 class ExportError(ValueError):
@@ -75,11 +76,19 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def checked_files(folder: Path, manifest: dict, name: str, backend: str) -> list[Path]:
-    """The graph ``name``'s files for ``backend`` (OpenVINO: its IR where the export wrote one, else the ONNX
-    graph, which it reads too), each present and equal (SHA-256) to what the export wrote."""
+def checked_files(folder: Path, manifest: dict, name: str, backend: str, precision: str = "fp32") -> list[Path]:
+    """The graph ``name``'s files for ``backend`` and ``precision`` (OpenVINO: its IR where the export wrote
+    one, else the ONNX graph, which it reads too; int8: the IR quantised by ``ddad export --int8``), each
+    present and equal (SHA-256) to what the export wrote."""
     kinds = (manifest.get("graphs") or {}).get(name) or {}
-    entry = kinds.get("openvino") if backend == "openvino" and "openvino" in kinds else kinds.get("onnx")
+    if precision == "int8":
+        if backend != "openvino":
+            raise ExportError("INT8 graphs run in OpenVINO: use --backend openvino")
+        entry = kinds.get("openvino-int8")
+        if entry is None:
+            raise ExportError(f"{folder / MANIFEST} lists no INT8 {name} graph: export with --format openvino --int8")
+    else:
+        entry = kinds.get("openvino") if backend == "openvino" and "openvino" in kinds else kinds.get("onnx")
     if entry is None:
         raise ExportError(f"{folder / MANIFEST} lists no {name} graph")
     paths = []
@@ -97,8 +106,11 @@ def checked_files(folder: Path, manifest: dict, name: str, backend: str) -> list
 class ExportedModel:
     """An exported model ready to score (:func:`load`)."""
 
-    def __init__(self, folder: Path | str, backend: str | None = None, threads: int | None = None) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | str, backend: str | None = None, threads: int | None = None,
+                 precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.folder, self.precision = Path(folder), precision
         self.manifest = manifest = read_manifest(self.folder)
         self.backend = backend or ("openvino" if manifest["format"] == "openvino" else "onnxruntime")
         self.image_size, self.channels = int(manifest["image_size"]), int(manifest["channels"])
@@ -112,7 +124,8 @@ class ExportedModel:
                               f"{manifest.get('decisions_key')}, its graphs are {self.key}: thresholds from other "
                               "settings would decide wrongly; export the run again after `ddad test`")
         self.decisions = None if stored is None else DecisionTable.from_stored(stored)
-        graphs = {name: checked_files(self.folder, manifest, name, self.backend)[0] for name in ("unet", "scorer")}
+        graphs = {name: checked_files(self.folder, manifest, name, self.backend, precision)[0]
+                  for name in ("unet", "scorer")}
         self._unet = open_graph(graphs["unet"], self.backend, threads)
         self._scorer = open_graph(graphs["scorer"], self.backend, threads)
 
@@ -168,6 +181,8 @@ class ExportedModel:
         return results
 
 
-def load(folder: Path | str, backend: str | None = None, threads: int | None = None) -> ExportedModel:
-    """The exported model in ``folder`` (``backend``: onnxruntime or openvino; default from its format)."""
-    return ExportedModel(folder, backend, threads)
+def load(folder: Path | str, backend: str | None = None, threads: int | None = None,
+         precision: str = "fp32") -> ExportedModel:
+    """The exported model in ``folder`` (``backend``: onnxruntime or openvino, default from its format;
+    ``precision`` int8: the graphs of ``ddad export --int8``, in OpenVINO)."""
+    return ExportedModel(folder, backend, threads, precision)

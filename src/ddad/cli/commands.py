@@ -99,7 +99,7 @@ def cmd_export(args) -> int:
     from ..api import export
 
     run, config = run_settings(args)
-    out = export(run, config, args.out, progress=not args.quiet, fmt=args.format)
+    out = export(run, config, args.out, progress=not args.quiet, fmt=args.format, int8=args.int8)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

@@ -19,6 +19,9 @@ from .loading import load_detector, loaded_detector, with_detection
 from .settings import DDADConfig
 
 
+INT8_IMAGES = 16  # defect-free training images that calibrate ``--int8``, and as many others that check it
+
+
 class DDAD:
     """Conditioned denoising diffusion (Mousakhan et al.): one UNet per category, trained on its
     defect-free images; detection reconstructs (Alg. 1) and compares (Eq. 8-9)."""
@@ -61,6 +64,14 @@ class DDAD:
         return loaded_detector(run, config, progress)
 
     def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx") -> Path:
+               progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
         detector, key = load_detector(run, config, progress=progress)
-        return export_graphs(detector, run, config, out_dir, progress, fmt, key)
+        folder = export_graphs(detector, run, config, out_dir, progress, fmt, key)
+        if int8:
+            from ...data.splits import calibration_set
+            from ...int8 import quantize_export
+
+            images = calibration_set(config.data, 2 * INT8_IMAGES, config.train.seed)[0].numpy()
+            half = max(1, (len(images) + 1) // 2)  # fewer than 2 x INT8_IMAGES: half each (one: itself)
+            quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress)
+        return folder

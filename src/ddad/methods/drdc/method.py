@@ -195,5 +195,5 @@ class DRDC:
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx") -> Path:
+               progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
         raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")

@@ -120,5 +120,5 @@ class PatchCore:
                               embed=backbone_embed(detector.extractor, detector.device), embed_identity=backbone)
 
     def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx") -> Path:
+               progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
         raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")

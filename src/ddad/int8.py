@@ -1,0 +1,97 @@
+"""INT8 graphs of an exported model (``ddad export RUN --format openvino --int8``), with NNCF.
+
+Calibration uses defect-free training images only: the fp32 export scores them through the runtime
+(:mod:`ddad_infer`) while every graph's inputs are recorded (the UNet's x_t and t at each step of Alg. 1,
+the scorer's y and x0). Per graph, post-training quantisation of weights and activations (NNCF's mixed
+preset) is tried first; where the whole model's anomaly maps on other defect-free training images then move
+by more than :data:`MAP_TOLERANCE` of their fp32 range, that graph falls back to weights-only INT8 (its
+activations stay fp32: published experience with diffusion UNets, e.g. optimum-intel's hybrid mode, is that
+quantised activations of the noise predictor cost accuracy). The manifest records what was chosen per graph,
+and the measured deviation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+
+MAP_TOLERANCE = 0.02  # max |map_int8 - map_fp32| over the check images, as a share of the fp32 maps' range
+GRAPHS = ("unet", "scorer")
+MODES = ("post-training (weights and activations)", "weights only")
+
+
+def _record(folder: Path, images: np.ndarray) -> dict[str, list[dict]]:
+    """Every input each graph of the fp32 export sees while scoring ``images``."""
+    import ddad_infer
+
+    model = ddad_infer.load(folder, backend="openvino")
+    seen: dict[str, list[dict]] = {name: [] for name in GRAPHS}
+    for name, attr in (("unet", "_unet"), ("scorer", "_scorer")):
+        graph = getattr(model, attr)
+        setattr(model, attr, lambda inputs, g=graph, n=name: (seen[n].append(
+            {k: np.array(v, copy=True) for k, v in inputs.items()}), g(inputs))[1])
+    model.score(images)
+    return seen
+
+
+def _file_entry(paths: list[Path]) -> dict:
+    from .methods.ddad.graphs import file_sha256
+
+    return {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
+
+
+def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, progress: bool = True) -> dict:
+    """Write NAME.int8.xml/.bin for each graph of the OpenVINO export in ``folder`` (module docstring) and add
+    them to its manifest; ``calibration`` and ``check``: disjoint defect-free images (N, C, H, W) in [-1, 1].
+    Returns the manifest's ``int8`` record."""
+    import nncf
+    import openvino as ov
+
+    import ddad_infer
+
+    manifest_path = folder / "export.json"
+    manifest = json.loads(manifest_path.read_text())
+    if "openvino" not in manifest["graphs"]["unet"]:
+        raise ValueError("--int8 quantises OpenVINO graphs: export with --format openvino --int8")
+    samples = _record(folder, calibration)
+    core = ov.Core()
+
+    def write(name: str, mode: str) -> list[Path]:
+        model = core.read_model(str(folder / f"{name}.xml"))
+        if mode == MODES[0]:
+            model = nncf.quantize(model, nncf.Dataset(samples[name]), subset_size=len(samples[name]),
+                                  preset=nncf.QuantizationPreset.MIXED)
+        else:
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        xml = folder / f"{name}.int8.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        return [xml, xml.with_suffix(".bin")]
+
+    reference = ddad_infer.load(folder, backend="openvino").score(check)["anomaly_map"]
+    span = float(reference.max() - reference.min()) or 1.0
+    chosen = {name: MODES[0] for name in GRAPHS}
+    tried = []
+    for fallback in (None, "unet", "scorer"):  # full PTQ; then the UNet's activations back to fp32; then both
+        if fallback is not None:
+            chosen[fallback] = MODES[1]
+        for name in GRAPHS:
+            manifest["graphs"][name]["openvino-int8"] = _file_entry(write(name, chosen[name]))
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+        maps = ddad_infer.load(folder, backend="openvino", precision="int8").score(check)["anomaly_map"]
+        error = float(np.abs(maps - reference).max()) / span
+        tried.append({**chosen, "max_map_error": error})
+        if progress:
+            print(f"INT8: {chosen} -> maps within {error:.4f} of the fp32 range", flush=True)
+        if error <= MAP_TOLERANCE:
+            break
+    record = {"graphs": dict(chosen), "max_map_error": tried[-1]["max_map_error"], "tolerance": MAP_TOLERANCE,
+              "within_tolerance": tried[-1]["max_map_error"] <= MAP_TOLERANCE, "tried": tried,
+              "calibration_images": len(calibration), "check_images": len(check),
+              "images": "defect-free training images of the run", "decisions": "the fp32 model's thresholds"}
+    manifest["int8"] = record
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return record
