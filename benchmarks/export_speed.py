@@ -1,11 +1,11 @@
 """Seconds per image of one DDAD run scored four ways on this CPU: ddad in PyTorch (eager, and compiled with
-the fastest CPU flags), and its export through ddad_infer in ONNX Runtime and in OpenVINO (fp32). Each way
+the fastest CPU flags), and its export through ddad_infer in ONNX Runtime and in OpenVINO (fp32; INT8 where exported). Each way
 runs in its own process (peak memory is its own), on the same images, batch by batch after one warm-up batch;
 the scores of each are compared with PyTorch eager's.
 
     python benchmarks/export_speed.py RUN EXPORT_DIR IMAGES_DIR [--batch 4] [--threads 2] [--images 8] --out F.json
 
-EXPORT_DIR: written by ``ddad export RUN --format openvino`` (it holds the ONNX graphs too).
+EXPORT_DIR: written by ``ddad export RUN --format openvino [--int8]`` (it holds the ONNX graphs too).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-WAYS = ("torch", "torch-compiled", "onnxruntime", "openvino")
+WAYS = ("torch", "torch-compiled", "onnxruntime", "openvino", "openvino-int8")
 
 
 def measure(way: str, run: Path, export: Path, files: list[Path], batch: int, threads: int) -> dict:
@@ -46,7 +46,8 @@ def measure(way: str, run: Path, export: Path, files: list[Path], batch: int, th
         import ddad_infer
         from ddad_infer.images import load_image
 
-        model = ddad_infer.load(export, backend=way, threads=threads)
+        model = ddad_infer.load(export, backend=way.split("-")[0], threads=threads,
+                                precision="int8" if way.endswith("int8") else "fp32")
         model.batch_size = batch
         images = np.stack([load_image(p, model.channels, model.image_size) for p in files])
         score = lambda x: model.predict_arrays(x)["score"]  # noqa: E731
