@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from ...checkpoint import atomic_write_text
-from ...engine.calibration import stored_threshold
+from ...engine.calibration import ThresholdMismatch, stored_threshold
 from ...export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graph, require_onnx
 from ...runs import RunDir
 from ...scoring import anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
@@ -132,7 +133,15 @@ def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, pr
             bar.update(1)
     bar.close()
     sampler = config.detect.sampler
-    decisions = None if key is None else stored_threshold(run, key, f"Run `ddad test {run.root}` again")
+    decisions = None
+    if key is not None:
+        try:
+            decisions = stored_threshold(run, key, f"Run `ddad test {run.root}` with these settings")
+        except ThresholdMismatch as exc:  # the graphs are still right; only their decisions are missing
+            print(f"warning: exported without decisions (raw scores only): {exc}", file=sys.stderr)
+        if decisions is None:
+            print(f"warning: no thresholds chosen under these settings: the export gives raw scores only; run "
+                  f"`ddad test {run.root}` with them first, then export again", file=sys.stderr)
     if decisions is not None:
         decisions = {k: v for k, v in decisions.items() if k not in ("key", "colour_scale")}
     info.update({
