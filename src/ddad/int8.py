@@ -39,7 +39,7 @@ def _record(folder: Path, images: np.ndarray) -> dict[str, list[dict]]:
 
 
 def _file_entry(paths: list[Path]) -> dict:
-    from .methods.ddad.graphs import file_sha256
+    from ddad_infer.model import file_sha256
 
     return {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
 

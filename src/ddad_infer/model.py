@@ -51,7 +51,7 @@ class Prediction:
     reconstruction: np.ndarray
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -96,7 +96,7 @@ def checked_files(folder: Path, manifest: dict, name: str, backend: str, precisi
         path = folder / Path(file).name  # a manifest names files inside its folder, never elsewhere
         if not path.is_file():
             raise ExportError(f"graph file {path} is missing (listed in {folder / MANIFEST})")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ExportError(f"graph file {path} is not the one this export wrote (its SHA-256 differs from "
                               f"{folder / MANIFEST}): corrupt, or copied from another export; export the run again")
         paths.append(path)

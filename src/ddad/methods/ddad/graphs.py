@@ -16,13 +16,13 @@ per step around the network call, with every image's own seeded noise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from ddad_infer.model import file_sha256  # one hash for writing and checking an export
 
 from ...checkpoint import atomic_write_text
 from ...engine.calibration import ThresholdMismatch, stored_threshold
@@ -55,14 +55,6 @@ class ScorerGraph(torch.nn.Module):
                                    self.config.patch_size)
         maps = anomaly_map(d_p, d_f, self.config, self.scale)
         return maps, image_scores(maps, self.crop)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_openvino(onnx_path: Path) -> list[Path]:
