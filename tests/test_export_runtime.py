@@ -35,7 +35,10 @@ def exported(tmp_path_factory):
                  "--set", "detect.backbone=mobilenet_v2", "--set", "weights.backbone_weights=random",
                  "--set", "detect.scoring.mode=combined", "--set", "runtime.batch_size=4"]) == 0
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
-    assert main(["export", str(run), "--format", "openvino", "--int8", "--out", str(root / "export"), "--quiet"]) == 0
+    # in a process of its own: NNCF and OpenVINO leave threads behind that crash a later test's signal handling
+    export = subprocess.run([sys.executable, "-m", "ddad", "export", str(run), "--format", "openvino", "--int8",
+                             "--out", str(root / "export"), "--quiet"], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-3000:]
     return root, run, root / "export"
 
 
@@ -53,30 +56,42 @@ def _torch_results(run: Path, files: list[Path]):
     return model(images)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_the_exported_model_scores_and_decides_as_the_run(exported, backend):
-    import ddad_infer
+def _runtime(folder: Path, files: list[Path], backend: str, tmp: Path, precision: str = "fp32") -> dict:
+    """ddad_infer's results in a process of its own: OpenVINO's threads, once started in the test process,
+    crash a later test's signal handling there (test_interruptions)."""
+    out = tmp / f"runtime-{backend}-{precision}.npz"
+    script = ("import numpy as np, ddad_infer\n"
+              f"r = ddad_infer.load({str(folder)!r}, backend={backend!r}, precision={precision!r}).predict("
+              f"{[str(p) for p in files]!r})\n"
+              "col = lambda k: np.array([getattr(x, k) for x in r])\n"
+              f"np.savez({str(out)!r}, **{{k: col(k) for k in ('score', 'anomaly_map', 'reconstruction', 'pred_score', "
+              "'pred_label', 'threshold')})\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out))
 
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_model_scores_and_decides_as_the_run(exported, backend, tmp_path):
     root, run, folder = exported
     files = _files(root)
     ref = _torch_results(run, files)
-    got = ddad_infer.load(folder, backend=backend).predict(files)
-    scores = np.array([r.score for r in got])
+    got = _runtime(folder, files, backend, tmp_path)
+    scores = got["score"]
     np.testing.assert_allclose(scores, ref.score.numpy(), rtol=1e-4, atol=1e-6)
-    maps = np.stack([r.anomaly_map for r in got])
     scale = float(ref.anomaly_map.abs().max())
-    np.testing.assert_allclose(maps, ref.anomaly_map[:, 0].numpy(), rtol=0, atol=1e-4 * scale)
-    np.testing.assert_allclose(np.stack([r.reconstruction for r in got]), ref.reconstruction.numpy(), atol=1e-4)
-    assert [r.pred_label for r in got] == ref.pred_label.tolist()
+    np.testing.assert_allclose(got["anomaly_map"], ref.anomaly_map[:, 0].numpy(), rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(got["reconstruction"], ref.reconstruction.numpy(), atol=1e-4)
+    assert got["pred_label"].tolist() == ref.pred_label.tolist()
     # pred_score divides the score's difference by the validation range: its tolerance follows
     stored = json.loads((folder / "export.json").read_text())["decisions"]
     low, high = stored["validation_range"]
-    np.testing.assert_allclose([r.pred_score for r in got], ref.pred_score.numpy(),
+    np.testing.assert_allclose(got["pred_score"], ref.pred_score.numpy(),
                                atol=2e-4 * float(np.abs(scores).max()) / (high - low))
-    assert any(r.pred_label for r in got) and not all(r.pred_label for r in got)  # the threshold separates some
+    assert got["pred_label"].any() and not got["pred_label"].all()  # the threshold separates some
 
 
-def test_int8_scores_and_labels_stay_near_fp32(exported):
+def test_int8_scores_and_labels_stay_near_fp32(exported, tmp_path):
     """INT8 (what `ddad export --int8` chose per graph) against the fp32 export on the test images: maps within
     the deviation the manifest states (measured on other, defect-free, images) plus 5 % of their range; the
     same labels wherever the fp32 score is more than 5 % of its range from the threshold."""
@@ -86,18 +101,17 @@ def test_int8_scores_and_labels_stay_near_fp32(exported):
     root, run, folder = exported
     record = json.loads((folder / "export.json").read_text())["int8"]
     assert set(record["graphs"]) == {"unet", "scorer"} and record["tried"][-1]["max_map_error"] == record["max_map_error"]
-    fp32 = ddad_infer.load(folder, backend="openvino").predict(_files(root))
-    int8 = ddad_infer.load(folder, backend="openvino", precision="int8").predict(_files(root))
-    maps32, maps8 = np.stack([r.anomaly_map for r in fp32]), np.stack([r.anomaly_map for r in int8])
+    fp32 = _runtime(folder, _files(root), "openvino", tmp_path)
+    int8 = _runtime(folder, _files(root), "openvino", tmp_path, "int8")
+    maps32, maps8 = fp32["anomaly_map"], int8["anomaly_map"]
     span = float(maps32.max() - maps32.min())
     assert np.abs(maps8 - maps32).max() <= (record["max_map_error"] + 0.05) * span
     assert not np.array_equal(maps8, maps32)  # the INT8 graphs are really other graphs
-    scores = np.array([r.score for r in fp32])
+    scores = fp32["score"]
     margin = 0.05 * float(scores.max() - scores.min())
-    for a, b in zip(fp32, int8):
-        assert abs(b.score - a.score) <= 0.05 * abs(a.score) + 1e-6
-        if abs(a.score - a.threshold) > margin:
-            assert a.pred_label == b.pred_label, a.image
+    assert (np.abs(int8["score"] - scores) <= 0.05 * np.abs(scores) + 1e-6).all()
+    away = np.abs(scores - fp32["threshold"]) > margin
+    assert away.any() and (int8["pred_label"][away] == fp32["pred_label"][away]).all()
     with pytest.raises(ExportError, match="INT8 graphs run in OpenVINO"):
         ddad_infer.load(folder, backend="onnxruntime", precision="int8")
 
@@ -126,13 +140,13 @@ def test_ddad_infer_writes_what_ddad_predict_writes(exported, tmp_path):
 
 
 def test_the_runtime_runs_with_torch_unimportable(exported, tmp_path):
-    """Imported and run where torch cannot be imported (as on a line PC without it); its scores equal the
-    runtime's own in this process."""
+    """Imported and run (OpenVINO) where torch cannot be imported, as on a line PC without it; its scores equal
+    the runtime's where torch is there (ONNX Runtime, to the backends' agreement)."""
     import ddad_infer
 
     root, run, folder = exported
     files = _files(root)
-    expected = [r.score for r in ddad_infer.load(folder, backend="openvino").predict(files)]
+    expected = _runtime(folder, files, "onnxruntime", tmp_path)["score"].tolist()
     script = (
         "import sys, json\n"
         "class Block:\n"
@@ -147,7 +161,7 @@ def test_the_runtime_runs_with_torch_unimportable(exported, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(ddad_infer.__file__).parents[1])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-4)
 
 
 def _copy(folder: Path, to: Path) -> Path:
