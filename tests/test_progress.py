@@ -100,7 +100,7 @@ def test_export_shows_each_graph(tmp_path, synth_root, monkeypatch):
     bars = _Bars(monkeypatch)
     assert main(["export", str(run), "--quiet"]) == 0
     (bar,) = bars.named("export")
-    assert bar["total"] == 2 and bar["n"] == 2 and (run / "export" / "extractor.onnx").is_file()
+    assert bar["total"] == 3 and bar["n"] == 3 and (run / "export" / "extractor.onnx").is_file()
 
 
 def test_tunes_eta_follows_the_mean_time_per_setting(monkeypatch):
