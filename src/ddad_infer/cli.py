@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import BACKENDS
-from .images import DatasetError, is_image_file, load_image, open_image
+from .images import DatasetError, is_image_file, own_size_check
 from .model import ExportError, load
 
 COLUMNS = ("image", "mask", "category", "score", "threshold", "threshold_source", "pred_score", "pred_label",
@@ -56,16 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         print("ddad-infer: error: --masks needs a pixel threshold in the export: run `ddad test` on the run "
               "(with a validation split), then export again", file=sys.stderr)
         return 2
-    rows, readable = [], []
-    for p in files:
-        try:
-            load_image(p, model.channels, model.image_size)  # a bad file is reported, the others scored
-            readable.append(p)
-        except DatasetError as exc:
-            rows.append({"image": str(p), "error": str(exc)})
+    unreadable: list = []  # a bad file is reported, the others scored
+    results = model.predict(files, args.category, unreadable)
+    rows = [{"image": str(p), "error": error} for p, error in unreadable]
     args.out.mkdir(parents=True, exist_ok=True)
     decisions = model.decisions
-    for r in model.predict(readable, args.category):
+    for r in results:
         row = {"image": r.image, "category": args.category or "", "score": r.score, "threshold": r.threshold,
                "threshold_source": None if decisions is None else decisions.of(args.category).image.source,
                "pred_score": r.pred_score, "pred_label": None if r.pred_label is None else int(r.pred_label),
@@ -73,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.masks and r.pred_mask is not None:
             mask = args.out / "masks" / f"{len(rows):05d}-{Path(r.image).stem}.png"
             mask.parent.mkdir(parents=True, exist_ok=True)
-            width, height = open_image(Path(r.image)).size
+            with own_size_check(), Image.open(r.image) as source:  # the header only
+                width, height = source.size
             Image.fromarray(r.pred_mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST).save(mask)
             row["mask"] = str(mask.relative_to(args.out))
         rows.append(row)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .backends import open_graph
 from .decisions import DecisionTable
-from .images import load_image
+from .images import DatasetError, load_image
 from .noise import image_seed
 from .sampler import reconstruct
 
@@ -160,13 +160,27 @@ class ExportedModel:
         cats = list(categories) if categories is not None else [None] * len(out["score"])
         return {**out, **decided, "threshold": self.decisions.thresholds(cats)}
 
-    def predict(self, paths: Iterable[Path | str], category: str | None = None) -> list[Prediction]:
-        """Each image file read as the run reads it (:func:`ddad_infer.images.load_image`), scored and decided."""
-        paths = [Path(p) for p in paths]
+    def predict(self, paths: Iterable[Path | str], category: str | None = None,
+                unreadable: list | None = None) -> list[Prediction]:
+        """Each image file read as the run reads it (:func:`ddad_infer.images.load_image`), scored and decided.
+        ``unreadable``: a list that collects (path, error) of files that cannot be decoded, which are then
+        skipped (by default they raise)."""
         results: list[Prediction] = []
-        for start in range(0, len(paths), self.batch_size):
-            batch = paths[start:start + self.batch_size]
-            images = np.stack([load_image(p, self.channels, self.image_size) for p in batch])
+        pending = [Path(p) for p in paths]
+        while pending:
+            batch, images = [], []
+            while pending and len(batch) < self.batch_size:
+                p = pending.pop(0)
+                try:
+                    images.append(load_image(p, self.channels, self.image_size))
+                    batch.append(p)
+                except DatasetError as exc:
+                    if unreadable is None:
+                        raise
+                    unreadable.append((p, str(exc)))
+            if not batch:
+                continue
+            images = np.stack(images)
             out = self.predict_arrays(images, [category] * len(batch))
             for i, p in enumerate(batch):
                 pick = lambda k: None if out[k] is None else out[k][i]  # noqa: E731
