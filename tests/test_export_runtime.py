@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddad.cli import main
 
@@ -32,7 +33,7 @@ def exported(tmp_path_factory):
     assert main(["train", "--data-root", str(root / "data"), "--category", "washer", "--model", "tiny",
                  "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--run-dir", str(run), "--quiet",
                  "--set", "detect.sampler.start_step=100", "--set", "detect.sampler.skip=50",
-                 "--set", "detect.backbone=mobilenet_v2", "--set", "weights.backbone_weights=random",
+                 "--set", "detect.backbone=resnet18", "--set", "weights.backbone_weights=random",
                  "--set", "detect.scoring.mode=combined", "--set", "runtime.batch_size=4"]) == 0
     assert main(["test", str(run), "--quiet", "--no-images"]) == 0
     # in a process of its own: NNCF and OpenVINO leave threads behind that crash a later test's signal handling
@@ -56,16 +57,17 @@ def _torch_results(run: Path, files: list[Path]):
     return model(images)
 
 
-def _runtime(folder: Path, files: list[Path], backend: str, tmp: Path, precision: str = "fp32") -> dict:
+def _runtime(folder: Path, files: list[Path], backend: str, tmp: Path, precision: str = "fp32",
+             category: str | None = None) -> dict:
     """ddad_infer's results in a process of its own: OpenVINO's threads, once started in the test process,
     crash a later test's signal handling there (test_interruptions)."""
-    out = tmp / f"runtime-{backend}-{precision}.npz"
+    out = tmp / f"runtime-{backend}-{precision}-{category}.npz"
     script = ("import numpy as np, ddad_infer\n"
               f"r = ddad_infer.load({str(folder)!r}, backend={backend!r}, precision={precision!r}).predict("
-              f"{[str(p) for p in files]!r})\n"
+              f"{[str(p) for p in files]!r}, {category!r})\n"
               "col = lambda k: np.array([getattr(x, k) for x in r])\n"
               f"np.savez({str(out)!r}, **{{k: col(k) for k in ('score', 'anomaly_map', 'reconstruction', 'pred_score', "
-              "'pred_label', 'threshold')})\n")
+              "'pred_label', 'threshold') if getattr(r[0], k) is not None})\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(out))
@@ -137,6 +139,46 @@ def test_ddad_infer_writes_what_ddad_predict_writes(exported, tmp_path):
         assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-4)
         assert (b["pred_label"], b["decision"], float(b["threshold"])) == \
                (a["pred_label"], a["decision"], float(a["threshold"]))
+
+
+def _masks(out: Path) -> dict:
+    return {Path(r["image"]).resolve(): np.array(Image.open(out / r["mask"])) for r in csv.DictReader(open(out / "scores.csv"))}
+
+
+def test_ddad_predict_scores_an_exported_folder_in_openvino(exported, tmp_path):
+    """`ddad predict EXPORT_DIR IMAGES --backend openvino --masks` (OpenVINO, in a process of its own) gives the
+    run's scores, labels and pred_masks at each image's own size, as `ddad predict RUN` in PyTorch does."""
+    root, run, folder = exported
+    data = root / "data" / "washer" / "test"
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path / "torch"), "--quiet", "--no-images",
+                 "--masks"]) == 0
+    out = tmp_path / "openvino"
+    result = subprocess.run([sys.executable, "-m", "ddad", "predict", str(folder), str(data), "--out", str(out),
+                             "--backend", "openvino", "--masks"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ours = {Path(r["image"]).resolve(): r for r in csv.DictReader(open(out / "scores.csv"))}
+    theirs = {Path(r["image"]).resolve(): r for r in csv.DictReader(open(tmp_path / "torch" / "scores.csv"))}
+    assert ours.keys() == theirs.keys() and len(ours) == len(_files(root))
+    for image, a in theirs.items():
+        assert float(ours[image]["score"]) == pytest.approx(float(a["score"]), rel=1e-4)
+        assert ours[image]["pred_label"] == a["pred_label"]
+    masks, expected = _masks(out), _masks(tmp_path / "torch")
+    assert any(m.any() for m in expected.values())  # some pixels flagged: the comparison means something
+    for image, mask in expected.items():
+        assert masks[image].shape == mask.shape == Image.open(image).size[::-1]
+        assert (masks[image] != mask).mean() <= 0.002  # a map value on the threshold may round either way
+
+
+def test_ddad_predict_refuses_settings_an_export_cannot_change(exported, tmp_path, capsys):
+    root, run, folder = exported
+    data = str(root / "data" / "washer" / "test")
+    assert main(["predict", str(folder), data, "--out", str(tmp_path / "a"), "--w", "2", "--threshold", "1"]) == 2
+    assert "--w, --threshold" in capsys.readouterr().err
+    assert main(["predict", str(run), data, "--out", str(tmp_path / "b"), "--backend", "openvino"]) == 2
+    assert "--backend openvino runs an exported folder" in capsys.readouterr().err
+    assert main(["predict", str(run), data, "--out", str(tmp_path / "c"), "--int8"]) == 2
+    assert "INT8 graphs of an exported folder" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_the_runtime_runs_with_torch_unimportable(exported, tmp_path):

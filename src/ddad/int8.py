@@ -1,13 +1,15 @@
 """INT8 graphs of an exported model (``ddad export RUN --format openvino --int8``), with NNCF.
 
-Calibration uses defect-free training images only: the fp32 export scores them through the runtime
-(:mod:`ddad_infer`) while every graph's inputs are recorded (the UNet's x_t and t at each step of Alg. 1,
-the scorer's y and x0). Per graph, post-training quantisation of weights and activations (NNCF's mixed
-preset) is tried first; where the whole model's anomaly maps on other defect-free training images then move
-by more than :data:`MAP_TOLERANCE` of their fp32 range, that graph falls back to weights-only INT8 (its
-activations stay fp32: published experience with diffusion UNets, e.g. optimum-intel's hybrid mode, is that
-quantised activations of the noise predictor cost accuracy). The manifest records what was chosen per graph,
-and the measured deviation.
+Any method's export: the graphs its runtime model names as quantised (DDAD: the UNet and the scorer with its
+feature extractor; PatchCore: the patch-feature graph). Calibration uses defect-free training images only: the
+fp32 export scores them through the runtime (:mod:`ddad_infer`) while every graph's inputs are recorded (for
+DDAD the UNet's x_t and t at each step of Alg. 1, the scorer's y and x0). Per graph, post-training
+quantisation of weights and activations (NNCF's mixed preset) is tried first; where the whole model's anomaly
+maps on other defect-free training images then move by more than :data:`MAP_TOLERANCE` of their fp32 range,
+the graphs fall back one by one, in the model's order, to weights-only INT8 (their activations stay fp32:
+published experience with diffusion UNets, e.g. optimum-intel's hybrid mode, is that quantised activations of
+the noise predictor cost accuracy). The manifest records what was chosen per graph, and the measured
+deviation.
 """
 
 from __future__ import annotations
@@ -20,28 +22,29 @@ import numpy as np
 from .checkpoint import atomic_write_text
 
 MAP_TOLERANCE = 0.02  # max |map_int8 - map_fp32| over the check images, as a share of the fp32 maps' range
-GRAPHS = ("unet", "scorer")
+INT8_IMAGES = 16  # defect-free training images that calibrate ``--int8``, and as many others that check it
 MODES = ("post-training (weights and activations)", "weights only")
 
 
-def _record(folder: Path, images: np.ndarray) -> dict[str, list[dict]]:
-    """Every input each graph of the fp32 export sees while scoring ``images``."""
-    import ddad_infer
-
-    model = ddad_infer.load(folder, backend="openvino")
-    seen: dict[str, list[dict]] = {name: [] for name in GRAPHS}
-    for name, attr in (("unet", "_unet"), ("scorer", "_scorer")):
-        graph = getattr(model, attr)
-        setattr(model, attr, lambda inputs, g=graph, n=name: (seen[n].append(
-            {k: np.array(v, copy=True) for k, v in inputs.items()}), g(inputs))[1])
+def _record(model, images: np.ndarray) -> dict[str, list[dict]]:
+    """Every input each quantised graph of the fp32 ``model`` sees while scoring ``images``."""
+    seen: dict[str, list[dict]] = {name: [] for name in model.QUANTISED}
+    for name in model.QUANTISED:
+        graph = model.graphs[name]
+        model.graphs[name] = lambda inputs, g=graph, n=name: (seen[n].append(
+            {k: np.array(v, copy=True) for k, v in inputs.items()}), g(inputs))[1]
     model.score(images)
     return seen
 
 
-def _file_entry(paths: list[Path]) -> dict:
-    from ddad_infer.model import file_sha256
+def quantize_run_export(folder: Path, data, seed: int, progress: bool = True) -> dict:
+    """:func:`quantize_export` with 2 x :data:`INT8_IMAGES` defect-free training images of the run's ``data``
+    (seeded): half calibrate, the other half check."""
+    from .data.splits import calibration_set
 
-    return {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
+    images = calibration_set(data, 2 * INT8_IMAGES, seed)[0].numpy()
+    half = max(1, (len(images) + 1) // 2)  # fewer than 2 x INT8_IMAGES: half each (one: itself)
+    return quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress)
 
 
 def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, progress: bool = True) -> dict:
@@ -53,11 +56,15 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
 
     import ddad_infer
 
+    from .export import file_entry
+
     manifest_path = folder / "export.json"
     manifest = json.loads(manifest_path.read_text())
-    if "openvino" not in manifest["graphs"]["unet"]:
+    if manifest["format"] != "openvino":
         raise ValueError("--int8 quantises OpenVINO graphs: export with --format openvino --int8")
-    samples = _record(folder, calibration)
+    fp32 = ddad_infer.load(folder, backend="openvino")
+    graphs = fp32.QUANTISED
+    samples = _record(ddad_infer.load(folder, backend="openvino"), calibration)
     core = ov.Core()
 
     def write(name: str, mode: str) -> list[Path]:
@@ -71,15 +78,15 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
         ov.save_model(model, str(xml), compress_to_fp16=False)
         return [xml, xml.with_suffix(".bin")]
 
-    reference = ddad_infer.load(folder, backend="openvino").score(check)["anomaly_map"]
+    reference = fp32.score(check)["anomaly_map"]
     span = float(reference.max() - reference.min()) or 1.0
-    chosen = {name: MODES[0] for name in GRAPHS}
+    chosen = {name: MODES[0] for name in graphs}
     tried = []
-    for fallback in (None, "unet", "scorer"):  # full PTQ; then the UNet's activations back to fp32; then both
+    for fallback in (None, *graphs):  # full PTQ; then (DDAD) the UNet's activations back to fp32; then both
         if fallback is not None:
             chosen[fallback] = MODES[1]
-        for name in GRAPHS:
-            manifest["graphs"][name]["openvino-int8"] = _file_entry(write(name, chosen[name]))
+        for name in graphs:
+            manifest["graphs"][name]["openvino-int8"] = file_entry(write(name, chosen[name]))
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
         maps = ddad_infer.load(folder, backend="openvino", precision="int8").score(check)["anomaly_map"]
         error = float(np.abs(maps - reference).max()) / span

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ddad_infer.banks import UNIFIED, banks_for  # one rule for the run and its export
+
 from .checkpoint import atomic_write
 from .results import safe_name
 
@@ -146,25 +148,12 @@ def fit_coreset(patches: torch.Tensor, bank: BankConfig, progress: bool = False)
     return patches[greedy_coreset(patches, k, bank.projection_dim, bank.seed, progress)].contiguous()
 
 
-UNIFIED = "all"  # the name of the one bank of a run that does not keep one per category
-
-
 def bank_groups(per_category: bool, categories: Sequence[str]) -> dict[str, list[int]]:
     """The training images of each bank, by bank name (``categories[i]``: image i's): one per category, or
     all in one (:data:`UNIFIED`)."""
     if not per_category:
         return {UNIFIED: list(range(len(categories)))}
     return {c: [i for i, x in enumerate(categories) if x == c] for c in dict.fromkeys(categories)}
-
-
-def banks_for(banks: Mapping[str, torch.Tensor], category: str | None) -> list[torch.Tensor]:
-    """The banks an image of ``category`` is compared with: its category's own; the one bank of a unified
-    run; every bank when its category is unknown (the nearest patch of any category)."""
-    if category in banks:
-        return [banks[category]]
-    if UNIFIED in banks:
-        return [banks[UNIFIED]]
-    return list(banks.values())
 
 
 def nearest_by_category(features: torch.Tensor, banks: Mapping[str, torch.Tensor],

@@ -1,13 +1,16 @@
-"""An exported ddad model (``ddad export RUN --format onnx|openvino``) loaded for scoring without torch:
-images in, ``pred_score`` / ``pred_label`` / ``anomaly_map`` / ``pred_mask`` out, as ``ddad predict`` gives them.
+"""An exported model (``ddad export RUN --format onnx|openvino``), whatever its method, loaded for scoring
+without torch: images in, ``pred_score`` / ``pred_label`` / ``anomaly_map`` / ``pred_mask`` out, as
+``ddad predict`` gives them.
 
     model = ddad_infer.load("runs/washer/export")
     for r in model.predict(["part-001.png"]):
         print(r.image, r.pred_score, r.pred_label)
 
-The folder is self-contained: graphs, sampler settings, the schedule, the calibrated scorer and the decisions
-chosen under the run's calibration key. Loading checks each graph file against the SHA-256 in the manifest
-(a missing, truncated or swapped file is named) and refuses decisions chosen under other settings.
+The folder is self-contained: graphs, the method's own settings (DDAD: sampler and schedule; PatchCore: its
+memory banks), the calibrated scorer and the decisions chosen under the run's calibration key. Loading checks
+each file against the SHA-256 in the manifest (a missing, truncated or swapped file is named) and refuses
+decisions chosen under other settings. :class:`ExportedModel` holds what every method shares (manifest,
+graphs, decisions, reading images); each method's model says how images become scores and maps.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ import numpy as np
 from .backends import open_graph
 from .decisions import DecisionTable
 from .images import DatasetError, load_image
-from .noise import image_seed
-from .sampler import reconstruct
 
 MANIFEST = "export.json"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ class Prediction:
     pred_label: bool | None
     anomaly_map: np.ndarray
     pred_mask: np.ndarray | None
-    reconstruction: np.ndarray
+    reconstruction: np.ndarray | None
 
 
 def file_sha256(path: Path) -> str:
@@ -71,9 +72,28 @@ def read_manifest(folder: Path) -> dict:
     if version != FORMAT_VERSION:
         raise ExportError(f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
                           "export the run again with the ddad that matches this runtime")
-    if manifest.get("method") != "ddad":
-        raise ExportError(f"{path} holds a {manifest.get('method')!r} model; this runtime scores ddad's exports")
     return manifest
+
+
+def model_kind(manifest: dict) -> str | None:
+    """How the folder's graphs make a score: ``diffusion`` (DDAD), ``bank`` (PatchCore, DRDC's memory-bank
+    base) or ``graph`` (one graph from image to map: DRDC's transformer base)."""
+    return manifest.get("model") or {"ddad": "diffusion", "patchcore": "bank"}.get(manifest.get("method"))
+
+
+def checked_file(folder: Path, manifest: dict, entry: dict) -> list[Path]:
+    """The files of a manifest ``entry`` ({files, sha256}), each present and equal (SHA-256) to what the
+    export wrote; a manifest names files inside its folder, never elsewhere."""
+    paths = []
+    for file, digest in zip(entry["files"], entry["sha256"], strict=True):
+        path = folder / Path(file).name
+        if not path.is_file():
+            raise ExportError(f"graph file {path} is missing (listed in {folder / MANIFEST})")
+        if file_sha256(path) != digest:
+            raise ExportError(f"graph file {path} is not the one this export wrote (its SHA-256 differs from "
+                              f"{folder / MANIFEST}): corrupt, or copied from another export; export the run again")
+        paths.append(path)
+    return paths
 
 
 def checked_files(folder: Path, manifest: dict, name: str, backend: str, precision: str = "fp32") -> list[Path]:
@@ -91,20 +111,17 @@ def checked_files(folder: Path, manifest: dict, name: str, backend: str, precisi
         entry = kinds.get("openvino") if backend == "openvino" and "openvino" in kinds else kinds.get("onnx")
     if entry is None:
         raise ExportError(f"{folder / MANIFEST} lists no {name} graph")
-    paths = []
-    for file, digest in zip(entry["files"], entry["sha256"], strict=True):
-        path = folder / Path(file).name  # a manifest names files inside its folder, never elsewhere
-        if not path.is_file():
-            raise ExportError(f"graph file {path} is missing (listed in {folder / MANIFEST})")
-        if file_sha256(path) != digest:
-            raise ExportError(f"graph file {path} is not the one this export wrote (its SHA-256 differs from "
-                              f"{folder / MANIFEST}): corrupt, or copied from another export; export the run again")
-        paths.append(path)
-    return paths
+    return checked_file(folder, manifest, entry)
 
 
 class ExportedModel:
-    """An exported model ready to score (:func:`load`)."""
+    """An exported model ready to score (:func:`load` picks the subclass of the manifest's ``model`` kind:
+    diffusion, bank or graph). A subclass names its ``GRAPHS`` (opened into :attr:`graphs`, name ->
+    callable), which of them ``ddad export --int8`` quantises (``QUANTISED``), and implements :meth:`score`."""
+
+    KIND = ""
+    GRAPHS: tuple[str, ...] = ()
+    QUANTISED: tuple[str, ...] = ()
 
     def __init__(self, folder: Path | str, backend: str | None = None, threads: int | None = None,
                  precision: str = "fp32") -> None:
@@ -112,10 +129,10 @@ class ExportedModel:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.folder, self.precision = Path(folder), precision
         self.manifest = manifest = read_manifest(self.folder)
+        if model_kind(manifest) != self.KIND:
+            raise ExportError(f"{self.folder / MANIFEST} holds a {model_kind(manifest)!r} model, not {self.KIND!r}")
         self.backend = backend or ("openvino" if manifest["format"] == "openvino" else "onnxruntime")
         self.image_size, self.channels = int(manifest["image_size"]), int(manifest["channels"])
-        self.sampler, self.seed = manifest["sampler"], int(manifest["seed"])
-        self.table = np.asarray(manifest["alphas_cumprod"], dtype=np.float32)
         self.batch_size = int(manifest.get("batch_size") or 8)
         self.key = manifest.get("calibration_key")
         stored = manifest.get("decisions")
@@ -124,40 +141,67 @@ class ExportedModel:
                               f"{manifest.get('decisions_key')}, its graphs are {self.key}: thresholds from other "
                               "settings would decide wrongly; export the run again after `ddad test`")
         self.decisions = None if stored is None else DecisionTable.from_stored(stored)
-        graphs = {name: checked_files(self.folder, manifest, name, self.backend, precision)[0]
-                  for name in ("unet", "scorer")}
-        self._unet = open_graph(graphs["unet"], self.backend, threads)
-        self._scorer = open_graph(graphs["scorer"], self.backend, threads)
+        self.categories = list(manifest.get("categories") or [])  # a model of several: one decision each
+        recognition = manifest.get("recognition")
+        self.references = self.labels = None
+        if recognition is not None:  # reference embeddings (R, E), L2-normalised, and their categories
+            self.references = np.load(checked_file(self.folder, manifest, recognition)[0], allow_pickle=False)
+            self.labels = list(recognition["labels"])
+        self.graphs = {}
+        for name in self.GRAPHS:
+            quantised = precision == "int8" and name in self.QUANTISED
+            path = checked_files(self.folder, manifest, name, self.backend, "int8" if quantised else "fp32")[0]
+            self.graphs[name] = open_graph(path, self.backend, threads)
 
-    def _denoise(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return self._unet({"x": x, "t": t})[0]
-
-    def score(self, images: np.ndarray) -> dict:
+    def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
         """Raw results of (N, C, H, W) float32 images in [-1, 1] at the model's size: ``score`` (N,),
-        ``anomaly_map`` (N, 1, H, W), ``reconstruction`` (N, C, H, W); batch by batch, each image with its
-        own seeded noise (so its result does not depend on the others)."""
+        ``anomaly_map`` (N, 1, H, W), where the method makes one ``reconstruction`` (N, C, H, W), and for a
+        model of several categories the ``categories`` the images were scored as (:meth:`resolve`)."""
+        raise NotImplementedError
+
+    def resolve(self, categories: Sequence[str | None] | None, n: int,
+                embeddings: np.ndarray | None = None) -> list[str | None]:
+        """Each image's category as ``ddad`` resolves it: the one given (one of the model's), else the model's
+        only one, else the category of the nearest reference embedding (cosine; the run's recogniser), else
+        None (the shared decision)."""
+        known = list(categories) if categories is not None else [None] * n
+        if len(known) != n:
+            raise ValueError(f"{len(known)} categories for {n} images")
+        for c in known:
+            if c is not None and self.categories and c not in self.categories:
+                raise ValueError(f"category {c!r} is not one of this model's: {', '.join(self.categories)}")
+        if len(self.categories) == 1:
+            return [self.categories[0] if c is None else c for c in known]
+        unknown = [i for i, c in enumerate(known) if c is None]
+        if unknown and self.references is not None and embeddings is not None:
+            queries = embeddings[unknown].astype(np.float32)
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+            for i, j in zip(unknown, (queries @ self.references.T).argmax(axis=1)):
+                known[i] = self.labels[j]
+        return known
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
         expected = (self.channels, self.image_size, self.image_size)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must be (N, {', '.join(map(str, expected))}) for this model, got {images.shape}")
-        parts = []
+        return images
+
+    def batches(self, images: np.ndarray):
+        """(start, batch) pairs of at most the export's batch size, contiguous."""
+        images = self.check_images(images)
         for start in range(0, len(images), self.batch_size):
-            y = np.ascontiguousarray(images[start:start + self.batch_size])
-            seeds = [image_seed(img, self.seed) for img in y]
-            x0 = reconstruct(self._denoise, y, self.table, seeds, **self.sampler)
-            maps, scores = self._scorer({"y": y, "x0": x0})
-            parts.append((scores, maps, x0))
-        return {"score": np.concatenate([p[0] for p in parts]), "anomaly_map": np.concatenate([p[1] for p in parts]),
-                "reconstruction": np.concatenate([p[2] for p in parts])}
+            yield start, np.ascontiguousarray(images[start:start + self.batch_size])
 
     def predict_arrays(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
         """:meth:`score` and the decisions: ``pred_score``, ``pred_label``, ``pred_mask`` (None without stored
         decisions, or without pixel thresholds for the mask)."""
-        out = self.score(images)
+        out = self.score(images, categories)
+        out.setdefault("reconstruction", None)
+        cats = out.setdefault("categories", list(categories) if categories is not None else [None] * len(out["score"]))
         if self.decisions is None:
             return {**out, "pred_score": None, "pred_label": None, "pred_mask": None, "threshold": None}
-        decided = self.decisions.decide(out["score"], out["anomaly_map"], categories)
-        cats = list(categories) if categories is not None else [None] * len(out["score"])
+        decided = self.decisions.decide(out["score"], out["anomaly_map"], cats)
         return {**out, **decided, "threshold": self.decisions.thresholds(cats)}
 
     def predict(self, paths: Iterable[Path | str], category: str | None = None,
@@ -180,23 +224,29 @@ class ExportedModel:
                     unreadable.append((p, str(exc)))
             if not batch:
                 continue
-            images = np.stack(images)
-            out = self.predict_arrays(images, [category] * len(batch))
+            out = self.predict_arrays(np.stack(images), [category] * len(batch))
+            pick = lambda k, i: None if out[k] is None else out[k][i]  # noqa: E731
             for i, p in enumerate(batch):
-                pick = lambda k: None if out[k] is None else out[k][i]  # noqa: E731
                 results.append(Prediction(
                     image=str(p), score=float(out["score"][i]),
                     threshold=None if out["threshold"] is None else float(out["threshold"][i]),
                     pred_score=None if out["pred_score"] is None else float(out["pred_score"][i]),
                     pred_label=None if out["pred_label"] is None else bool(out["pred_label"][i]),
                     anomaly_map=out["anomaly_map"][i, 0],
-                    pred_mask=None if pick("pred_mask") is None else out["pred_mask"][i, 0],
-                    reconstruction=out["reconstruction"][i]))
+                    pred_mask=None if out["pred_mask"] is None else out["pred_mask"][i, 0],
+                    reconstruction=pick("reconstruction", i)))
         return results
 
 
 def load(folder: Path | str, backend: str | None = None, threads: int | None = None,
          precision: str = "fp32") -> ExportedModel:
-    """The exported model in ``folder`` (``backend``: onnxruntime or openvino, default from its format;
-    ``precision`` int8: the graphs of ``ddad export --int8``, in OpenVINO)."""
-    return ExportedModel(folder, backend, threads, precision)
+    """The exported model in ``folder``, of whichever method it holds (``backend``: onnxruntime or openvino,
+    default from its format; ``precision`` int8: the graphs of ``ddad export --int8``, in OpenVINO)."""
+    from .methods import MODELS
+
+    manifest = read_manifest(Path(folder))
+    kind = model_kind(manifest)
+    if kind not in MODELS:
+        raise ExportError(f"{Path(folder) / MANIFEST} holds a {manifest.get('method')!r} model of kind {kind!r}; "
+                          f"this runtime scores {', '.join(MODELS)}")
+    return MODELS[kind](folder, backend, threads, precision)

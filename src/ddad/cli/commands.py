@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import merge, parse_assignment
+from ..config import ConfigError, merge, parse_assignment
 from .settings import run_settings, train_settings
 
 def cmd_train(args) -> int:
@@ -199,9 +199,35 @@ def format_metrics(metrics) -> str:
     return "\n".join(lines)
 
 
+def predict_exported(args) -> int:
+    """``ddad predict EXPORT_DIR IMAGES``: a folder of ``ddad export`` scored by ddad-infer's torch-free runtime,
+    which writes the scores.csv columns an export can fill (and masks/ with --masks), as ``ddad-infer`` does."""
+    from ddad_infer.cli import main as infer
+
+    from .parser import DETECT_FLAG_DESTS
+
+    fixed = [f"--{d.replace('_', '-')}" for d in DETECT_FLAG_DESTS
+             if d != "backend" and getattr(args, d) not in (None, False, [])]
+    fixed += [flag for flag, given in (("--threshold", args.threshold is not None), ("--exclude", args.exclude)) if given]
+    if fixed or args.backend == "torch":
+        raise ConfigError(f"{', '.join(fixed) or '--backend torch'}: {args.run_dir} is an exported folder, which "
+                          "scores with the graphs, settings and thresholds it was exported with (backend onnxruntime "
+                          "or openvino); predict with the run itself, or export again with the settings")
+    argv = [str(args.run_dir), *map(str, args.paths), "--out", str(args.out)]
+    argv += ["--backend", args.backend] if args.backend else []
+    argv += ["--category", args.image_category] if args.image_category else []
+    argv += [flag for flag, given in (("--masks", args.masks), ("--int8", args.int8)) if given]
+    return infer(argv)
+
+
 def cmd_predict(args) -> int:
     from ..api import predict
 
+    if (args.run_dir / "export.json").is_file():
+        return predict_exported(args)
+    if args.int8:
+        raise ConfigError(f"--int8 runs the INT8 graphs of an exported folder; {args.run_dir} is a run: "
+                          f"`ddad export {args.run_dir} --format openvino --int8 --out DIR`, then `ddad predict DIR ...`")
     run, config = run_settings(args)
     rows = predict(run, args.paths, args.out, args.threshold, config, save_images=not args.no_images,
                    progress=not args.quiet, exclude=args.exclude, masks=args.masks, category=args.image_category)

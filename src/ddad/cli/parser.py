@@ -44,7 +44,9 @@ def _add_detect_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the per-image sampling noise")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (GPU)")
-    g.add_argument("--backend", choices=("torch", "onnxruntime"), help="run the networks in PyTorch or ONNX Runtime")
+    g.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"),
+                   help="run the networks in PyTorch or ONNX Runtime; an exported folder (predict) in ONNX Runtime "
+                        "or OpenVINO")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet and the feature extractor")
     g.add_argument("--micro-batch", type=int,
@@ -248,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/report)")
 
     p = add("predict", help="score new images (files or folders) without labels")
-    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
+    p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train), or a folder written by "
+                                              "ddad export (then scored by ddad-infer's runtime: --backend, --int8, "
+                                              "--category, --masks)")
     p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output folder: scores.csv and images/ (the panels "
                                                            "of an earlier predict there are replaced)")
@@ -263,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="store_true", help="also write OUT/masks/: the binary pred_mask of each image "
                                                         "(its heatmap at or above the stored pixel threshold)")
     p.add_argument("--no-images", action="store_true", help="skip the per-image PNGs")
+    p.add_argument("--int8", action="store_true", help="an exported folder: its INT8 graphs (OpenVINO)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 

@@ -18,6 +18,9 @@ def run_settings(args):
     from ..diffusion.sampler import skip_for_steps
     from ..runs import RunDir
 
+    if getattr(args, "backend", None) == "openvino":
+        raise ConfigError(f"--backend openvino runs an exported folder: `ddad export {args.run_dir} --format openvino "
+                          f"--out DIR`, then `ddad predict DIR IMAGES --backend openvino` (or ddad-infer DIR IMAGES)")
     run = RunDir(args.run_dir).require()
     config = load_config(run)
     changes = {DETECT_RENAMES.get(d, d): getattr(args, d) for d in DETECT_FLAG_DESTS

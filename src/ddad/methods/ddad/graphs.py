@@ -17,23 +17,16 @@ per step around the network call, with every image's own seeded noise.
 from __future__ import annotations
 
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import torch
-from ddad_infer.model import file_sha256  # one hash for writing and checking an export
 
-from ...checkpoint import atomic_write_text
-from ...engine.calibration import ThresholdMismatch, stored_threshold
-from ...export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graph, require_onnx
+from ...export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graphs, require_onnx, write_manifest
 from ...runs import RunDir
 from ...scoring import anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
 from .settings import DetectConfig
 
 EXPORT_DIR = "export"
-FORMATS = ("onnx", "openvino")
-MANIFEST_VERSION = 1
 
 
 class ScorerGraph(torch.nn.Module):
@@ -57,100 +50,44 @@ class ScorerGraph(torch.nn.Module):
         return maps, image_scores(maps, self.crop)
 
 
-def to_openvino(onnx_path: Path) -> list[Path]:
-    """The ONNX graph converted to OpenVINO IR beside it (fp32 weights kept): [xml, bin]."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise RuntimeError("--format openvino needs OpenVINO: pip install 'ddad[openvino]'") from None
-    xml = onnx_path.with_suffix(".xml")
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
-    return [xml, xml.with_suffix(".bin")]
-
-
-def export_graphs(detector, run: RunDir, config, out_dir: Path | None = None, progress: bool = True,
-                  fmt: str = "onnx", key=None) -> Path:
+def export_model(detector, run: RunDir, config, out_dir: Path | None = None, progress: bool = True,
+                 fmt: str = "onnx", key=None) -> Path:
     """Write the exported model of ``detector`` (the run's, in PyTorch, calibrated) into ``out_dir`` (default
     RUN_DIR/export) in ``fmt`` (onnx or openvino), with its manifest; ``key``: the detector's calibration key
     (the decisions chosen under it go into the manifest)."""
-    from tqdm.auto import tqdm
-
     from ...diffusion.schedule import alphas_cumprod
 
-    if fmt not in FORMATS:
-        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if config.detect.scoring.uses_features and config.detect.scoring.reference == "bank":
         raise ValueError("an exported DDAD model scores against the reconstruction's features; "
                          "detect.scoring.reference 'bank' is not exported yet")
     if config.detect.scoring.needs_calibration and detector.score_scale is None:
         raise ValueError("the detector must be calibrated (Eq. 9's maxima) before its scorer is exported")
-    require_onnx()
     out_dir = Path(out_dir) if out_dir else run.root / EXPORT_DIR
     size, channels = config.data.image_size, config.data.channels
-    unet = detector.unet.float().cpu().eval()
     x = torch.zeros(2, channels, size, size)
-    t = torch.tensor([250, 25], dtype=torch.long)
-    graphs = ["unet", "scorer"] + (["extractor"] if detector.extractor is not None else [])
-    bar = tqdm(total=len(graphs) * (2 if fmt == "openvino" else 1), desc=f"export ({fmt} graphs)", unit="graph",
-               disable=not progress, dynamic_ncols=True)
-    bar.set_postfix_str("unet.onnx")
-    export_graph(unet, (x, t), out_dir / "unet.onnx", ["x", "t"], ["eps"])
-    bar.update(1)
+    modules = {"unet": (detector.unet.float().cpu().eval(), (x, torch.tensor([250, 25], dtype=torch.long)),
+                        ["x", "t"], ["eps"]),
+               # two distinct example tensors: the exporter treats one tensor passed twice as one input (x0 - y == 0)
+               "scorer": (ScorerGraph(detector).eval(), (x, torch.full_like(x, 0.5)), ["y", "x0"],
+                          ["anomaly_map", "score"])}
+    extractor = None
     if detector.extractor is not None:
         detector.extractor.float().cpu().eval()
-    bar.set_postfix_str("scorer.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # two distinct example tensors: the exporter treats one tensor passed twice as one input (x0 - y == 0)
-        export_graph(ScorerGraph(detector).eval(), (x, torch.full_like(x, 0.5)), out_dir / "scorer.onnx",
-                     ["y", "x0"], ["anomaly_map", "score"])
-    bar.update(1)
-    info = {"format_version": MANIFEST_VERSION, "method": "ddad", "format": fmt,
-            "run": str(run.root.resolve()),
-            "checkpoint": str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
-            "weights": config.weights.average, "image_size": size, "channels": channels, "extractor": None}
-    if detector.extractor is not None:
         layers = config.detect.scoring.feature_layers
-        graph = ExtractorGraph(detector.extractor, layers)
-        bar.set_postfix_str("extractor.onnx")
-        export_graph(graph, (x,), out_dir / "extractor.onnx", ["image"], [f"stage{j}" for j in layers])
-        bar.update(1)
-        info["extractor"] = {"backbone": config.detect.backbone, "layers": list(layers),
-                             "adapted": detector.extractor_source == "adapted"}
-    files = {name: {"onnx": [out_dir / f"{name}.onnx"]} for name in graphs}
-    if fmt == "openvino":
-        for name in graphs:
-            bar.set_postfix_str(f"{name}.xml")
-            files[name]["openvino"] = to_openvino(out_dir / f"{name}.onnx")
-            bar.update(1)
-    bar.close()
+        modules["extractor"] = (ExtractorGraph(detector.extractor, layers), (x,), ["image"],
+                                [f"stage{j}" for j in layers])
+        extractor = {"backbone": config.detect.backbone, "layers": list(layers),
+                     "adapted": detector.extractor_source == "adapted"}
+    graphs = export_graphs(modules, out_dir, fmt, progress)
     sampler = config.detect.sampler
-    decisions = None
-    if key is not None:
-        try:
-            decisions = stored_threshold(run, key, f"Run `ddad test {run.root}` with these settings")
-        except ThresholdMismatch as exc:  # the graphs are still right; only their decisions are missing
-            print(f"warning: exported without decisions (raw scores only): {exc}", file=sys.stderr)
-        if decisions is None:
-            print(f"warning: no thresholds chosen under these settings: the export gives raw scores only; run "
-                  f"`ddad test {run.root}` with them first, then export again", file=sys.stderr)
-    if decisions is not None:
-        decisions = {k: v for k, v in decisions.items() if k not in ("key", "colour_scale")}
-    info.update({
-        "graphs": {name: {kind: {"files": [p.name for p in paths], "sha256": [file_sha256(p) for p in paths]}
-                          for kind, paths in kinds.items()} for name, kinds in files.items()},
-        "sampler": {"start_step": sampler.start_step, "skip": sampler.skip, "w": sampler.w, "eta": sampler.eta,
-                    "authors_first_step": sampler.authors_first_step},
-        "seed": config.detect.seed,
-        "alphas_cumprod": alphas_cumprod(config.schedule).float().tolist(),
-        "batch_size": config.runtime.batch_size,
-        "calibration_key": None if key is None else key.digest,
-        "settings": None if key is None else json.loads(json.dumps(key.as_dict(), default=str)),
-        "decisions": decisions,
-        "decisions_key": None if decisions is None else decisions.get("calibration_key", key.digest),
-    })
-    atomic_write_text(out_dir / "export.json", json.dumps(info, indent=2))
-    return out_dir
+    return write_manifest(
+        out_dir, run, "ddad", "diffusion", fmt, key, graphs,
+        checkpoint=str(run.resolve_checkpoint(config.weights.checkpoint).resolve()),
+        weights=config.weights.average, image_size=size, channels=channels, extractor=extractor,
+        sampler={"start_step": sampler.start_step, "skip": sampler.skip, "w": sampler.w, "eta": sampler.eta,
+                 "authors_first_step": sampler.authors_first_step},
+        seed=config.detect.seed, alphas_cumprod=alphas_cumprod(config.schedule).float().tolist(),
+        batch_size=config.runtime.batch_size)
 
 
 def onnx_networks(run: RunDir, detect: DetectConfig, threads: int | None = None):

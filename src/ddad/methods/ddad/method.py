@@ -14,12 +14,9 @@ from ...engine.detection import LoadedDetector
 from ...engine.undertraining import diffusion_rule
 from ...engine.trainer import StepHook, TrainResult, fit
 from ...runs import RunDir
-from .graphs import export_graphs
+from .graphs import export_model
 from .loading import load_detector, loaded_detector, with_detection
 from .settings import DDADConfig
-
-
-INT8_IMAGES = 16  # defect-free training images that calibrate ``--int8``, and as many others that check it
 
 
 class DDAD:
@@ -66,12 +63,9 @@ class DDAD:
     def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None,
                progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
         detector, key = load_detector(run, config, progress=progress)
-        folder = export_graphs(detector, run, config, out_dir, progress, fmt, key)
+        folder = export_model(detector, run, config, out_dir, progress, fmt, key)
         if int8:
-            from ...data.splits import calibration_set
-            from ...int8 import quantize_export
+            from ...int8 import quantize_run_export
 
-            images = calibration_set(config.data, 2 * INT8_IMAGES, config.train.seed)[0].numpy()
-            half = max(1, (len(images) + 1) // 2)  # fewer than 2 x INT8_IMAGES: half each (one: itself)
-            quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress)
+            quantize_run_export(folder, config.data, config.train.seed, progress)
         return folder

@@ -19,6 +19,18 @@ from .refiner import Refiner, resized
 from .settings import DRDCDetect, FeatureConfig
 
 
+def base_map(error: torch.Tensor, size: tuple[int, int], detect: DRDCDetect) -> torch.Tensor:
+    """The base heatmap at the image ``size`` from the base model's error on the token grid (Eq. 2), averaged
+    over ``detect.scales`` where ``multiscale_base`` asks."""
+    base = base_heatmap(error, size)
+    return multiscale(base, detect.scales) if detect.multiscale_base else base
+
+
+def image_score(fused: torch.Tensor, detect: DRDCDetect) -> torch.Tensor:
+    """The image score: the maximum of the (cropped) map after ``detect.pool`` average pooling."""
+    return pooled_max(crop(fused, detect.crop), detect.pool)
+
+
 class DRDCDetector:
     """Images (B, C, H, W) in [-1, 1] -> :class:`AnomalyResult`; every image is scored on its own (no batch
     statistics; the refinement's draws are seeded per image).
@@ -46,10 +58,7 @@ class DRDCDetector:
         with torch.inference_mode(), autocast(self.device, self.detect.precision):
             feats = token_features(self.extractor, images.to(self.device), self.features.grid)
             error = self.model.error(feats, categories).float()
-            base = base_heatmap(error, size)
-        if self.detect.multiscale_base:
-            base = multiscale(base, self.detect.scales)
-        out = {"base": base, "feature_error": error}
+        out = {"base": base_map(error, size, self.detect), "feature_error": error}
         if self.refiner is not None:
             with torch.inference_mode():
                 refined = self.refiner(resized(images.to(self.device), self.refiner.refine.image_size))
@@ -88,7 +97,7 @@ class DRDCDetector:
             diffusion = maps["diffusion"] / self.scale.max_pixel
             fused = fuse(base, diffusion, self.detect.alpha)  # Eq. 17
             extras.update(base_map=base.cpu(), diffusion_map=diffusion.cpu())
-        scores = pooled_max(crop(fused, self.detect.crop), self.detect.pool)
+        scores = image_score(fused, self.detect)
         return AnomalyResult(score=scores.float().cpu(), anomaly_map=fused.float().cpu(),
                              reconstruction=None if self.refiner is None else maps["inpainted"].cpu(), extras=extras)
 

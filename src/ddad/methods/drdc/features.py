@@ -39,11 +39,15 @@ def feature_channels(extractor: FeatureExtractor) -> int:
 
 
 @torch.inference_mode()
-def token_features(extractor: FeatureExtractor, images: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, sum of stage channels, grid, grid): every stage of ``extractor`` resized to the grid, concatenated."""
-    stages = extractor(as_float_images(images))
+def tokens_of_stages(stages, grid: int) -> torch.Tensor:
+    """(B, sum of stage channels, grid, grid): the backbone's ``stages`` resized to the grid, concatenated."""
     return torch.cat([F.interpolate(s.float(), size=(grid, grid), mode="bilinear", align_corners=False)
                       for s in stages], dim=1)
+
+
+def token_features(extractor: FeatureExtractor, images: torch.Tensor, grid: int) -> torch.Tensor:
+    """:func:`tokens_of_stages` of every stage of ``extractor``."""
+    return tokens_of_stages(extractor(as_float_images(images)), grid)
 
 
 def features_in_batches(extractor: FeatureExtractor, images: torch.Tensor, grid: int, batch_size: int,

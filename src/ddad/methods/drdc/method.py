@@ -196,4 +196,12 @@ class DRDC:
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None,
                progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
-        raise ValueError("ddad export does not write drdc graphs yet (drdc runs in PyTorch)")
+        from .graphs import export_model
+
+        loaded = self.load(run, config, progress)
+        folder = export_model(loaded, run, config, out_dir, progress, fmt)
+        if int8:
+            from ...int8 import quantize_run_export
+
+            quantize_run_export(folder, config.data, config.train.seed, progress)
+        return folder

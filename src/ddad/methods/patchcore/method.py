@@ -121,4 +121,12 @@ class PatchCore:
 
     def export(self, run: RunDir, config: PatchCoreConfig, out_dir: Path | None = None,
                progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
-        raise ValueError("ddad export does not write patchcore graphs yet (patchcore runs in PyTorch)")
+        from .graphs import export_model
+
+        loaded = self.load(run, config, progress)
+        folder = export_model(loaded, run, config, out_dir, progress, fmt)
+        if int8:
+            from ...int8 import quantize_run_export
+
+            quantize_run_export(folder, config.data, config.train.seed, progress)
+        return folder

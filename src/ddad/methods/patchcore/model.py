@@ -20,15 +20,30 @@ from ...results import AnomalyResult
 from ...scoring import gaussian_blur, image_scores, local_average, resize_for_features
 from .settings import PatchCoreDetect, PatchFeatures
 
-@torch.inference_mode()
-def patch_features(extractor: FeatureExtractor, images: torch.Tensor, features: PatchFeatures) -> torch.Tensor:
-    """(B, D, h, w): each stage of ``features.layers`` averaged over p x p neighbourhoods, upsampled
-    (bilinear) to the first stage's grid, concatenated on channels."""
-    x = resize_for_features(as_float_images(images), features.input_size)
-    stages = [local_average(f.float(), features.patch_size) for f in extractor(x, features.layers)]
+def features_of_stages(stages: Sequence[torch.Tensor], features: PatchFeatures) -> torch.Tensor:
+    """(B, D, h, w) from the backbone's stages: each averaged over p x p neighbourhoods, upsampled (bilinear) to
+    the first stage's grid, concatenated on channels."""
+    stages = [local_average(f.float(), features.patch_size) for f in stages]
     size = stages[0].shape[-2:]
     return torch.cat([stages[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                                     for f in stages[1:]], dim=1)
+
+
+def compute_patch_features(extractor: FeatureExtractor, images: torch.Tensor, features: PatchFeatures) -> torch.Tensor:
+    """(B, D, h, w): :func:`features_of_stages` of ``features.layers`` for images resized to ``features.input_size``
+    (:func:`patch_features` without autograd; this one is traced by the export)."""
+    x = resize_for_features(as_float_images(images), features.input_size)
+    return features_of_stages(extractor(x, features.layers), features)
+
+
+patch_features = torch.inference_mode()(compute_patch_features)
+
+
+def distance_map(grid: torch.Tensor, size: tuple[int, int], detect: PatchCoreDetect) -> tuple[torch.Tensor, torch.Tensor]:
+    """(map, score) of patch distances ``grid`` (B, 1, h, w): upsampled (bilinear) to the image ``size``,
+    smoothed, its (cropped) maximum the score."""
+    maps = gaussian_blur(F.interpolate(grid, size=size, mode="bilinear", align_corners=False), detect.sigma)
+    return maps, image_scores(maps, detect.crop)
 
 
 class PatchCoreDetector:
@@ -50,7 +65,5 @@ class PatchCoreDetector:
 
     def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> AnomalyResult:
         grid = self.distances(images, categories)
-        maps = gaussian_blur(F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False),
-                             self.detect.sigma)
-        return AnomalyResult(score=image_scores(maps, self.detect.crop).cpu(), anomaly_map=maps.cpu(),
-                             extras={"patch_distance": grid.cpu()})
+        maps, scores = distance_map(grid, tuple(images.shape[-2:]), self.detect)
+        return AnomalyResult(score=scores.cpu(), anomaly_map=maps.cpu(), extras={"patch_distance": grid.cpu()})

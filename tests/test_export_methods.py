@@ -1,0 +1,177 @@
+"""The memory-bank and DRDC exports and the torch-free runtime: PatchCore (feature and map graphs, the banks as
+files) in parity with the run per category and backend, INT8 near fp32, the numpy nearest-neighbour search
+against brute force, a corrupt bank refused by name; DRDC's transformer base (one graph) and memory-bank
+base in parity with their runs, categories recognised as ddad recognises them; the refinement refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddad.cli import main
+
+from .test_export_runtime import _runtime
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+CATEGORIES = ("stripes", "washer")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Two categories, one bank each (random resnet18 features), thresholds per category from `ddad test`,
+    exported as OpenVINO IR with INT8 graphs, in a process of its own (OpenVINO's threads)."""
+    from ddad.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("pcexport")
+    generate(root / "data", SynthConfig(size=32, train=12, test_good=3, test_defective_per_type=1, seed=2))
+    run = root / "run"
+    assert main(["train", "--method", "patchcore", "--data-root", str(root / "data"), "--category",
+                 ",".join(CATEGORIES), "--image-size", "32", "--backbone", "resnet18", "--backbone-weights", "random",
+                 "--set", "bank.fraction=0.25", "--run-dir", str(run), "--quiet"]) == 0
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+    export = subprocess.run([sys.executable, "-m", "ddad", "export", str(run), "--format", "openvino", "--int8",
+                             "--out", str(root / "export"), "--quiet"], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-3000:]
+    return root, run, root / "export"
+
+
+def _files(root: Path, category: str) -> list[Path]:
+    return sorted((root / "data" / category / "test").rglob("*.png"))
+
+
+def _torch_results(run: Path, files: list[Path], category: str | None):
+    from ddad import load_model
+    from ddad.data.io import read_image
+
+    model = load_model(run)
+    images = torch.stack([read_image(p, model.loaded.data.channels, model.loaded.data.image_size) for p in files])
+    return model(images, categories=None if category is None else [category] * len(files))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_bank_model_scores_and_decides_as_the_run(exported, backend, tmp_path):
+    root, run, folder = exported
+    stored = json.loads((run / "threshold.json").read_text())
+    assert stored["categories"][CATEGORIES[0]]["threshold"] != stored["categories"][CATEGORIES[1]]["threshold"]
+    labels = []
+    for category in (*CATEGORIES, None):  # each against its own bank and thresholds; unknown: recognised
+        files = _files(root, category or CATEGORIES[0]) + (_files(root, CATEGORIES[1]) if category is None else [])
+        ref = _torch_results(run, files, category)
+        got = _runtime(folder, files, backend, tmp_path, category=category)
+        assert "reconstruction" not in got  # PatchCore reconstructs nothing
+        np.testing.assert_allclose(got["score"], ref.score.numpy(), rtol=1e-4, atol=1e-7)
+        scale = float(ref.anomaly_map.abs().max())
+        np.testing.assert_allclose(got["anomaly_map"], ref.anomaly_map[:, 0].numpy(), rtol=0, atol=1e-4 * scale)
+        assert got["pred_label"].tolist() == ref.pred_label.tolist()
+        # unknown: each decided as the category recognised from it, as ddad does (here its own, as `ddad test` says)
+        truth = [category or p.parents[2].name for p in files]
+        assert got["threshold"].tolist() == [stored["categories"][c]["threshold"] for c in truth]
+        labels += got["pred_label"].tolist()
+    assert any(labels) and not all(labels)
+
+
+def test_int8_bank_model_stays_near_fp32(exported, tmp_path):
+    root, run, folder = exported
+    record = json.loads((folder / "export.json").read_text())["int8"]
+    assert set(record["graphs"]) == {"features"}
+    files = _files(root, CATEGORIES[1])
+    fp32 = _runtime(folder, files, "openvino", tmp_path, category=CATEGORIES[1])
+    int8 = _runtime(folder, files, "openvino", tmp_path, "int8", category=CATEGORIES[1])
+    span = float(fp32["anomaly_map"].max() - fp32["anomaly_map"].min())
+    assert not np.array_equal(int8["anomaly_map"], fp32["anomaly_map"])
+    assert np.abs(int8["anomaly_map"] - fp32["anomaly_map"]).max() <= (record["max_map_error"] + 0.05) * span
+
+
+def test_numpy_nearest_distances_are_exact():
+    """The runtime's search against brute force (every distance, then the minimum), across several bank blocks
+    and query chunks, with a query equal to a bank row (distance 0, no cancellation error)."""
+    from ddad_infer.banks import nearest_distances
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(300, 24)).astype(np.float32) * 3 + 1
+    queries = rng.normal(size=(70, 24)).astype(np.float32) * 3 + 1
+    queries[5] = bank[217]
+    expected = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)).min(1)
+    got = nearest_distances(queries, bank, chunk=16, block=64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert got[5] == 0.0
+
+
+def test_a_corrupt_bank_is_refused_by_name(exported, tmp_path):
+    import ddad_infer
+    from ddad_infer import ExportError
+
+    _, _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    bank = copy / f"bank-{CATEGORIES[0]}.npy"
+    data = np.load(bank)
+    data[0, 0] += 1.0
+    np.save(bank, data)
+    with pytest.raises(ExportError, match=rf"{bank.name} is not the one this export wrote"):
+        ddad_infer.load(copy, backend="onnxruntime")
+
+
+def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str) -> None:
+    """Train a tiny two-category DRDC run with ``settings``, test it (thresholds per category), export it as
+    ONNX and compare the runtime (ONNX Runtime, in this process) with the run: given and recognised categories."""
+    import ddad_infer
+
+    assert main(["train", "--method", "drdc", "--data-root", str(root / "data"), "--category", ",".join(CATEGORIES),
+                 "--image-size", "32", "--max-steps", "2", "--batch-size", "4", "--backbone", "resnet18",
+                 "--backbone-weights", "random", "--set", "features.grid=4", "--set", "model.hidden=32",
+                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "refine.enabled=false",
+                 "--set", "detect.pool=2", *settings, "--run-dir", str(run), "--quiet"]) == 0
+    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
+    assert main(["export", str(run), "--out", str(tmp / "export"), "--quiet"]) == 0
+    from ddad import load_model
+    from ddad.data.io import read_image
+
+    model, run_model = ddad_infer.load(tmp / "export"), load_model(run)
+    files = _files(root, CATEGORIES[0]) + _files(root, CATEGORIES[1])
+    truth = [p.parents[2].name for p in files]
+    images = torch.stack([read_image(p, 3, 32) for p in files])
+    for categories in (truth, None):
+        ref, got = run_model(images, categories=categories), model.predict_arrays(images.numpy(), categories)
+        np.testing.assert_allclose(got["score"], ref.score.numpy(), rtol=1e-4, atol=1e-7)
+        scale = float(ref.anomaly_map.abs().max())
+        np.testing.assert_allclose(got["anomaly_map"], ref.anomaly_map.numpy(), rtol=0, atol=1e-4 * scale)
+        assert got["pred_label"].tolist() == ref.pred_label.tolist()
+        assert got["categories"] == truth  # recognised as `ddad test` recognises them here (all correctly)
+    assert got["pred_label"].any() and not got["pred_label"].all()
+
+
+def test_drdc_transformer_base_exports_as_one_graph(exported, tmp_path):
+    root = exported[0]
+    _drdc_parity(root, tmp_path / "run", tmp_path)
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert (manifest["method"], manifest["model"], list(manifest["graphs"])) == ("drdc", "graph", ["model"])
+
+
+def test_drdc_memory_bank_base_exports_as_a_bank_model(exported, tmp_path):
+    root = exported[0]
+    _drdc_parity(root, tmp_path / "run", tmp_path, "--set", "features.base=bank")
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert (manifest["model"], list(manifest["banks"])) == ("bank", ["all"])
+
+
+def test_drdc_refinement_is_refused_unless_alpha_is_0(tmp_path):
+    from types import SimpleNamespace
+
+    from ddad.methods.drdc.graphs import export_model
+    from ddad.methods.drdc.settings import DRDCConfig
+
+    config = DRDCConfig()
+    loaded = SimpleNamespace(detect=SimpleNamespace(refiner=object()))
+    with pytest.raises(ValueError, match="refinement does not export yet.*detect.alpha=0"):
+        export_model(loaded, None, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
