@@ -54,7 +54,7 @@ def main() -> None:
     fp32, int8 = rows["fp32"], rows["int8"]
     summary = {"run": str(args.run), "export": str(args.export), "date": date.today().isoformat(),
                "threads": args.threads, "images": len(images), "defective": int(split.labels.sum()),
-               "int8": json.loads((args.export / "export.json").read_text()).get("int8"),
+               "int8_record": json.loads((args.export / "export.json").read_text()).get("int8"),
                "delta_points": {k: None if fp32[k] is None else 100 * (int8[k] - fp32[k])
                                 for k in ("image_auroc", "pixel_auroc", "pro")},
                "labels_differ": None if fp32["labels"] is None else
@@ -64,7 +64,7 @@ def main() -> None:
                "fp32": fp32, "int8": int8}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("fp32", "int8")}, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("fp32", "int8", "int8_record")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Runtime or OpenVINO). ``ddad-infer FOLDER IMAGES`` on the command line, or::
 ``ddad`` itself decodes images, seeds noise and decides through these modules, so both score alike.
 """
 
-from .model import ExportError, ExportedModel, Prediction, load
+from .methods import load
+from .model import ExportError, ExportedModel, Prediction
 
 __version__ = "0.2.0"
 __all__ = ["ExportError", "ExportedModel", "Prediction", "load"]

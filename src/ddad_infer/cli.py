@@ -14,7 +14,8 @@ from PIL import Image
 
 from .backends import BACKENDS
 from .images import DatasetError, is_image_file, own_size_check
-from .model import ExportError, load
+from .methods import load
+from .model import ExportError
 
 COLUMNS = ("image", "mask", "category", "score", "threshold", "threshold_source", "pred_score", "pred_label",
            "decision", "error")

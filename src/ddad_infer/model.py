@@ -236,17 +236,3 @@ class ExportedModel:
                     pred_mask=None if out["pred_mask"] is None else out["pred_mask"][i, 0],
                     reconstruction=pick("reconstruction", i)))
         return results
-
-
-def load(folder: Path | str, backend: str | None = None, threads: int | None = None,
-         precision: str = "fp32") -> ExportedModel:
-    """The exported model in ``folder``, of whichever method it holds (``backend``: onnxruntime or openvino,
-    default from its format; ``precision`` int8: the graphs of ``ddad export --int8``, in OpenVINO)."""
-    from .methods import MODELS
-
-    manifest = read_manifest(Path(folder))
-    kind = model_kind(manifest)
-    if kind not in MODELS:
-        raise ExportError(f"{Path(folder) / MANIFEST} holds a {manifest.get('method')!r} model of kind {kind!r}; "
-                          f"this runtime scores {', '.join(MODELS)}")
-    return MODELS[kind](folder, backend, threads, precision)
