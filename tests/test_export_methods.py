@@ -63,8 +63,11 @@ def test_the_exported_bank_model_scores_and_decides_as_the_run(exported, backend
     stored = json.loads((run / "threshold.json").read_text())
     assert stored["categories"][CATEGORIES[0]]["threshold"] != stored["categories"][CATEGORIES[1]]["threshold"]
     labels = []
-    for category in (*CATEGORIES, None):  # each against its own bank and thresholds; unknown: recognised
-        files = _files(root, category or CATEGORIES[0]) + (_files(root, CATEGORIES[1]) if category is None else [])
+    first, second = (_files(root, c) for c in CATEGORIES)
+    # each against its own bank and thresholds; a part scored as the other category: against that bank only;
+    # unknown: recognised
+    for files, category in ((first, CATEGORIES[0]), (second, CATEGORIES[1]), (second, CATEGORIES[0]),
+                            (first + second, None)):
         ref = _torch_results(run, files, category)
         got = _runtime(folder, files, backend, tmp_path, category=category)
         assert "reconstruction" not in got  # PatchCore reconstructs nothing
@@ -97,8 +100,8 @@ def test_numpy_nearest_distances_are_exact():
     from ddad_infer.banks import nearest_distances
 
     rng = np.random.default_rng(0)
-    bank = rng.normal(size=(300, 24)).astype(np.float32) * 3 + 1
-    queries = rng.normal(size=(70, 24)).astype(np.float32) * 3 + 1
+    bank = rng.normal(size=(300, 24)).astype(np.float32) * 3 + 100  # far from 0: |q|^2 >> |q - b|^2
+    queries = rng.normal(size=(70, 24)).astype(np.float32) * 3 + 100
     queries[5] = bank[217]
     expected = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)).min(1)
     got = nearest_distances(queries, bank, chunk=16, block=64)
