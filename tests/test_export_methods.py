@@ -109,11 +109,14 @@ def test_numpy_nearest_distances_are_exact():
     assert got[5] == 0.0
 
 
-def test_a_corrupt_bank_is_refused_by_name(exported, tmp_path):
+def test_a_corrupt_bank_and_an_unknown_category_are_refused_by_name(exported, tmp_path):
     import ddad_infer
     from ddad_infer import ExportError
 
     _, _, folder = exported
+    model = ddad_infer.load(folder, backend="onnxruntime")
+    with pytest.raises(ValueError, match="category 'gears' is not one of this model's: stripes, washer"):
+        model.predict_arrays(np.zeros((1, 3, 32, 32), np.float32), ["gears"])
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     bank = copy / f"bank-{CATEGORIES[0]}.npy"
