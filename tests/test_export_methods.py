@@ -127,22 +127,23 @@ def test_a_corrupt_bank_and_an_unknown_category_are_refused_by_name(exported, tm
         ddad_infer.load(copy, backend="onnxruntime")
 
 
-def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str) -> None:
-    """Train a tiny two-category DRDC run with ``settings``, test it (thresholds per category), export it as
-    ONNX and compare the runtime (ONNX Runtime, in this process) with the run: given and recognised categories."""
+def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str, detect: tuple = ()) -> None:
+    """Train a tiny two-category DRDC run with ``settings``, test it with the detection settings ``detect``
+    (thresholds per category), export it as ONNX with them and compare the runtime (ONNX Runtime, in this
+    process) with the run: given and recognised categories."""
     import ddad_infer
+    from ddad import load_config, load_model, with_detection
+    from ddad.data.io import read_image
 
     assert main(["train", "--method", "drdc", "--data-root", str(root / "data"), "--category", ",".join(CATEGORIES),
                  "--image-size", "32", "--max-steps", "2", "--batch-size", "4", "--backbone", "resnet18",
                  "--backbone-weights", "random", "--set", "features.grid=4", "--set", "model.hidden=32",
-                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "refine.enabled=false",
-                 "--set", "detect.pool=2", *settings, "--run-dir", str(run), "--quiet"]) == 0
-    assert main(["test", str(run), "--quiet", "--no-images"]) == 0
-    assert main(["export", str(run), "--out", str(tmp / "export"), "--quiet"]) == 0
-    from ddad import load_model
-    from ddad.data.io import read_image
-
-    model, run_model = ddad_infer.load(tmp / "export"), load_model(run)
+                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "detect.pool=2", *settings,
+                 "--run-dir", str(run), "--quiet"]) == 0
+    flags = [f for pair in detect for f in ("--set", f"detect.{pair[0]}={pair[1]}")]
+    assert main(["test", str(run), "--quiet", "--no-images", *flags]) == 0
+    assert main(["export", str(run), "--out", str(tmp / "export"), "--quiet", *flags]) == 0
+    model, run_model = ddad_infer.load(tmp / "export"), load_model(run, with_detection(load_config(run), **dict(detect)))
     files = _files(root, CATEGORIES[0]) + _files(root, CATEGORIES[1])
     truth = [p.parents[2].name for p in files]
     images = torch.stack([read_image(p, 3, 32) for p in files])
@@ -158,26 +159,27 @@ def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str) -> None:
 
 def test_drdc_transformer_base_exports_as_one_graph(exported, tmp_path):
     root = exported[0]
-    _drdc_parity(root, tmp_path / "run", tmp_path)
+    _drdc_parity(root, tmp_path / "run", tmp_path, "--set", "refine.enabled=false")
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     assert (manifest["method"], manifest["model"], list(manifest["graphs"])) == ("drdc", "graph", ["model"])
 
 
 def test_drdc_memory_bank_base_exports_as_a_bank_model(exported, tmp_path):
     root = exported[0]
-    _drdc_parity(root, tmp_path / "run", tmp_path, "--set", "features.base=bank")
+    _drdc_parity(root, tmp_path / "run", tmp_path, "--set", "features.base=bank", "--set", "refine.enabled=false")
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     assert (manifest["model"], list(manifest["banks"])) == ("bank", ["all"])
 
 
-def test_drdc_refinement_is_refused_unless_alpha_is_0(tmp_path):
-    from types import SimpleNamespace
-
-    from ddad.methods.drdc.graphs import export_model
-    from ddad.methods.drdc.settings import DRDCConfig
-
-    config = DRDCConfig()
-    loaded = SimpleNamespace(detect=SimpleNamespace(refiner=object()))
-    with pytest.raises(ValueError, match="refinement does not export yet.*detect.alpha=0"):
-        export_model(loaded, None, config, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_drdc_with_refinement_exports_its_base_at_alpha_0_only(exported, tmp_path, capsys):
+    """A refiner's map does not export yet: refused at alpha > 0; at alpha 0 the base map, divided by its
+    calibrated maximum (Eq. 17's input scale), scores as the run."""
+    root = exported[0]
+    refine = ("--set", "features.base=bank", "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
+              "--set", "refine.cells=[4,8]", "--set", "detect.steps=2")
+    _drdc_parity(root, tmp_path / "run", tmp_path, *refine, detect=(("alpha", 0.0),))
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert manifest["settings"]["settings"]["algorithm"]["refine"]["enabled"] is True  # its scale divided the map
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "refinement does not export yet" in capsys.readouterr().err and not (tmp_path / "refused").exists()
