@@ -138,7 +138,8 @@ def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str, detect: tuple
     assert main(["train", "--method", "drdc", "--data-root", str(root / "data"), "--category", ",".join(CATEGORIES),
                  "--image-size", "32", "--max-steps", "2", "--batch-size", "4", "--backbone", "resnet18",
                  "--backbone-weights", "random", "--set", "features.grid=4", "--set", "model.hidden=32",
-                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "detect.pool=2", *settings,
+                 "--set", "model.heads=4", "--set", "model.neighbour=3", "--set", "model.encoder_layers=1",
+                 "--set", "model.decoder_layers=1", "--set", "model.ffn=64", "--set", "detect.pool=2", *settings,
                  "--run-dir", str(run), "--quiet"]) == 0
     flags = [f for pair in detect for f in ("--set", f"detect.{pair[0]}={pair[1]}")]
     assert main(["test", str(run), "--quiet", "--no-images", *flags]) == 0
@@ -176,7 +177,7 @@ def test_drdc_with_refinement_exports_its_base_at_alpha_0_only(exported, tmp_pat
     calibrated maximum (Eq. 17's input scale), scores as the run."""
     root = exported[0]
     refine = ("--set", "features.base=bank", "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
-              "--set", "refine.cells=[4,8]", "--set", "detect.steps=2")
+              "--set", "refine.cells=[8]", "--set", "detect.steps=1")
     _drdc_parity(root, tmp_path / "run", tmp_path, *refine, detect=(("alpha", 0.0),))
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     assert manifest["settings"]["settings"]["algorithm"]["refine"]["enabled"] is True  # its scale divided the map
