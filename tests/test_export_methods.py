@@ -119,7 +119,7 @@ def test_a_corrupt_bank_and_an_unknown_category_are_refused_by_name(exported, tm
         model.predict_arrays(np.zeros((1, 3, 32, 32), np.float32), ["gears"])
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    bank = copy / f"bank-{CATEGORIES[0]}.npy"
+    bank = copy / json.loads((folder / "export.json").read_text())["banks"][CATEGORIES[0]]["files"][0]
     data = np.load(bank)
     data[0, 0] += 1.0
     np.save(bank, data)

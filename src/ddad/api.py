@@ -183,10 +183,10 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
 
 
 def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | None = None,
-           progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
+           progress: bool = True, fmt: str = "onnx", int8: bool | str = False) -> Path:
     """Write the run's exported model (default RUN_DIR/export) in ``fmt`` (onnx or openvino): graphs and the
     manifest that the torch-free runtime (:mod:`ddad_infer`) scores with; ``int8`` adds INT8 graphs
-    (OpenVINO, :mod:`ddad.int8`)."""
+    (OpenVINO, :mod:`ddad.int8`; True or a strategy of :data:`ddad.int8.STRATEGIES`)."""
     run = _run(run_dir).require()
     config = config or load_config(run)
     if int8 and fmt != "openvino":

@@ -117,14 +117,14 @@ def save_array(path: Path, array) -> dict:
 
 def bank_facts(loaded, banks: dict, run: RunDir, out_dir: Path, progress: bool = True) -> dict:
     """The manifest facts of a memory-bank model of a :class:`LoadedDetector`: its categories, each bank
-    (name -> (M, D) tensor) as OUT_DIR/bank-NAME.npy, and, for several categories, the run's category
-    recogniser's reference embeddings as OUT_DIR/recognition.npy with their labels."""
+    (name -> (M, D) tensor) as OUT_DIR/bank-I.npy (the manifest maps names to files), and, for several
+    categories, the run's category recogniser's reference embeddings as OUT_DIR/recognition.npy with their
+    labels."""
     from .engine.recognition import build_recogniser
-    from .results import safe_name
 
     facts = {"categories": list(loaded.categories), "recognition": None,
-             "banks": {name: save_array(out_dir / f"bank-{safe_name(name)}.npy", bank.float().cpu().numpy())
-                       for name, bank in banks.items()}}
+             "banks": {name: save_array(out_dir / f"bank-{i}.npy", bank.float().cpu().numpy())
+                       for i, (name, bank) in enumerate(banks.items())}}
     recogniser = build_recogniser(run, loaded.data, loaded.embed, loaded.embed_identity, loaded.batch_size, progress)
     if recogniser is not None:
         facts["recognition"] = {"labels": recogniser.labels,

@@ -37,20 +37,28 @@ def _record(model, images: np.ndarray) -> dict[str, list[dict]]:
     return seen
 
 
-def quantize_run_export(folder: Path, data, seed: int, progress: bool = True) -> dict:
+STRATEGIES = ("auto", "full", "weights")  # auto: full, then weights-only graph by graph while beyond tolerance
+
+
+def quantize_run_export(folder: Path, data, seed: int, progress: bool = True, strategy: str | bool = "auto") -> dict:
     """:func:`quantize_export` with 2 x :data:`INT8_IMAGES` defect-free training images of the run's ``data``
     (seeded): half calibrate, the other half check."""
     from .data.splits import calibration_set
 
     images = calibration_set(data, 2 * INT8_IMAGES, seed)[0].numpy()
     half = max(1, (len(images) + 1) // 2)  # fewer than 2 x INT8_IMAGES: half each (one: itself)
-    return quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress)
+    return quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress,
+                           "auto" if strategy is True else strategy)
 
 
-def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, progress: bool = True) -> dict:
+def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, progress: bool = True,
+                    strategy: str = "auto") -> dict:
     """Write NAME.int8.xml/.bin for each graph of the OpenVINO export in ``folder`` (module docstring) and add
     them to its manifest; ``calibration`` and ``check``: disjoint defect-free images (N, C, H, W) in [-1, 1].
-    Returns the manifest's ``int8`` record."""
+    ``strategy``: auto (the module docstring's rule), full (weights and activations of every graph, whatever
+    the deviation) or weights (weights only, every graph). Returns the manifest's ``int8`` record."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"INT8 strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     import nncf
     import openvino as ov
 
@@ -80,9 +88,10 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
 
     reference = fp32.score(check)["anomaly_map"]
     span = float(reference.max() - reference.min()) or 1.0
-    chosen = {name: MODES[0] for name in graphs}
+    chosen = {name: MODES[1 if strategy == "weights" else 0] for name in graphs}
     tried = []
-    for fallback in (None, *graphs):  # full PTQ; then (DDAD) the UNet's activations back to fp32; then both
+    # full PTQ; then (DDAD) the UNet's activations back to fp32; then both (auto); one try otherwise
+    for fallback in (None, *graphs) if strategy == "auto" else (None,):
         if fallback is not None:
             chosen[fallback] = MODES[1]
         for name in graphs:
@@ -95,7 +104,7 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
             print(f"INT8: {chosen} -> maps within {error:.4f} of the fp32 range", flush=True)
         if error <= MAP_TOLERANCE:
             break
-    record = {"graphs": dict(chosen), "max_map_error": tried[-1]["max_map_error"], "tolerance": MAP_TOLERANCE,
+    record = {"strategy": strategy, "graphs": dict(chosen), "max_map_error": tried[-1]["max_map_error"], "tolerance": MAP_TOLERANCE,
               "within_tolerance": tried[-1]["max_map_error"] <= MAP_TOLERANCE, "tried": tried,
               "calibration_images": len(calibration), "check_images": len(check),
               "images": "defect-free training images of the run", "decisions": "the fp32 model's thresholds"}

@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory (written by ddad train)")
     p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
                    help="graph format: ONNX (ONNX Runtime) or OpenVINO IR (ddad-infer runs either)")
-    p.add_argument("--int8", action="store_true", help="also INT8 graphs (NNCF, calibrated on training images; "
-                   "with --format openvino; ddad-infer --int8 runs them)")
+    p.add_argument("--int8", nargs="?", const="auto", choices=("auto", "full", "weights"), metavar="STRATEGY",
+                   help="also INT8 graphs (NNCF, calibrated on training images; with --format openvino; ddad-infer "
+                        "--int8 runs them): auto (default: weights and activations, falling back to weights only "
+                        "per graph where the maps move by more than 2 %% of their range), full, or weights")
     p.add_argument("--out", type=Path, help="folder (default RUN_DIR/export; predict --backend onnxruntime reads it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_detect_flags(p)

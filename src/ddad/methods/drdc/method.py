@@ -195,7 +195,7 @@ class DRDC:
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx", int8: bool = False) -> Path:
+               progress: bool = True, fmt: str = "onnx", int8: bool | str = False) -> Path:
         from .graphs import export_model
 
         loaded = self.load(run, config, progress)
@@ -203,5 +203,5 @@ class DRDC:
         if int8:
             from ...int8 import quantize_run_export
 
-            quantize_run_export(folder, config.data, config.train.seed, progress)
+            quantize_run_export(folder, config.data, config.train.seed, progress, int8)
         return folder
