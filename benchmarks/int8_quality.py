@@ -2,10 +2,11 @@
 torch-free runtime (OpenVINO), with the decisions of each compared: what ``ddad export --int8`` costs in
 quality, and how fast each precision scores on this CPU.
 
-    python benchmarks/int8_quality.py RUN EXPORT_DIR [--threads 2] --out F.json
+    python benchmarks/int8_quality.py RUN EXPORT_DIR [EXPORT_DIR2 ...] [--threads 2] --out F.json
 
-EXPORT_DIR: written by ``ddad export RUN --format openvino --int8``. The fp32 export scores like the run
-(tests: 1e-4 relative), so its metrics are the run's; the INT8 model decides with the fp32 thresholds.
+EXPORT_DIR: written by ``ddad export RUN --format openvino --int8 [STRATEGY]``; the fp32 graphs of the first
+are scored once, the INT8 graphs of each. The fp32 export scores like the run (tests: 1e-4 relative), so its
+metrics are the run's; an INT8 model decides with the fp32 thresholds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
-    ap.add_argument("export", type=Path)
+    ap.add_argument("exports", type=Path, nargs="+")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -39,32 +40,39 @@ def main() -> None:
     split = load_test_split(config.data, progress=False)
     fraction = getattr(config.detect, "crop", 1.0)
     images, masks = split.images.numpy(), crop(split.masks.float(), fraction)[:, 0].numpy() > 0.5
-    rows = {}
-    for precision in ("fp32", "int8"):
-        model = ddad_infer.load(args.export, backend="openvino", threads=args.threads, precision=precision)
+
+    def measure(folder: Path, precision: str) -> dict:
+        model = ddad_infer.load(folder, backend="openvino", threads=args.threads, precision=precision)
         categories = [s.category for s in split.samples] if model.categories else None
         start = time.perf_counter()
         out = model.predict_arrays(images, categories)
         seconds = (time.perf_counter() - start) / len(images)
         maps = crop(torch.from_numpy(out["anomaly_map"]), fraction)[:, 0].numpy()
-        rows[precision] = {**evaluate(out["score"], split.labels, maps, masks, split.has_masks),
-                           "seconds_per_image": seconds, "scores": out["score"].tolist(),
-                           "labels": None if out["pred_label"] is None else out["pred_label"].astype(int).tolist()}
-        print(precision, {k: v for k, v in rows[precision].items() if k not in ("scores", "labels")}, flush=True)
-    fp32, int8 = rows["fp32"], rows["int8"]
-    summary = {"run": str(args.run), "export": str(args.export), "date": date.today().isoformat(),
-               "threads": args.threads, "images": len(images), "defective": int(split.labels.sum()),
-               "int8_record": json.loads((args.export / "export.json").read_text()).get("int8"),
-               "delta_points": {k: None if fp32[k] is None else 100 * (int8[k] - fp32[k])
-                                for k in ("image_auroc", "pixel_auroc", "pro")},
-               "labels_differ": None if fp32["labels"] is None else
-               int(np.sum(np.array(fp32["labels"]) != np.array(int8["labels"]))),
-               "max_score_change_rel": float(np.max(np.abs(np.array(int8["scores"]) - fp32["scores"]) /
-                                                    np.abs(fp32["scores"]).max())),
-               "fp32": fp32, "int8": int8}
+        row = {**evaluate(out["score"], split.labels, maps, masks, split.has_masks), "seconds_per_image": seconds,
+               "scores": out["score"].tolist(),
+               "labels": None if out["pred_label"] is None else out["pred_label"].astype(int).tolist()}
+        print(folder.name, precision, {k: v for k, v in row.items() if k not in ("scores", "labels")}, flush=True)
+        return row
+
+    fp32 = measure(args.exports[0], "fp32")
+    summary = {"run": str(args.run), "date": date.today().isoformat(), "threads": args.threads,
+               "images": len(images), "defective": int(split.labels.sum()), "fp32": fp32, "int8": {}}
+    for folder in args.exports:
+        int8 = measure(folder, "int8")
+        summary["int8"][str(folder)] = {
+            "record": json.loads((folder / "export.json").read_text()).get("int8"),
+            "delta_points": {k: None if fp32[k] is None else 100 * (int8[k] - fp32[k])
+                             for k in ("image_auroc", "pixel_auroc", "pro")},
+            "labels_differ": None if fp32["labels"] is None else
+            int(np.sum(np.array(fp32["labels"]) != np.array(int8["labels"]))),
+            "max_score_change_rel": float(np.max(np.abs(np.array(int8["scores"]) - fp32["scores"]) /
+                                                 np.abs(fp32["scores"]).max())),
+            **int8}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("fp32", "int8", "int8_record")}, indent=1))
+    for folder, row in summary["int8"].items():
+        print(folder, row["record"]["graphs"] if row["record"] else None, row["delta_points"],
+              "labels differ:", row["labels_differ"])
 
 
 if __name__ == "__main__":
