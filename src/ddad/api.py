@@ -191,7 +191,12 @@ def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | Non
     config = config or load_config(run)
     if int8 and fmt != "openvino":
         raise ValueError("--int8 writes OpenVINO graphs: add --format openvino")
-    return get_method(config.method).export(run, config, out_dir, progress, fmt, int8)
+    folder = get_method(config.method).export(run, config, out_dir, progress, fmt)
+    if int8:
+        from .int8 import quantize_run_export
+
+        quantize_run_export(folder, config.data, config.train.seed, progress, int8)
+    return folder
 
 
 def load_model(run_dir: Path | str | RunDir, config: Any = None, threshold: float | None = None,

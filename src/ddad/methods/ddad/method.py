@@ -61,11 +61,6 @@ class DDAD:
         return loaded_detector(run, config, progress)
 
     def export(self, run: RunDir, config: DDADConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx", int8: bool | str = False) -> Path:
+               progress: bool = True, fmt: str = "onnx") -> Path:
         detector, key = load_detector(run, config, progress=progress)
-        folder = export_model(detector, run, config, out_dir, progress, fmt, key)
-        if int8:
-            from ...int8 import quantize_run_export
-
-            quantize_run_export(folder, config.data, config.train.seed, progress, int8)
-        return folder
+        return export_model(detector, run, config, out_dir, progress, fmt, key)

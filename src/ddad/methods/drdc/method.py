@@ -195,13 +195,8 @@ class DRDC:
                                   detector, split, config.runtime.batch_size, maps_key.digest, cache, show))
 
     def export(self, run: RunDir, config: DRDCConfig, out_dir: Path | None = None,
-               progress: bool = True, fmt: str = "onnx", int8: bool | str = False) -> Path:
+               progress: bool = True, fmt: str = "onnx") -> Path:
         from .graphs import export_model
 
         loaded = self.load(run, config, progress)
-        folder = export_model(loaded, run, config, out_dir, progress, fmt)
-        if int8:
-            from ...int8 import quantize_run_export
-
-            quantize_run_export(folder, config.data, config.train.seed, progress, int8)
-        return folder
+        return export_model(loaded, run, config, out_dir, progress, fmt)
