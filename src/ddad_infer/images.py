@@ -54,13 +54,17 @@ def own_size_check():
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(path: Path, size: int | tuple[int, int] | None = None) -> Image.Image:
-    """Decode ``path`` (palette images to RGB or RGBA). Above :func:`max_image_pixels`, a JPEG is decoded at
-    a reduced scale still at least ``size``; any other image is refused with an error naming it."""
-    cap = max_image_pixels()
+def open_image(path, size: int | tuple[int, int] | None = None, name: str | None = None,
+               formats: tuple[str, ...] | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``path`` (a file, or a binary stream such as an upload, called ``name`` in errors; palette
+    images to RGB or RGBA), the format found from the content (``formats``: the PIL formats accepted, None:
+    any). Above :func:`max_image_pixels`, a JPEG is decoded at a reduced scale still at least ``size``; any
+    other image is refused with an error naming it (``max_pixels``: another cap)."""
+    cap = max_pixels or max_image_pixels()
+    label = name or path
     try:
         with own_size_check():
-            im = Image.open(path)
+            im = Image.open(path, formats=formats)
         with im:
             w, h = im.size
             if w * h > cap and im.format == "JPEG" and size is not None:
@@ -68,7 +72,7 @@ def open_image(path: Path, size: int | tuple[int, int] | None = None) -> Image.I
                 im.draft(im.mode, (hw[1], hw[0]))  # DCT scaling: the smallest of 1/2 .. 1/8 still >= size
             if im.size[0] * im.size[1] > cap:
                 raise DatasetError(
-                    f"image file {path} is {w} x {h} = {w * h / 1e6:.0f} megapixels, more than the {cap / 1e6:.0f} "
+                    f"image file {label} is {w} x {h} = {w * h / 1e6:.0f} megapixels, more than the {cap / 1e6:.0f} "
                     f"that ddad decodes (it would take {w * h * len(im.getbands()) * 4 / 2**30:.1f} GiB as floats). "
                     f"Downscale it, or raise the limit with DDAD_MAX_IMAGE_PIXELS")
             im.load()
@@ -78,7 +82,9 @@ def open_image(path: Path, size: int | tuple[int, int] | None = None) -> Image.I
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, DatasetError):
             raise
-        raise DatasetError(f"cannot decode image file {path}: {exc}") from None
+        reason = (f"its content is not an image of a format read here ({', '.join(formats or ('any PIL reads',))})"
+                  if isinstance(exc, UnidentifiedImageError) else exc)
+        raise DatasetError(f"cannot decode image file {label}: {reason}") from None
 
 
 def unit_array(im: Image.Image, path: Path | str = "") -> np.ndarray:
@@ -126,11 +132,14 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return image
 
 
-def load_image(path: Path | str, channels: int, size: int | tuple[int, int] | None = None) -> np.ndarray:
-    """Decode ``path`` to a (channels, H, W) float32 array in [-1, 1], resized to ``size`` if given."""
+def load_image(path, channels: int, size: int | tuple[int, int] | None = None, name: str | None = None,
+               formats: tuple[str, ...] | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode ``path`` (a file, or a binary stream called ``name``; see :func:`open_image`) to a
+    (channels, H, W) float32 array in [-1, 1], resized to ``size`` if given."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    arr = unit_array(open_image(Path(path), size), path)
+    stream = hasattr(path, "read")
+    arr = unit_array(open_image(path if stream else Path(path), size, name, formats, max_pixels), name or path)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     image = to_channels(np.ascontiguousarray(arr.transpose(2, 0, 1)), channels)

@@ -13,12 +13,12 @@ from typing import Sequence
 from ..config import ConfigError
 from ..data.io import DatasetError
 from .commands import (cmd_adapt, cmd_combine, cmd_demo, cmd_export, cmd_import, cmd_predict, cmd_presets, cmd_report,
-                       cmd_sweep, cmd_synth, cmd_test, cmd_train, cmd_tune, format_metrics)
+                       cmd_serve, cmd_sweep, cmd_synth, cmd_test, cmd_train, cmd_tune, format_metrics)
 from .parser import build_parser
 from .settings import train_settings
 
 COMMANDS = {"synth": cmd_synth, "combine": cmd_combine, "train": cmd_train, "adapt": cmd_adapt, "sweep": cmd_sweep,
-            "presets": cmd_presets, "export": cmd_export, "report": cmd_report, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo,
+            "presets": cmd_presets, "export": cmd_export, "report": cmd_report, "import": cmd_import, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo, "serve": cmd_serve,
             "tune": cmd_tune}
 
 

@@ -244,6 +244,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from ..serving.app import ServeConfig, create_app
+        from ..serving.predictor import Predictor
+    except ImportError as exc:
+        raise RuntimeError(f"ddad serve needs FastAPI and uvicorn: pip install 'ddad[serve]' ({exc})") from None
+    token = None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if len(token) < 16:
+            raise ConfigError(f"the token in {args.token_file} is {len(token)} characters; use at least 16")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        raise ConfigError(f"--host {args.host} lets other machines in: give a --token-file (clients send "
+                          "'Authorization: Bearer TOKEN')")
+    config = ServeConfig(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                         max_upload_mb=args.max_upload_mb, token=token, decision_log=args.decision_log)
+    app = create_app(Predictor(args.run_dir), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                timeout_graceful_shutdown=int(args.timeout) + 5)
+    return 0
+
+
 def cmd_synth(args) -> int:
     from ..data.synth import CATEGORIES, SynthConfig, generate
 

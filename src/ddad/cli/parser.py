@@ -273,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_detect_flags(p)
 
+    p = add("serve", help="an inspection service for the line: HTTP API, operator page, metrics (FastAPI + uvicorn)")
+    p.add_argument("run_dir", type=Path, help="a run directory, or a folder written by ddad export")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than localhost needs --token-file)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--token-file", type=Path, help="file holding the token that clients send as "
+                                                   "'Authorization: Bearer TOKEN'")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more images")
+    p.add_argument("--max-queue", type=int, default=64, help="images waiting at most (then 503 with Retry-After)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body")
+    p.add_argument("--decision-log", type=Path, help="append every decision to this JSON-lines file (flushed each)")
+
+    p.add_argument("--quiet", action="store_true", help="only warnings from the server")
+
     p = add("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")
     p.add_argument("out", type=Path, nargs="?", default=Path("ddad-demo"), help="output folder")
     p.add_argument("--epochs", type=int, default=80, help="training epochs of the tiny UNet")
