@@ -146,6 +146,7 @@ def test_health_ready_model_metrics_and_maps(run, predictor, tmp_path):
         metrics = call(f"{base}/metrics")[2]
     assert 'ddad_requests_total{route="/v1/predict",status="200"} 1.0' in metrics
     assert "ddad_batch_size_count 1.0" in metrics and "ddad_queue_depth 0.0" in metrics
+    assert "ddad_in_flight 0.0" in metrics
 
 
 def test_concurrent_requests_are_batched_and_score_as_alone(run, predictor):
@@ -259,3 +260,45 @@ def test_the_decision_log_holds_every_decision(run, predictor, tmp_path):
     assert [line["sha256"] for line in lines] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
     assert [line["score"] for line in lines] == [r["score"] for r in body["results"]]
     assert all(line["calibration_key"] == predictor.key for line in lines)
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(run, tmp_path):
+    """The real command in a process of its own: requests waiting in the queue when SIGTERM arrives are all
+    answered (200, with their scores), then the process ends and the port is closed."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ddad", "serve", str(run[1]), "--port", str(port),
+                               "--max-wait-ms", "3000", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if call(f"{base}/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        files = _test_images(run[0])[:4]
+        answers: list = []
+        threads = [threading.Thread(target=lambda p=p: answers.append(predict(base, [(p.name, p.read_bytes())])))
+                   for p in files]
+        for t in threads:
+            t.start()
+        while f"ddad_in_flight {len(files)}.0" not in call(f"{base}/metrics")[2] and time.time() < deadline:
+            time.sleep(0.02)  # all accepted; they wait for their batch (3 s)
+        server.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert server.wait(60) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+    finally:
+        server.kill()
+    assert [a[0] for a in answers] == [200] * len(files)
+    assert all(len(a[2]["results"]) == 1 and a[2]["results"][0]["score"] > 0 for a in answers)
+    with pytest.raises(OSError):
+        call(f"{base}/healthz")

@@ -70,6 +70,7 @@ class Metrics:
                                  buckets=(1, 2, 4, 8, 16, 32, 64))
         self.images = Counter("ddad_images", "images decided", registry=r)
         self.queue = Gauge("ddad_queue_depth", "images waiting for inference", registry=r)
+        self.in_flight = Gauge("ddad_in_flight", "predict requests accepted and not yet answered", registry=r)
 
 
 def _png(array: np.ndarray, size: tuple[int, int], nearest: bool) -> str:
@@ -191,6 +192,10 @@ def create_app(predictor: Predictor, config: ServeConfig = ServeConfig()) -> Fas
 
     @app.post("/v1/predict")
     async def predict(request: Request, maps: bool = False):
+        with metrics.in_flight.track_inprogress():
+            return await decide(request, maps)
+
+    async def decide(request: Request, maps: bool) -> dict:
         start = time.perf_counter()
         files, category = await uploads(request)
         try:
