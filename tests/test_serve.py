@@ -302,3 +302,46 @@ def test_sigterm_answers_every_accepted_request_then_exits(run, tmp_path):
     assert all(len(a[2]["results"]) == 1 and a[2]["results"][0]["score"] > 0 for a in answers)
     with pytest.raises(OSError):
         call(f"{base}/healthz")
+
+
+def test_the_operator_page_shows_the_decision_and_heatmap_offline(run, predictor, tmp_path):
+    """The page in headless Chromium (Playwright, the system's browser): an image picked, its decision, score
+    and threshold shown as the API gives them, the heatmap drawn over it at its size, one row of history;
+    every request the page makes goes to this server (nothing external)."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine")
+    image = _test_images(run[0])[-1]
+    with serving(predictor) as base:
+        expected = predict(base, [(image.name, image.read_bytes())])[2]["results"][0]
+        requests: list[str] = []
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(base + "/")
+            page.set_input_files("#pick", str(image))
+            page.wait_for_selector(".result .decision", timeout=30000)
+            page.wait_for_function("document.querySelector('canvas.heatmap').width > 0", timeout=30000)
+            shown = page.inner_text(".result")
+            heat = page.evaluate("""() => { const c = document.querySelector('canvas.heatmap');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let lit = 0; for (let i = 0; i < d.length; i += 4) lit += d[i] > 0;
+                const img = document.querySelector('.view img');
+                return [c.width, c.height, lit, img.naturalWidth, img.naturalHeight]; }""")
+            history = page.locator("#history tr").count()
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            browser.close()
+    assert page_decision(shown) == expected["decision"]
+    assert f"{expected['pred_score']:.3f}" in shown and f"{expected['score']:.5g}"[:5] in shown
+    width, height, lit, natural_w, natural_h = heat
+    assert (width, height) == (natural_w, natural_h) == Image.open(image).size and lit > 0
+    assert history == 1 and (tmp_path / "page.png").stat().st_size > 0
+    assert requests and all(url.startswith(base) or url.startswith(("blob:", "data:")) for url in requests)
+
+
+def page_decision(text: str) -> str:
+    return text.strip().splitlines()[0].strip()

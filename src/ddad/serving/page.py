@@ -10,7 +10,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 #drop.over{background:#eef}
 .result{display:flex;gap:1.5em;margin:1em 0;align-items:flex-start}
 .view{position:relative}
-.view img,.view canvas{display:block;max-width:420px}
+.view img,.view canvas{display:block;width:320px;image-rendering:pixelated}
 .view canvas{position:absolute;left:0;top:0;opacity:.55}
 .defective{color:#b00;font-weight:bold}.good{color:#070;font-weight:bold}
 .bar{width:240px;height:12px;background:linear-gradient(90deg,#000,#f00,#ff0,#fff)}
