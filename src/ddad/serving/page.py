@@ -56,7 +56,7 @@ function show(file, r) {
   const view = document.createElement('div'); view.className = 'view';
   const photo = document.createElement('img'); photo.src = URL.createObjectURL(file);
   const heat = document.createElement('canvas'); heat.className = 'heatmap';
-  photo.onload = () => overlay(heat, r.anomaly_map_png, photo.width, photo.height);
+  photo.onload = () => overlay(heat, r.anomaly_map_png, photo.naturalWidth, photo.naturalHeight);
   view.append(photo, heat);
   const text = document.createElement('div');
   const decision = r.decision || 'no decision (no threshold stored)';
