@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -147,6 +148,11 @@ class ExportedModel:
         if recognition is not None:  # reference embeddings (R, E), L2-normalised, and their categories
             self.references = np.load(checked_file(self.folder, manifest, recognition)[0], allow_pickle=False)
             self.labels = list(recognition["labels"])
+        record = manifest.get("int8") or {}
+        if precision == "int8" and record.get("within_tolerance") is False:
+            warnings.warn(f"the INT8 graphs of {self.folder} move the anomaly maps by {record['max_map_error']:.1%} "
+                          f"of their range on defect-free images (tolerance {record['tolerance']:.0%}): measure them "
+                          "on your own images before trusting their decisions", stacklevel=2)
         self.graphs = {}
         for name in self.GRAPHS:
             quantised = precision == "int8" and name in self.QUANTISED
