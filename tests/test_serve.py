@@ -345,3 +345,25 @@ def test_the_operator_page_shows_the_decision_and_heatmap_offline(run, predictor
 
 def page_decision(text: str) -> str:
     return text.strip().splitlines()[0].strip()
+
+
+def test_an_exported_folder_serves_the_same_answers_as_its_run(run, predictor, tmp_path):
+    """The export (ONNX, ddad_infer in the server's process) against the run in PyTorch: scores, labels,
+    thresholds and categories, given and recognised."""
+    from ddad.serving.predictor import Predictor
+
+    pytest.importorskip("onnxruntime")
+    root, run_dir = run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export"), "--quiet"]) == 0
+    exported = Predictor(tmp_path / "export")
+    assert exported.exported and exported.key == predictor.key and exported.info["method"] == "patchcore"
+    files = _test_images(root)
+    answers = []
+    for model in (predictor, exported):
+        with serving(model) as base:
+            answers.append([predict(base, [(p.name, p.read_bytes())], category=c)[2]["results"][0]
+                            for p in files for c in (p.parents[2].name, None)])
+    for a, b in zip(*answers):
+        assert b["score"] == pytest.approx(a["score"], rel=1e-4)
+        assert (b["pred_label"], b["threshold"], b["threshold_source"], b["category"]) == \
+               (a["pred_label"], a["threshold"], a["threshold_source"], a["category"])
