@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("exports", type=Path, nargs="+")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--every", type=int, default=1, help="every K-th test image only (in index order)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -38,6 +39,7 @@ def main() -> None:
 
     config = load_config(args.run)
     split = load_test_split(config.data, progress=False)
+    split = split.subset(slice(None, None, args.every))
     fraction = getattr(config.detect, "crop", 1.0)
     images, masks = split.images.numpy(), crop(split.masks.float(), fraction)[:, 0].numpy() > 0.5
 
@@ -55,7 +57,7 @@ def main() -> None:
         return row
 
     fp32 = measure(args.exports[0], "fp32")
-    summary = {"run": str(args.run), "date": date.today().isoformat(), "threads": args.threads,
+    summary = {"run": str(args.run), "date": date.today().isoformat(), "threads": args.threads, "every": args.every,
                "images": len(images), "defective": int(split.labels.sum()), "fp32": fp32, "int8": {}}
     for folder in args.exports:
         int8 = measure(folder, "int8")
