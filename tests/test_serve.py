@@ -367,3 +367,32 @@ def test_an_exported_folder_serves_the_same_answers_as_its_run(run, predictor, t
         assert b["score"] == pytest.approx(a["score"], rel=1e-4)
         assert (b["pred_label"], b["threshold"], b["threshold_source"], b["category"]) == \
                (a["pred_label"], a["threshold"], a["threshold_source"], a["category"])
+
+
+def test_a_timeout_or_a_client_gone_leaves_the_others_answered(run, predictor):
+    """Requests held past their timeout are answered 504 (the one in inference, and the one waiting behind it,
+    whose image is then not run); a client that disconnects while its image waits does not disturb the next
+    request, which is answered as usual once the model is free."""
+    import socket
+
+    data = _test_images(run[0])[0].read_bytes()
+    gated = Gated(predictor)
+    with serving(gated, timeout_s=1.0, max_wait_ms=0) as base:
+        held: list = []
+        first = threading.Thread(target=lambda: held.append(predict(base, [("a.png", data)])))
+        first.start()
+        assert gated.entered.wait(30)  # in inference, held at the gate
+        status, _, body = predict(base, [("late.png", data)])  # waits in the queue behind it, then gives up
+        assert status == 504 and body["kind"] == "timeout"
+        body_bytes, head = multipart([("gone.png", data)])
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a client that leaves without its answer
+            s.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {head['Content-Type']}\r\n"
+                      f"Content-Length: {len(body_bytes)}\r\n\r\n".encode() + body_bytes)
+        gated.gate.set()
+        first.join(60)
+        after = predict(base, [("b.png", data)])
+        metrics = call(f"{base}/metrics")[2]
+    assert held[0][0] == 504 and after[0] == 200 and after[2]["results"][0]["name"] == "b.png"
+    assert 'ddad_errors_total{kind="timeout"} 2.0' in metrics
+    assert "ddad_batch_size_sum 3.0" in metrics  # a.png, the gone client's image, b.png: late.png was not run
