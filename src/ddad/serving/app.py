@@ -167,10 +167,10 @@ def create_app(predictor: Predictor, config: ServeConfig = ServeConfig()) -> Fas
         category = request.query_params.get("category")
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
-            form = await request.form(max_files=config.max_images, max_fields=8)
-            files = [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(form.getlist("image"))
-                     if hasattr(f, "read")]
-            category = form.get("category") if isinstance(form.get("category"), str) else category
+            async with request.form(max_files=config.max_images, max_fields=8) as form:  # closes its files after
+                files = [(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(form.getlist("image"))
+                         if hasattr(f, "read")]
+                category = form.get("category") if isinstance(form.get("category"), str) else category
         elif kind.startswith("image/") or kind == "application/octet-stream":
             files = [("body", await request.body())]
         else:
