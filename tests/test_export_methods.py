@@ -184,3 +184,21 @@ def test_drdc_with_refinement_exports_its_base_at_alpha_0_only(exported, tmp_pat
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "refused"), "--quiet"]) == 2
     assert "refinement does not export yet" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_ddad_infer_reports_the_category_each_image_was_decided_as(exported, tmp_path):
+    """Without --category, each row names the category recognised for its image and that category's
+    threshold and its source, as `ddad predict` reports them."""
+    import csv
+
+    from ddad_infer.cli import main as infer
+
+    root, run, folder = exported
+    files = _files(root, CATEGORIES[0]) + _files(root, CATEGORIES[1])
+    assert infer([str(folder), *map(str, files), "--out", str(tmp_path), "--backend", "onnxruntime"]) == 0
+    stored = json.loads((run / "threshold.json").read_text())["categories"]
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert [r["category"] for r in rows] == [p.parents[2].name for p in files]
+    for r in rows:
+        assert float(r["threshold"]) == stored[r["category"]]["threshold"]
+        assert r["threshold_source"] == stored[r["category"]]["source"]

@@ -23,6 +23,7 @@ from .engine.calibration import ThresholdMismatch, stored_threshold
 from .runs import RunDir
 
 FORMATS = ("onnx", "openvino")
+EXPORT_DIR = "export"  # a run's exported model, RUN_DIR/export, unless told another folder
 
 
 def require_onnx() -> None:

@@ -29,11 +29,14 @@ MODES = ("post-training (weights and activations)", "weights only")
 def _record(model, images: np.ndarray) -> dict[str, list[dict]]:
     """Every input each quantised graph of the fp32 ``model`` sees while scoring ``images``."""
     seen: dict[str, list[dict]] = {name: [] for name in model.QUANTISED}
+    graphs = dict(model.graphs)
     for name in model.QUANTISED:
-        graph = model.graphs[name]
-        model.graphs[name] = lambda inputs, g=graph, n=name: (seen[n].append(
+        model.graphs[name] = lambda inputs, g=graphs[name], n=name: (seen[n].append(
             {k: np.array(v, copy=True) for k, v in inputs.items()}), g(inputs))[1]
-    model.score(images)
+    try:
+        model.score(images)
+    finally:
+        model.graphs = graphs
     return seen
 
 
@@ -72,7 +75,7 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
         raise ValueError("--int8 quantises OpenVINO graphs: export with --format openvino --int8")
     fp32 = ddad_infer.load(folder, backend="openvino")
     graphs = fp32.QUANTISED
-    samples = _record(ddad_infer.load(folder, backend="openvino"), calibration)
+    samples = _record(fp32, calibration)
     core = ov.Core()
 
     def write(name: str, mode: str) -> list[Path]:

@@ -70,15 +70,9 @@ class BankModel(ExportedModel):
             out[rows] = nearest.reshape(len(rows), 1, h, w)
         return out
 
-    def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
+    def score_batch(self, x: np.ndarray, categories: list[str | None]) -> dict:
         """Each image against the bank(s) of its category (given, or recognised from its embedding)."""
-        given = list(categories) if categories is not None else [None] * len(images)
-        maps, scores, resolved = [], [], []
-        for start, x in self.batches(images):
-            features, embeddings = self.graphs["features"]({"image": x})
-            names = self.resolve(given[start:start + len(x)], len(x), embeddings)
-            m, s = self.graphs["scorer"]({"grid": self.distances(features, names)})
-            maps.append(m)
-            scores.append(s)
-            resolved += names
-        return {"score": np.concatenate(scores), "anomaly_map": np.concatenate(maps), "categories": resolved}
+        features, embeddings = self.graphs["features"]({"image": x})
+        names = self.resolve(categories, len(x), embeddings)
+        maps, scores = self.graphs["scorer"]({"grid": self.distances(features, names)})
+        return {"score": scores, "anomaly_map": maps, "categories": names}

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     decisions = model.decisions
     for r in results:
-        row = {"image": r.image, "category": args.category or "", "score": r.score, "threshold": r.threshold,
-               "threshold_source": None if decisions is None else decisions.of(args.category).image.source,
+        row = {"image": r.image, "category": r.category or "", "score": r.score, "threshold": r.threshold,
+               "threshold_source": None if decisions is None else decisions.of(r.category).image.source,
                "pred_score": r.pred_score, "pred_label": None if r.pred_label is None else int(r.pred_label),
                "decision": None if r.pred_label is None else ("defective" if r.pred_label else "good")}
         if args.masks and r.pred_mask is not None:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from .model import ExportedModel
@@ -25,14 +23,10 @@ class DDADModel(ExportedModel):
     def _denoise(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         return self.graphs["unet"]({"x": x, "t": t})[0]
 
-    def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
-        """Batch by batch, each image with its own seeded noise (its result does not depend on the others);
-        one model for its category, so ``categories`` change nothing."""
-        parts = []
-        for _, y in self.batches(images):
-            seeds = [image_seed(img, self.seed) for img in y]
-            x0 = reconstruct(self._denoise, y, self.table, seeds, **self.sampler)
-            maps, scores = self.graphs["scorer"]({"y": y, "x0": x0})
-            parts.append((scores, maps, x0))
-        return {"score": np.concatenate([p[0] for p in parts]), "anomaly_map": np.concatenate([p[1] for p in parts]),
-                "reconstruction": np.concatenate([p[2] for p in parts])}
+    def score_batch(self, y: np.ndarray, categories: list[str | None]) -> dict:
+        """Each image with its own seeded noise (its result does not depend on the others); one model for its
+        category, so ``categories`` change nothing."""
+        seeds = [image_seed(img, self.seed) for img in y]
+        x0 = reconstruct(self._denoise, y, self.table, seeds, **self.sampler)
+        maps, scores = self.graphs["scorer"]({"y": y, "x0": x0})
+        return {"score": scores, "anomaly_map": maps, "reconstruction": x0}

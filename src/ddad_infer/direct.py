@@ -4,8 +4,6 @@ recognises the category (for the decisions of a model of several categories)."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from .model import ExportedModel
@@ -16,12 +14,6 @@ class GraphModel(ExportedModel):
     GRAPHS = ("model",)
     QUANTISED = ("model",)
 
-    def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
-        given = list(categories) if categories is not None else [None] * len(images)
-        maps, scores, resolved = [], [], []
-        for start, x in self.batches(images):
-            m, s, embeddings = self.graphs["model"]({"image": x})
-            maps.append(m)
-            scores.append(s)
-            resolved += self.resolve(given[start:start + len(x)], len(x), embeddings)
-        return {"score": np.concatenate(scores), "anomaly_map": np.concatenate(maps), "categories": resolved}
+    def score_batch(self, x: np.ndarray, categories: list[str | None]) -> dict:
+        maps, scores, embeddings = self.graphs["model"]({"image": x})
+        return {"score": scores, "anomaly_map": maps, "categories": self.resolve(categories, len(x), embeddings)}

@@ -41,7 +41,8 @@ class ExportError(ValueError):
 class Prediction:
     """One image's result (anomalib's names): raw ``score``, ``pred_score`` in [0, 1] with 0.5 at the
     threshold, ``pred_label`` (score >= threshold), ``anomaly_map`` (H, W) and ``pred_mask`` (H, W) at the
-    model's size, and the ``reconstruction`` (C, H, W) in [-1, 1]."""
+    model's size, the ``reconstruction`` (C, H, W) in [-1, 1] where the method makes one (DDAD), and the
+    ``category`` it was decided as (given, the model's only one, or recognised; None: the shared decision)."""
 
     image: str
     score: float
@@ -51,6 +52,7 @@ class Prediction:
     anomaly_map: np.ndarray
     pred_mask: np.ndarray | None
     reconstruction: np.ndarray | None
+    category: str | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -79,7 +81,7 @@ def read_manifest(folder: Path) -> dict:
 def model_kind(manifest: dict) -> str | None:
     """How the folder's graphs make a score: ``diffusion`` (DDAD), ``bank`` (PatchCore, DRDC's memory-bank
     base) or ``graph`` (one graph from image to map: DRDC's transformer base)."""
-    return manifest.get("model") or {"ddad": "diffusion", "patchcore": "bank"}.get(manifest.get("method"))
+    return manifest.get("model") or ("diffusion" if manifest.get("method") == "ddad" else None)  # DDAD's first exports
 
 
 def checked_file(folder: Path, manifest: dict, entry: dict) -> list[Path]:
@@ -160,9 +162,22 @@ class ExportedModel:
             self.graphs[name] = open_graph(path, self.backend, threads)
 
     def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
-        """Raw results of (N, C, H, W) float32 images in [-1, 1] at the model's size: ``score`` (N,),
-        ``anomaly_map`` (N, 1, H, W), where the method makes one ``reconstruction`` (N, C, H, W), and for a
-        model of several categories the ``categories`` the images were scored as (:meth:`resolve`)."""
+        """Raw results of (N, C, H, W) float32 images in [-1, 1] at the model's size, batch by batch
+        (:meth:`score_batch`): ``score`` (N,), ``anomaly_map`` (N, 1, H, W), where the method makes one
+        ``reconstruction`` (N, C, H, W), and the ``categories`` the images were scored as (:meth:`resolve`)."""
+        images = self.check_images(images)
+        given = list(categories) if categories is not None else [None] * len(images)
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            names = given[start:start + self.batch_size]
+            part = self.score_batch(np.ascontiguousarray(images[start:start + self.batch_size]), names)
+            parts.append({"categories": names, **part})  # the method's resolved ones replace the given ones
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "categories"}
+        out["categories"] = [c for p in parts for c in p["categories"]]
+        return out
+
+    def score_batch(self, x: np.ndarray, categories: list[str | None]) -> dict:
+        """One batch's arrays (the keys of :meth:`score`; ``categories`` where the method resolves them)."""
         raise NotImplementedError
 
     def resolve(self, categories: Sequence[str | None] | None, n: int,
@@ -193,18 +208,12 @@ class ExportedModel:
             raise ValueError(f"images must be (N, {', '.join(map(str, expected))}) for this model, got {images.shape}")
         return images
 
-    def batches(self, images: np.ndarray):
-        """(start, batch) pairs of at most the export's batch size, contiguous."""
-        images = self.check_images(images)
-        for start in range(0, len(images), self.batch_size):
-            yield start, np.ascontiguousarray(images[start:start + self.batch_size])
-
     def predict_arrays(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
         """:meth:`score` and the decisions: ``pred_score``, ``pred_label``, ``pred_mask`` (None without stored
         decisions, or without pixel thresholds for the mask)."""
         out = self.score(images, categories)
         out.setdefault("reconstruction", None)
-        cats = out.setdefault("categories", list(categories) if categories is not None else [None] * len(out["score"]))
+        cats = out["categories"]
         if self.decisions is None:
             return {**out, "pred_score": None, "pred_label": None, "pred_mask": None, "threshold": None}
         decided = self.decisions.decide(out["score"], out["anomaly_map"], cats)
@@ -240,5 +249,5 @@ class ExportedModel:
                     pred_label=None if out["pred_label"] is None else bool(out["pred_label"][i]),
                     anomaly_map=out["anomaly_map"][i, 0],
                     pred_mask=None if out["pred_mask"] is None else out["pred_mask"][i, 0],
-                    reconstruction=pick("reconstruction", i)))
+                    reconstruction=pick("reconstruction", i), category=out["categories"][i]))
         return results

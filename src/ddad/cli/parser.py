@@ -284,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body")
     p.add_argument("--decision-log", type=Path, help="append every decision to this JSON-lines file (flushed each)")
-
     p.add_argument("--quiet", action="store_true", help="only warnings from the server")
 
     p = add("demo", help="synthetic data -> train -> test, on the CPU in a few minutes")

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ...export import ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graphs, require_onnx, write_manifest
+from ...export import EXPORT_DIR, ExtractorGraph, OnnxDenoiser, OnnxExtractor, export_graphs, require_onnx, write_manifest
 from ...runs import RunDir
 from ...scoring import anomaly_map, feature_distance, image_scores, pixel_distance, resize_for_features
 from .settings import DetectConfig
-
-EXPORT_DIR = "export"
 
 
 class ScorerGraph(torch.nn.Module):

@@ -38,13 +38,13 @@ def feature_channels(extractor: FeatureExtractor) -> int:
     return sum(info["channels"] for info in extractor.feature_info)
 
 
-@torch.inference_mode()
 def tokens_of_stages(stages, grid: int) -> torch.Tensor:
     """(B, sum of stage channels, grid, grid): the backbone's ``stages`` resized to the grid, concatenated."""
     return torch.cat([F.interpolate(s.float(), size=(grid, grid), mode="bilinear", align_corners=False)
                       for s in stages], dim=1)
 
 
+@torch.inference_mode()
 def token_features(extractor: FeatureExtractor, images: torch.Tensor, grid: int) -> torch.Tensor:
     """:func:`tokens_of_stages` of every stage of ``extractor``."""
     return tokens_of_stages(extractor(as_float_images(images)), grid)

@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 
 from ...engine.recognition import global_embedding
-from ...export import bank_facts, export_graphs, write_manifest
+from ...export import EXPORT_DIR, bank_facts, export_graphs, write_manifest
 from ...runs import RunDir
 from .detector import base_map, image_score
 from .features import tokens_of_stages
-
-EXPORT_DIR = "export"
 
 
 class MapGraph(torch.nn.Module):

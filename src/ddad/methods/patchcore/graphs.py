@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 
 from ...engine.recognition import global_embedding
-from ...export import bank_facts, export_graphs, write_manifest
+from ...export import EXPORT_DIR, bank_facts, export_graphs, write_manifest
 from ...runs import RunDir
 from ...scoring import resize_for_features
 from .model import compute_patch_features, distance_map, features_of_stages
-
-EXPORT_DIR = "export"
 
 
 class FeatureGraph(torch.nn.Module):
