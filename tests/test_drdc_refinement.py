@@ -441,7 +441,7 @@ def test_the_refiner_combines_sets_and_fuses_steps_and_scales_as_eq_8_and_14_to_
     record = _fake_inpainting(monkeypatch, 3)
     refiner = Refiner(torch.nn.Linear(1, 1), TABLE, refine, detect)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    out = refiner(x)
+    out = refiner(x, [11, 12])
     b, specs, sets = 2, 2, 3
     hidden = record["hidden"].double().numpy()[:, 0].reshape(b, specs, sets, 16, 16)  # jobs: image, cells, set
     preds = [p.double().numpy().reshape(b, specs, sets, 3, 16, 16) for p in record["preds"]]

@@ -1,7 +1,8 @@
 """The memory-bank and DRDC exports and the torch-free runtime: PatchCore (feature and map graphs, the banks as
 files) in parity with the run per category and backend, INT8 near fp32, the numpy nearest-neighbour search
 against brute force, a corrupt bank refused by name; DRDC's transformer base (one graph) and memory-bank
-base in parity with their runs, categories recognised as ddad recognises them; the refinement refused."""
+base in parity with their runs, categories recognised as ddad recognises them; DRDC's refinement (numpy
+inpainting around its graphs) in parity with the run, its numpy parts against torch."""
 
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def test_a_corrupt_bank_and_an_unknown_category_are_refused_by_name(exported, tm
         ddad_infer.load(copy, backend="onnxruntime")
 
 
-def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str, detect: tuple = ()) -> None:
+def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str, detect: tuple = (),
+                 reconstruction: bool = False) -> None:
     """Train a tiny two-category DRDC run with ``settings``, test it with the detection settings ``detect``
     (thresholds per category), export it as ONNX with them and compare the runtime (ONNX Runtime, in this
     process) with the run: given and recognised categories."""
@@ -154,6 +156,9 @@ def _drdc_parity(root: Path, run: Path, tmp: Path, *settings: str, detect: tuple
         scale = float(ref.anomaly_map.abs().max())
         np.testing.assert_allclose(got["anomaly_map"], ref.anomaly_map.numpy(), rtol=0, atol=1e-4 * scale)
         assert got["pred_label"].tolist() == ref.pred_label.tolist()
+        assert (got["reconstruction"] is not None) == reconstruction
+        if reconstruction:  # DRDC's inpainted image
+            np.testing.assert_allclose(got["reconstruction"], ref.reconstruction.numpy(), rtol=0, atol=1e-4)
         assert got["categories"] == truth  # recognised as `ddad test` recognises them here (all correctly)
     assert got["pred_label"].any() and not got["pred_label"].all()
 
@@ -172,18 +177,81 @@ def test_drdc_memory_bank_base_exports_as_a_bank_model(exported, tmp_path):
     assert (manifest["model"], list(manifest["banks"])) == ("bank", ["all"])
 
 
-def test_drdc_with_refinement_exports_its_base_at_alpha_0_only(exported, tmp_path, capsys):
-    """A refiner's map does not export yet: refused at alpha > 0; at alpha 0 the base map, divided by its
-    calibrated maximum (Eq. 17's input scale), scores as the run."""
+REFINE = ("--set", "refine.image_size=16", "--set", "refine.unet=tiny", "--set", "refine.cells=[4,8]",
+          "--set", "detect.steps=3", "--set", "detect.mean_filter=3")
+
+
+@pytest.mark.parametrize("base,switches,alpha", [
+    ("bank", (), 0.0),  # Eq. 17 is the base map alone: the refinement's graphs are left out
+    ("bank", (), 0.9),  # the paper's alpha, every switch of Table 5 on
+    ("transformer", ("refine.model_conditioning=false", "detect.test_time_conditioning=false", "detect.fusion=false"),
+     1.0)])
+def test_drdc_with_refinement_exports_and_scores_as_the_run(exported, tmp_path, base, switches, alpha):
+    """The inpainting loop in numpy around the exported UNet, the maps fused as Eq. 14-17: map, score,
+    decisions and inpainted image as the run's, with each image's own masks and noise."""
     root = exported[0]
-    refine = ("--set", "features.base=bank", "--set", "refine.image_size=32", "--set", "refine.unet=tiny",
-              "--set", "refine.cells=[8]", "--set", "detect.steps=1")
-    _drdc_parity(root, tmp_path / "run", tmp_path, *refine, detect=(("alpha", 0.0),))
+    settings = [*REFINE, "--set", f"features.base={base}", *(f for s in switches for f in ("--set", s))]
+    _drdc_parity(root, tmp_path / "run", tmp_path, *settings, detect=(("alpha", alpha),), reconstruction=alpha > 0)
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     assert manifest["settings"]["settings"]["algorithm"]["refine"]["enabled"] is True  # its scale divided the map
-    capsys.readouterr()
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "refused"), "--quiet"]) == 2
-    assert "refinement does not export yet" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    refined = {"refine_input", "refine_unet", "refine_map"}
+    assert (refined <= set(manifest["graphs"])) == (alpha > 0)
+    assert (manifest["refinement"] is not None) == (alpha > 0)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**40 + 1, 2**63 - 2])
+def test_the_numpy_randperm_is_torchs(seed):
+    from ddad_infer.inpainting import torch_randperms
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = (1, 2, 16, 784, 5)
+    expected = [torch.randperm(n, generator=g).numpy() for n in sizes]  # one generator, drawn in turn
+    for got, want in zip(torch_randperms(seed, sizes), expected, strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_the_numpy_masks_are_the_refiners():
+    from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+    from ddad.methods.drdc.refiner import Refiner
+    from ddad.methods.drdc.settings import DRDCDetect, RefineConfig
+    from ddad_infer.inpainting import inpainting_masks
+
+    refine = RefineConfig(image_size=24, unet="tiny", cells=(4, 8, 12), sets=3)
+    refiner = Refiner(torch.nn.Linear(1, 1), alphas_cumprod(ScheduleConfig()), refine, DRDCDetect())
+    for seed in (3, 2**62 + 9):
+        assert np.array_equal(inpainting_masks(seed, 24, 24, refine.cells, refine.sets), refiner.masks(seed, 24, 24).numpy())
+
+
+@pytest.mark.parametrize("conditioned,known", [(True, True), (False, True), (True, False)])
+def test_the_numpy_inpainting_is_ddads(conditioned, known):
+    """Both loops around the same denoiser (a smooth function of x_t, t and c, written for each), each job's
+    draws from its seed (torch's generator, and its numpy replica)."""
+    from ddad.diffusion.inpainting import InpaintingNoise, inpaint as torch_inpaint
+    from ddad.diffusion.schedule import ScheduleConfig, alphas_cumprod
+    from ddad_infer.inpainting import inpaint
+    from ddad_infer.noise import torch_randn
+
+    table = alphas_cumprod(ScheduleConfig()).float()
+    steps = [(200, 150), (150, 100), (100, 50), (50, -1)]
+    x = torch.rand(3, 2, 8, 8) * 2 - 1
+    hidden = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    seeds = [21, 22, 23]
+    noise = InpaintingNoise.draw(seeds, (2, 8, 8), steps)
+
+    def torch_denoiser(xt, t, c):
+        return torch.tanh(0.7 * xt + (0 if c is None else 0.3 * c)) + t.float().view(-1, 1, 1, 1) / 1000
+
+    def numpy_denoiser(xt, t, c):
+        return np.tanh(np.float32(0.7) * xt + (0 if c is None else np.float32(0.3) * c)) + \
+            (t.astype(np.float32) / 1000).reshape(-1, 1, 1, 1)
+
+    expected = torch_inpaint(torch_denoiser, x, hidden, table, steps, noise, conditioned, known)
+    draws = np.stack([torch_randn(s, (2 + 3, 2, 8, 8)) for s in seeds], axis=1)
+    final, x0s = inpaint(numpy_denoiser, x.numpy(), hidden.numpy(), table.numpy(), steps, draws, conditioned, known)
+    np.testing.assert_allclose(final, expected.sample.numpy(), atol=1e-5)
+    assert len(x0s) == len(expected.pred_original_samples) == 4
+    for got, want in zip(x0s, expected.pred_original_samples):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
 def test_ddad_infer_reports_the_category_each_image_was_decided_as(exported, tmp_path):

@@ -27,6 +27,8 @@ import numpy as np
 from .backends import open_graph
 from .decisions import DecisionTable
 from .images import DatasetError, load_image
+from .inpainting import GRAPHS as REFINEMENT_GRAPHS
+from .inpainting import Refinement
 
 MANIFEST = "export.json"
 FORMAT_VERSION = 1
@@ -120,7 +122,9 @@ def checked_files(folder: Path, manifest: dict, name: str, backend: str, precisi
 class ExportedModel:
     """An exported model ready to score (:func:`load` picks the subclass of the manifest's ``model`` kind:
     diffusion, bank or graph). A subclass names its ``GRAPHS`` (opened into :attr:`graphs`, name ->
-    callable), which of them ``ddad export --int8`` quantises (``QUANTISED``), and implements :meth:`score`."""
+    callable), which of them ``ddad export --int8`` quantises (``QUANTISED``), and implements
+    :meth:`score_batch`. A manifest with a ``refinement`` (DRDC's diffusion refinement) adds its graphs and
+    refines every batch's map (:class:`ddad_infer.inpainting.Refinement`)."""
 
     KIND = ""
     GRAPHS: tuple[str, ...] = ()
@@ -156,10 +160,12 @@ class ExportedModel:
                           f"of their range on defect-free images (tolerance {record['tolerance']:.0%}): measure them "
                           "on your own images before trusting their decisions", stacklevel=2)
         self.graphs = {}
-        for name in self.GRAPHS:
+        refinement = manifest.get("refinement")
+        for name in self.GRAPHS + (REFINEMENT_GRAPHS if refinement else ()):
             quantised = precision == "int8" and name in self.QUANTISED
             path = checked_files(self.folder, manifest, name, self.backend, "int8" if quantised else "fp32")[0]
             self.graphs[name] = open_graph(path, self.backend, threads)
+        self.refinement = Refinement(refinement, self.graphs) if refinement else None
 
     def score(self, images: np.ndarray, categories: Sequence[str | None] | None = None) -> dict:
         """Raw results of (N, C, H, W) float32 images in [-1, 1] at the model's size, batch by batch
@@ -170,7 +176,10 @@ class ExportedModel:
         parts = []
         for start in range(0, len(images), self.batch_size):
             names = given[start:start + self.batch_size]
-            part = self.score_batch(np.ascontiguousarray(images[start:start + self.batch_size]), names)
+            batch = np.ascontiguousarray(images[start:start + self.batch_size])
+            part = self.score_batch(batch, names)
+            if self.refinement is not None:  # the base map (scaled) fused with the diffusion heatmap (Eq. 17)
+                part.update(self.refinement(batch, part["anomaly_map"]))
             parts.append({"categories": names, **part})  # the method's resolved ones replace the given ones
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "categories"}
         out["categories"] = [c for p in parts for c in p["categories"]]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backbones import FeatureExtractor
+from ...diffusion.sampler import image_seed
 from ...results import AnomalyResult
 from ...runtime import autocast
 from ...scoring import ScoreScale, crop
@@ -61,7 +62,8 @@ class DRDCDetector:
         out = {"base": base_map(error, size, self.detect), "feature_error": error}
         if self.refiner is not None:
             with torch.inference_mode():
-                refined = self.refiner(resized(images.to(self.device), self.refiner.refine.image_size))
+                seeds = [image_seed(img, self.detect.seed) for img in images]
+                refined = self.refiner(resized(images.to(self.device), self.refiner.refine.image_size), seeds)
             out["diffusion"] = F.interpolate(refined.heatmap, size=size, mode="bilinear", align_corners=False)
             out["inpainted"] = resized(refined.inpainted, size[0]).clamp(-1, 1)
         return out

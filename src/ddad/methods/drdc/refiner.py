@@ -3,8 +3,10 @@ specification (cell size) and disjoint set, combine the sets (Eq. 8) at every st
 predictions into the diffusion heatmap (Eq. 9, 14-16).
 
 All of an image's specifications and sets go through the UNet as one batch. Each image's masks and noise
-come from a seed made of its content and ``detect.seed``, so its heatmap does not depend on the other images
-in the batch or on the batch size.
+come from a seed made of its content (at the model's input size, before the resize to the refinement's: the
+bytes an exported model sees too) and ``detect.seed``, so its heatmap does not depend on the other images in
+the batch or on the batch size. The exported model (:mod:`ddad_infer.inpainting`) repeats the loop in numpy
+with the same draws and :func:`diffusion_heatmap` as a graph.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...diffusion.inpainting import InpaintingNoise, combine_sets, inpaint, inpainting_masks
-from ...diffusion.sampler import SamplerConfig, denoising_steps, image_seed, skip_for_steps
+from ...diffusion.sampler import SamplerConfig, denoising_steps, skip_for_steps
 from ...diffusion.unet import UNet
 from .fusion import difference_map, mean_filter, spatio_temporal_heatmap
 from .settings import DRDCDetect, RefineConfig
@@ -33,8 +35,23 @@ def refinement_steps(detect: DRDCDetect) -> list[tuple[int, int]]:
     return denoising_steps(SamplerConfig(start_step=detect.start_step, skip=skip, w=0.0, eta=0.0))
 
 
-def _job_seed(seed: int, job: int) -> int:
+def job_seed(seed: int, job: int) -> int:
+    """The seed of an image's ``job``-th inpainting (specification-major, then set) from the image's seed."""
     return (seed + 1_000_003 * (job + 1)) % (2**63 - 1)
+
+
+def diffusion_heatmap(x: torch.Tensor, predictions: torch.Tensor, detect: DRDCDetect) -> torch.Tensor:
+    """The smoothed diffusion heatmap (B, 1, h, w) of images ``x`` (B, C, h, w) from their combined predictions
+    (B, S, K, C, h, w): S inpainting specifications, K steps' predicted x0 with ``detect.fusion`` (Eq. 14-15),
+    else K = 1, the final inpainted image (Eq. 9); the mean over specifications, then the mean filter (Eq. 16)."""
+    b, specs, k, c, h, w = predictions.shape
+    x_specs = x.float().repeat_interleave(specs, dim=0)
+    per_step = predictions.reshape(b * specs, k, c, h, w)
+    if detect.fusion:
+        per_spec = spatio_temporal_heatmap(x_specs, per_step.unbind(dim=1), detect.scales)
+    else:
+        per_spec = difference_map(x_specs, per_step[:, -1])
+    return mean_filter(per_spec.view(b, specs, 1, h, w).mean(dim=1), detect.mean_filter)  # Eq. 15-16
 
 
 class Refiner:
@@ -51,33 +68,28 @@ class Refiner:
         g = torch.Generator().manual_seed(seed)
         return torch.stack([inpainting_masks(height, width, cell, self.refine.sets, g) for cell in self.refine.cells])
 
-    def __call__(self, x: torch.Tensor) -> Refinement:
+    def __call__(self, x: torch.Tensor, seeds: list[int]) -> Refinement:
+        """``x`` (B, C, H, W) at the refinement's size; ``seeds`` one per image (from the image as given)."""
         b, c, h, w = x.shape
         specs, sets = len(self.refine.cells), self.refine.sets
         device = next(self.unet.parameters()).device
-        seeds = [image_seed(img, self.detect.seed) for img in x]
         masks = torch.stack([self.masks(s, h, w) for s in seeds]).to(device)  # (B, S, n, 1, H, W)
         jobs = specs * sets
-        job_seeds = [_job_seed(s, j) for s in seeds for j in range(jobs)]
+        job_seeds = [job_seed(s, j) for s in seeds for j in range(jobs)]
         x_jobs = x.to(device).float().repeat_interleave(jobs, dim=0)
         hidden = masks.reshape(b * jobs, 1, h, w)
         noise = InpaintingNoise.draw(job_seeds, (c, h, w), self.steps, device)
         out = inpaint(lambda xt, t, cond: self.unet(xt, t, cond), x_jobs, hidden, self.table.to(device), self.steps, noise,
                       self.refine.model_conditioning, self.detect.test_time_conditioning)
 
-        def combined(prediction: torch.Tensor) -> torch.Tensor:  # Eq. 8 -> (B * S, C, H, W)
+        def combined(prediction: torch.Tensor) -> torch.Tensor:  # Eq. 8 -> (B, S, C, H, W)
             per_set = prediction.view(b * specs, sets, c, h, w).transpose(0, 1)
-            return combine_sets(per_set, hidden.view(b * specs, sets, 1, h, w).transpose(0, 1))
+            return combine_sets(per_set, hidden.view(b * specs, sets, 1, h, w).transpose(0, 1)).view(b, specs, c, h, w)
 
-        x_specs = x.to(device).float().repeat_interleave(specs, dim=0)
-        if self.detect.fusion:  # every step and scale (Eq. 14-15)
-            per_spec = spatio_temporal_heatmap(x_specs, [combined(p) for p in out.pred_original_samples],
-                                               self.detect.scales)
-        else:  # the final prediction at full scale (Eq. 9)
-            per_spec = difference_map(x_specs, combined(out.sample))
-        heatmap = mean_filter(per_spec.view(b, specs, 1, h, w).mean(dim=1), self.detect.mean_filter)  # Eq. 15-16
-        inpainted = combined(out.sample).view(b, specs, c, h, w)[:, 0]
-        return Refinement(heatmap, inpainted)
+        final = combined(out.sample)
+        steps = [combined(p) for p in out.pred_original_samples] if self.detect.fusion else [final]
+        heatmap = diffusion_heatmap(x.to(device), torch.stack(steps, dim=2), self.detect)
+        return Refinement(heatmap, final[:, 0])
 
 
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
