@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
 
     # 1. Honest: everything chosen on the validation split (tuning first, as a user would).
-    tuned, rows = tuning.tune(run, config, load, grids, progress=False)
+    tuned, rows, out["rule"] = tuning.tune(run, config, load, grids, progress=False)
     out["validation_rows"] = rows
     out["tuned_settings"] = tuning.current_values(tuned, names)
     for name, cfg in (("default", config), ("tuned", tuned)):
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         print(f"{name} {out[f'{name}_f1']}", file=sys.stderr)
 
     # 2. Oracle: settings and threshold tuned on the test split.
-    oracle_config, out["test_rows"] = tuning.search(config, load, grids, load_test_split(config.data, progress=False),
+    oracle_config, out["test_rows"], _ = tuning.search(config, load, grids, load_test_split(config.data, progress=False),
                                                     progress=False)  # the same objective, on test
     out["oracle_settings"] = tuning.current_values(oracle_config, names)
     metrics = testing.test_run(run, load(oracle_config),

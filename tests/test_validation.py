@@ -278,17 +278,30 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     stored = json.loads((run / "tune.json").read_text())
     rows = stored["rows"]
     assert len(rows) == 5 and rows[0] == {**rows[0], "mode": "combined", "v": 1.0}  # the run's own settings first
-    # every row's objective, recomputed with scipy on the validation split from the detector it names
-    split = load_validation_split(config.data, progress=False)
+    # every row's objective, recomputed with scipy on the validation split (synthetic defects drawn with the
+    # seeds 0, 1, 2) from the detector it names, overall and per seed
+    split = load_validation_split(config.data, progress=False, seeds=(0, 1, 2))
     from ddad import with_detection
+    from ddad.data.anomalies import synthetic_origin
 
+    seed_of = np.array([-1 if synthetic_origin(s) is None else synthetic_origin(s)[1] for s in split.samples])
     for row in rows:
         loaded = get_method("ddad").load(RunDir(run), with_detection(config, mode=row["mode"], v=row["v"]),
                                          progress=False)
         scores = loaded.detect(split.images).score.numpy()
         good, bad = scores[split.labels == 0], scores[split.labels == 1]
         assert row["image_auroc"] == pytest.approx(mannwhitneyu(bad, good).statistic / (len(bad) * len(good)))
-    best = max(rows, key=lambda r: r["objective"])
+        for seed in (0, 1, 2):
+            bad = scores[seed_of == seed]
+            assert row["seeds"][str(seed)]["image_auroc"] == pytest.approx(
+                mannwhitneyu(bad, good).statistic / (len(bad) * len(good)))
+    # the rule: the best on the mean over seeds replaces the run's settings only if its gain beats its spread
+    per_seed = np.array([[r["seeds"][str(k)]["objective"] for k in (0, 1, 2)] for r in rows])
+    top = int(per_seed.mean(axis=1).argmax())
+    gain = per_seed[top] - per_seed[0]
+    best = rows[top] if gain.mean() > gain.std(ddof=1) else rows[0]
+    assert stored["rule"]["spread_over_seeds"] == pytest.approx(gain.std(ddof=1))
+    assert stored["rule"]["defects"] == {"synthetic": int(split.labels.sum()), "seeds": [0, 1, 2]}
     tuned = load_config(run)
     assert (tuned.detect.scoring.mode, tuned.detect.scoring.v) == (best["mode"], best["v"])
     assert stored["chosen"] == {"mode": best["mode"], "v": best["v"]}
@@ -326,10 +339,11 @@ def test_tune_keeps_the_best_candidate_and_the_earlier_one_on_ties(tiny_run, mon
     monkeypatch.setattr(tuning, "validation_score", lambda loaded, split: {
         "image_auroc": None, "pixel_auroc": None, "objective": values[(loaded,)]})
     config = with_detection(load_config(tiny_run), v=1.0)
-    best, rows = tuning.tune(RunDir(tiny_run), config, lambda c: c.detect.scoring.v,
-                             [{"v": (0.5, 2.0, 3.0, 4.0)}], progress=False)
+    best, rows, rule = tuning.tune(RunDir(tiny_run), config, lambda c: c.detect.scoring.v,
+                                   [{"v": (0.5, 2.0, 3.0, 4.0)}], progress=False)
     assert [r["v"] for r in rows] == [1.0, 0.5, 2.0, 3.0, 4.0]  # the current setting first
     assert best.detect.scoring.v == 2.0  # the maximum; 3.0 ties and comes later
+    assert rule["best_on_mean"] == 2 and rule["defects"]["seeds"] == [0, 1, 2]
 
 
 def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():

@@ -147,18 +147,23 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
 
 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
-             progress: bool = True, max_false_alarms: float | None = None) -> tuple[Any, list[dict], Threshold]:
+             progress: bool = True, max_false_alarms: float | None = None, seeds: Sequence[int] = (0, 1, 2),
+             kinds: Sequence[str] | None = None) -> tuple[Any, list[dict], Threshold]:
     """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
     the grids of :data:`ddad.engine.tuning.GRIDS` for its method) and store them in its config.yaml and
     RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
     or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
-    Returns the new settings, one row per candidate and the image threshold."""
+    Without real validation defects, synthetic ones of ``kinds`` (default every kind) drawn with each of
+    ``seeds``; a candidate replaces the current settings only where it wins by more than the spread of its
+    gain over the seeds (:func:`ddad.engine.tuning.robust_choice`). Returns the new settings, one row per
+    candidate and the image threshold."""
     run = _run(run_dir).require()
     with run.locked("tune"):  # it rewrites config.yaml and threshold.json
-        return _tune_locked(run, grid, progress, max_false_alarms)
+        return _tune_locked(run, grid, progress, max_false_alarms, tuple(seeds), kinds)
 
 
-def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | None):
+def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | None, seeds, kinds):
+    from .data.anomalies import SyntheticAnomalies
     from .engine import tuning
 
     config = load_config(run)
@@ -166,7 +171,9 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
     grids = [dict(grid)] if grid else list(tuning.GRIDS[config.method])
     names = tuning.setting_names(grids)
     current = tuning.current_values(config, names)
-    best, rows = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress)
+    synthetic = SyntheticAnomalies(tuple(kinds)) if kinds else None
+    best, rows, rule = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress,
+                                   seeds, synthetic)
     chosen = tuning.current_values(best, names)
     run.save_config(best)
     decisions = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,
@@ -174,7 +181,7 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
     image = decisions.shared.image
     atomic_write_text(run.root / "tune.json", json.dumps({
         "chosen": chosen, "before": current, "rows": rows,
-        "objective": "mean of image and pixel AUROC on the validation split",
+        "objective": "mean of image and pixel AUROC on the validation split", "rule": rule,
         "threshold": {"value": image.value, "source": image.source, "target": image.target,
                       "categories": {c: d.image.value for c, d in decisions.categories.items()}}},
         indent=2, default=str))

@@ -151,19 +151,30 @@ def cmd_test(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    import json
+
     from ..api import tune_run
     from ..engine.tuning import parse_grid
 
     _, rows, threshold = tune_run(args.run_dir, parse_grid(args.grid) or None, progress=not args.quiet,
-                                  max_false_alarms=args.max_false_alarms)
-    names = [k for k in rows[0] if k not in ("image_auroc", "pixel_auroc", "objective")]
+                                  max_false_alarms=args.max_false_alarms, seeds=args.defect_seeds,
+                                  kinds=args.defect_kinds)
+    names = [k for k in rows[0] if k not in ("image_auroc", "pixel_auroc", "objective", "kinds", "seeds")]
     show = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("  ".join(names) + "  image AUROC  pixel AUROC  objective (validation)")
     for r in rows:
         print("  ".join(show(r[n]) for n in names) + f"  {show(r['image_auroc'])}  {show(r['pixel_auroc'])}  "
               f"{show(r['objective'])}")
-    best = max(rows, key=lambda r: -1 if r["objective"] is None else r["objective"])
-    print(f"chosen: {', '.join(f'{n}={best[n]}' for n in names)} (stored in {args.run_dir / 'config.yaml'})")
+    record = json.loads((args.run_dir / "tune.json").read_text())
+    rule = record["rule"]
+    print(f"chosen: {', '.join(f'{n}={v}' for n, v in record['chosen'].items())} (stored in "
+          f"{args.run_dir / 'config.yaml'})")
+    if "spread_over_seeds" in rule:
+        best = rows[rule["best_on_mean"]]
+        verdict = "kept the current settings" if rule["kept_current"] else "chosen"
+        print(f"rule: the best on the mean over defect seeds ({', '.join(f'{n}={best[n]}' for n in names)}) gains "
+              f"{rule['gain_over_current']:+.4f} over the current settings, spread over seeds "
+              f"{rule['spread_over_seeds']:.4f}: {verdict}")
     print(f"threshold {threshold.value:.6g} ({threshold.source}; stored in {args.run_dir / 'threshold.json'}); "
           "run ddad test for the test metrics")
     return 0

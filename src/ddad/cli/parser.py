@@ -17,6 +17,20 @@ DETECT_RENAMES = {"scoring": "mode", "weights": "average"}
 DETECT_FLAG_DESTS: list[str] = []  # filled by _add_detect_flags: every detection flag's dest
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _add_false_alarm_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--max-false-alarms", type=float, metavar="RATE",
                    help=f"{what} for at most this false-alarm rate on the good validation images "
@@ -243,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="values to try for a detection setting (repeatable); default for ddad: mode, w, v and "
                         "feature_size (the backbone's input size); for drdc: alpha, start_step")
+    p.add_argument("--defect-seeds", type=_int_list, default=(0, 1, 2), metavar="S1,S2",
+                   help="seeds of the synthetic validation defects (without real ones): a candidate replaces the "
+                        "current settings only where it wins by more than its gain's spread over these seeds "
+                        "(default 0,1,2)")
+    p.add_argument("--defect-kinds", type=_str_list, default=None, metavar="K1,K2",
+                   help="kinds of synthetic defect to mix (default every kind: perlin, paste, patch, scratch, "
+                        "scar, warp, blob, colour)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_false_alarm_flag(p, "then store the chosen settings' threshold")
 

@@ -212,12 +212,38 @@ def _excluded(path: Path, folder: Path, patterns: Sequence[str], dataset: str | 
     return dataset is not None and is_mask_file(path, dataset)
 
 
+DONORS = 8  # training images per category that ``patch`` anomalies take their patches from
+
+
+def donor_pools(data: DataConfig, index: DatasetIndex, seed: int) -> dict[str, torch.Tensor]:
+    """Per category, up to DONORS of its readable training images in a seeded order (the ``patch`` kind's
+    sources: defect-free images of the category that are not the validation images themselves)."""
+    pools: dict[str, list[torch.Tensor]] = {}
+    for category in dict.fromkeys(s.category for s in index.train):
+        samples = [s for s in index.train if s.category == category]
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        dataset = ImageSet(tuple(samples[i] for i in order[:2 * DONORS]), data.image_size, data.channels)
+        picked = []
+        for i in range(len(dataset)):
+            try:
+                picked.append(dataset[i]["image"])
+            except DatasetError:
+                continue
+            if len(picked) == DONORS:
+                break
+        if picked:
+            pools[category] = torch.stack(picked)
+    return {c: p for c, p in pools.items()}
+
+
 def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | None" = None, progress: bool = True,
-                          log: Log | None = None) -> TestSplit | None:
+                          log: Log | None = None, seeds: Sequence[int] | None = None) -> TestSplit | None:
     """The validation split: the held-out defect-free images (``val_ratio``) and the user's validation
-    defects (``val_abnormal_dir``); without real defects, a synthetic anomaly on a copy of each good image
-    (``synthetic``, default :class:`SyntheticAnomalies`). None when the run holds out no images."""
-    from .anomalies import SyntheticAnomalies
+    defects (``val_abnormal_dir``); without real defects, one synthetic anomaly on a copy of each good image
+    per seed of ``seeds`` (default: ``synthetic.seed`` alone), its kind drawn from ``synthetic.kinds``
+    (default :class:`SyntheticAnomalies`: every kind), patches taken from the category's training images.
+    None when the run holds out no images."""
+    from .anomalies import SyntheticAnomalies, synthetic_sample
 
     index = build_index(data)
     if not any(s.label == 0 for s in index.val):
@@ -234,14 +260,18 @@ def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | Non
     has_masks = all(s.mask is not None for s in samples if s.label == 1)
     name = f"{index.name} (validation)"
     if not labels.any():
-        good = labels == 0
         synthetic = synthetic or SyntheticAnomalies()
-        fake, fake_masks = synthetic.apply(images[good])
-        # named apart from their sources (caches key images by name): the file, then how it was altered
-        tag = f"#synthetic-{'+'.join(synthetic.kinds)}-seed{synthetic.seed}"
-        samples += [Sample(Path(f"{s.image}{tag}"), 1, "synthetic", None, s.category)
-                    for s, g in zip(samples, good) if g]
-        images, masks = torch.cat([images, fake]), torch.cat([masks, fake_masks])
-        labels = np.concatenate([labels, np.ones(len(fake), dtype=labels.dtype)])
+        good = [s for s, label in zip(samples, labels) if label == 0]
+        pools = donor_pools(data, index, synthetic.seed)
+        donors = [pools.get(s.category) for s in good]
+        fakes, fake_masks = [], []
+        for seed in (synthetic.seed,) if seeds is None else seeds:
+            drawn = SyntheticAnomalies(synthetic.kinds, seed).make(images[labels == 0], donors)
+            # named apart from their sources (caches key images by name): the file, then how it was altered
+            samples += [synthetic_sample(s, kind, seed, synthetic.kinds) for s, kind in zip(good, drawn.kinds)]
+            fakes.append(drawn.images)
+            fake_masks.append(drawn.masks)
+        images, masks = torch.cat([images, *fakes]), torch.cat([masks, *fake_masks])
+        labels = np.concatenate([labels, np.ones(sum(len(f) for f in fakes), dtype=labels.dtype)])
         has_masks, name = True, f"{index.name} (validation, synthetic defects)"
     return TestSplit(samples=samples, images=images, masks=masks, labels=labels, has_masks=has_masks, name=name)

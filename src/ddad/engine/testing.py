@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text
 from ..data.io import image_size_of
+from ..data.anomalies import synthetic_origin
 from ..data.splits import TestSplit, load_test_split, load_validation_split
 from ..metrics import evaluate, f1_optimal_threshold
 from ..results import AnomalyResult, SplitMetrics, TestMetrics, image_panel_name
@@ -89,7 +90,7 @@ def validation_thresholds(run: RunDir, loaded: LoadedDetector, max_false_alarms:
     if val is None:
         return None
     result = loaded.score_split(val, cache, progress)
-    defects = "synthetic" if any(s.defect_type == "synthetic" for s in val.samples) else "real"
+    defects = "synthetic" if any(synthetic_origin(s) for s in val.samples) else "real"
     maps = masks = None
     if val.has_masks:
         maps = crop(result.anomaly_map, loaded.crop).flatten(1).numpy()

@@ -4,8 +4,13 @@ and store the choice in the run's config.yaml.
 
 Each candidate is a set of detection settings by name (found anywhere under the config's ``detect``); it is
 scored on the validation split by the mean of image and pixel AUROC there (pixel AUROC alone where the
-validation images have no masks, image AUROC alone where they have no defects of either kind). Ties keep the
-earlier candidate, so the run's current settings (listed first) stay unless another one is better.
+validation images have no masks, image AUROC alone where they have no defects of either kind).
+
+The rule (:func:`robust_choice`): with synthetic defects drawn with several seeds, the objective is computed
+per seed, and the run's current settings (listed first) stay unless the candidate best on the mean over seeds
+beats them by more than the spread over seeds of its gain (the standard deviation of the per-seed
+differences): a weak signal keeps the defaults. With real validation defects (or one seed) the best candidate
+is chosen; ties keep the earlier one.
 
 A search space is one or more grids, each the product of its values; a name a grid does not list keeps the
 run's value, so that settings which do not matter in a mode (DDAD's v in pixel scoring) are not tried there.
@@ -20,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..config import override
+from ..data.anomalies import synthetic_origin
 from ..data.splits import load_validation_split
 from ..metrics import pixel_auroc, roc_auc
 from ..runs import RunDir
@@ -102,44 +108,88 @@ def with_candidate(config: Any, candidate: Mapping[str, Any]) -> Any:
     return override(config, candidate, within=("detect",), ignore_none=False)
 
 
-def validation_score(loaded: LoadedDetector, split) -> dict[str, float | None]:
-    """Image and pixel AUROC of ``loaded`` on a validation split, and the objective (their mean)."""
-    result = loaded.score_split(split, True, False)
-    image = roc_auc(result.score.numpy(), split.labels) if split.labels.any() else None
+SEEDS = (0, 1, 2)  # the synthetic defects' seeds ``ddad tune`` draws by default
+
+
+def _auroc(result, split, loaded, keep: np.ndarray) -> dict[str, float | None]:
+    labels = split.labels[keep]
+    image = roc_auc(result.score.numpy()[keep], labels) if labels.any() and not labels.all() else None
     pixel = None
-    if split.has_masks:
-        pixel = pixel_auroc(crop(result.anomaly_map, loaded.crop)[:, 0], crop(split.masks, loaded.crop)[:, 0] > 0.5)
+    if split.has_masks and labels.any():
+        pixel = pixel_auroc(crop(result.anomaly_map[keep], loaded.crop)[:, 0], crop(split.masks[keep], loaded.crop)[:, 0] > 0.5)
     parts = [v for v in (image, pixel) if v is not None]
     return {"image_auroc": image, "pixel_auroc": pixel, "objective": float(np.mean(parts)) if parts else None}
 
 
+def validation_score(loaded: LoadedDetector, split) -> dict:
+    """Image and pixel AUROC of ``loaded`` on a validation split and the objective (their mean); with
+    synthetic defects also per kind and per seed (the good images with that kind's or seed's defects)."""
+    result = loaded.score_split(split, True, False)
+    out = _auroc(result, split, loaded, np.ones(len(split.labels), dtype=bool))
+    origins = [synthetic_origin(s) for s in split.samples]
+    if any(origins):
+        good = split.labels == 0
+        for field, part in (("kinds", 0), ("seeds", 1)):
+            values = sorted({o[part] for o in origins if o is not None})
+            out[field] = {str(v): _auroc(result, split, loaded, good | np.array([o is not None and o[part] == v
+                                                                                    for o in origins]))
+                          for v in values}
+    return out
+
+
+def robust_choice(objectives: np.ndarray, factor: float = 1.0) -> tuple[int, dict]:
+    """The chosen row of ``objectives`` (candidates, seeds), row 0 the current settings: the best row on the
+    mean over seeds where its gain over row 0 exceeds ``factor`` times the standard deviation over seeds of
+    that gain (one seed: any gain), else row 0. Returns (row, what decided it)."""
+    objectives = np.asarray(objectives, dtype=float)
+    means = objectives.mean(axis=1)
+    best = int(np.argmax(means))  # the first of equals
+    gain = objectives[best] - objectives[0]
+    spread = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
+    margin = float(gain.mean())
+    chosen = best if margin > factor * spread else 0
+    return chosen, {"best_on_mean": best, "gain_over_current": margin, "spread_over_seeds": spread,
+                    "factor": factor, "kept_current": chosen == 0 and best != 0}
+
+
 def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid], split,
-           progress: bool = True) -> tuple[Any, list[dict]]:
-    """(the config with the candidate best on ``split``, one row per candidate); ties keep the earlier one.
-    ``load`` turns a config into its detector."""
+           progress: bool = True) -> tuple[Any, list[dict], dict]:
+    """(the config with the candidate :func:`robust_choice` takes on ``split``, one row per candidate, the
+    rule's record). ``load`` turns a config into its detector."""
     from tqdm.auto import tqdm
 
     current = current_values(config, setting_names(grids))
-    rows, best, best_value = [], config, -np.inf
+    rows, configs = [], []
     # smoothing 0: the ETA from the mean time per setting so far, not from the last ones (settings that only
     # re-weigh maps already computed, e.g. DRDC's alpha, take a fraction of a second, the others minutes)
     bar = tqdm(candidates(grids, current), desc="tune (settings on validation)", unit="setting", smoothing=0,
                disable=not progress, dynamic_ncols=True)
     for candidate in bar:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in candidate.items()))
-        tried = with_candidate(config, candidate)
-        row = {**candidate, **validation_score(load(tried), split)}
-        rows.append(row)
-        if row["objective"] is not None and row["objective"] > best_value:
-            best, best_value = tried, row["objective"]
-    return best, rows
+        configs.append(with_candidate(config, candidate))
+        rows.append({**candidate, **validation_score(load(configs[-1]), split)})
+    usable = [i for i, r in enumerate(rows) if r["objective"] is not None]
+    if not usable:
+        return config, rows, {"rule": "no candidate has a validation objective: the current settings stay"}
+    per_seed = [[(r["seeds"][k]["objective"] if "seeds" in r else r["objective"]) for k in r.get("seeds", [0])]
+                for r in rows]
+    filled = np.array([[-np.inf if v is None else v for v in row] for row in per_seed])
+    chosen, record = robust_choice(filled)
+    record["seeds"] = list(rows[0].get("seeds", {})) or None
+    return configs[chosen], rows, record
 
 
 def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
-         progress: bool = True) -> tuple[Any, list[dict]]:
-    """:func:`search` on the run's validation split (an error naming the remedy where it has none)."""
-    split = load_validation_split(config.data, progress=False, log=run.log)
+         progress: bool = True, seeds: Sequence[int] = SEEDS, synthetic=None) -> tuple[Any, list[dict], dict]:
+    """:func:`search` on the run's validation split, its synthetic defects (where it has no real ones) drawn
+    with each of ``seeds`` (``synthetic``: their kinds, default every kind; an error naming the remedy where
+    the run has no validation split)."""
+    split = load_validation_split(config.data, synthetic, progress=False, log=run.log, seeds=seeds)
     if split is None:
         raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
                          "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
-    return search(config, load, grids, split, progress)
+    best, rows, record = search(config, load, grids, split, progress)
+    real = sum(1 for s, label in zip(split.samples, split.labels) if label == 1 and synthetic_origin(s) is None)
+    record["defects"] = ({"real": real, "images": [str(s.image) for s in split.samples if s.label == 1]} if real
+                         else {"synthetic": int(split.labels.sum()), "seeds": list(seeds)})
+    return best, rows, record
