@@ -95,6 +95,31 @@ def test_int8_bank_model_stays_near_fp32(exported, tmp_path):
     assert np.abs(int8["anomaly_map"] - fp32["anomaly_map"]).max() <= (record["max_map_error"] + 0.05) * span
 
 
+def test_int8_decisions_are_chosen_on_the_int8_scores_of_the_validation_split(exported, tmp_path):
+    """The INT8 model decides with thresholds of its own: each category's for the fp32 thresholds' false-alarm
+    target, over the INT8 scores of its good validation images (scored here by the runtime, apart)."""
+    from ddad import load_config
+    from ddad.data.splits import load_validation_split
+    from ddad.engine.thresholds import false_alarm_threshold
+
+    root, run, folder = exported
+    manifest = json.loads((folder / "export.json").read_text())
+    stored, fp32 = manifest["int8"]["decisions"], manifest["decisions"]
+    assert stored["calibration_key"] == manifest["calibration_key"]
+    target = fp32["target"]["max_false_alarms"]
+    val = load_validation_split(load_config(run).data, progress=False)
+    for category in CATEGORIES:
+        good = [s.image for s in val.samples if s.label == 0 and s.category == category]
+        scores = _runtime(folder, good, "openvino", tmp_path, "int8", category=category)["score"]
+        expected = false_alarm_threshold(scores.astype(np.float64), target)
+        assert stored["categories"][category]["threshold"] == pytest.approx(expected, rel=1e-9)
+        assert stored["categories"][category]["threshold"] != fp32["categories"][category]["threshold"]
+    files = _files(root, CATEGORIES[1])
+    int8 = _runtime(folder, files, "openvino", tmp_path, "int8", category=CATEGORIES[1])
+    assert np.all(int8["threshold"] == stored["categories"][CATEGORIES[1]]["threshold"])
+    assert int8["pred_label"].tolist() == (int8["score"] >= int8["threshold"]).tolist()
+
+
 def test_numpy_nearest_distances_are_exact():
     """The runtime's search against brute force (every distance, then the minimum), across several bank blocks
     and query chunks, with a query equal to a bank row (distance 0, no cancellation error)."""

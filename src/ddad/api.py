@@ -202,7 +202,8 @@ def export(run_dir: Path | str | RunDir, config: Any = None, out_dir: Path | Non
     if int8:
         from .int8 import quantize_run_export
 
-        quantize_run_export(folder, config.data, config.train.seed, progress, int8)
+        quantize_run_export(folder, config.data, config.train.seed, progress, int8,
+                            getattr(config.detect, "crop", 1.0))
     return folder
 
 

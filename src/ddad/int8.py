@@ -10,6 +10,11 @@ the graphs fall back one by one, in the model's order, to weights-only INT8 (the
 published experience with diffusion UNets, e.g. optimum-intel's hybrid mode, is that quantised activations of
 the noise predictor cost accuracy). The manifest records what was chosen per graph, and the measured
 deviation.
+
+INT8 scores are not fp32 scores: where the export carries decisions, the INT8 model's own are chosen on the
+run's validation split (scored by the INT8 graphs), for the same target as the fp32 ones (their false-alarm
+rate, or F1 on the validation defects), and stored in the manifest's ``int8`` record; the runtime decides
+INT8 scores with them.
 """
 
 from __future__ import annotations
@@ -43,15 +48,54 @@ def _record(model, images: np.ndarray) -> dict[str, list[dict]]:
 STRATEGIES = ("auto", "full", "weights")  # auto: full, then weights-only graph by graph while beyond tolerance
 
 
-def quantize_run_export(folder: Path, data, seed: int, progress: bool = True, strategy: str | bool = "auto") -> dict:
+def quantize_run_export(folder: Path, data, seed: int, progress: bool = True, strategy: str | bool = "auto",
+                        crop: float = 1.0) -> dict:
     """:func:`quantize_export` with 2 x :data:`INT8_IMAGES` defect-free training images of the run's ``data``
-    (seeded): half calibrate, the other half check."""
+    (seeded): half calibrate, the other half check; then the INT8 model's own decisions (:func:`int8_decisions`;
+    ``crop``: the run's centre crop of maps and masks, as its pixel thresholds are chosen)."""
     from .data.splits import calibration_set
 
     images = calibration_set(data, 2 * INT8_IMAGES, seed)[0].numpy()
     half = max(1, (len(images) + 1) // 2)  # fewer than 2 x INT8_IMAGES: half each (one: itself)
-    return quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress,
-                           "auto" if strategy is True else strategy)
+    record = quantize_export(folder, images[:half], images[half:] if len(images) > 1 else images, progress,
+                             "auto" if strategy is True else strategy)
+    manifest_path = folder / "export.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("decisions") is not None:
+        decisions = int8_decisions(folder, data, manifest["decisions"], crop)
+        if decisions is not None:
+            record["decisions"] = manifest["int8"]["decisions"] = {**decisions,
+                                                                   "calibration_key": manifest["decisions_key"]}
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return record
+
+
+def int8_decisions(folder: Path, data, fp32: dict, crop: float = 1.0) -> dict | None:
+    """The INT8 model's decisions, chosen on the run's validation split as the fp32 ``decisions`` were (their
+    target: a false-alarm rate, else F1-optimal on the validation defects); None without a validation split."""
+    import ddad_infer
+
+    from .data.anomalies import synthetic_origin
+    from .data.splits import load_validation_split
+    from .engine.thresholds import choose_decisions
+    from .scoring import crop as centre_crop
+
+    val = load_validation_split(data, progress=False)
+    if val is None:
+        return None
+    model = ddad_infer.load(folder, backend="openvino", precision="int8")
+    categories = [s.category for s in val.samples]
+    out = model.score(val.images.numpy(), categories if len(model.categories) > 1 else None)
+    maps = masks = None
+    if val.has_masks:
+        import torch
+
+        maps = centre_crop(torch.from_numpy(out["anomaly_map"]), crop).flatten(1).numpy()
+        masks = centre_crop(val.masks, crop).flatten(1).numpy() > 0.5
+    defects = "synthetic" if any(synthetic_origin(s) for s in val.samples) else "real"
+    target = (fp32.get("target") or {}).get("max_false_alarms")
+    decisions = choose_decisions(out["score"], val.labels, categories, maps, masks, target, defects)
+    return decisions.to_dict()
 
 
 def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, progress: bool = True,
@@ -110,7 +154,7 @@ def quantize_export(folder: Path, calibration: np.ndarray, check: np.ndarray, pr
     record = {"strategy": strategy, "graphs": dict(chosen), "max_map_error": tried[-1]["max_map_error"], "tolerance": MAP_TOLERANCE,
               "within_tolerance": tried[-1]["max_map_error"] <= MAP_TOLERANCE, "tried": tried,
               "calibration_images": len(calibration), "check_images": len(check),
-              "images": "defect-free training images of the run", "decisions": "the fp32 model's thresholds"}
+              "images": "defect-free training images of the run", "decisions": None}
     manifest["int8"] = record
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return record

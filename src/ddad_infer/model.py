@@ -155,6 +155,11 @@ class ExportedModel:
             self.references = np.load(checked_file(self.folder, manifest, recognition)[0], allow_pickle=False)
             self.labels = list(recognition["labels"])
         record = manifest.get("int8") or {}
+        if precision == "int8" and isinstance(record.get("decisions"), dict):  # chosen on INT8 validation scores
+            if record["decisions"].get("calibration_key") != self.key:
+                raise ExportError(f"{self.folder / MANIFEST}: its INT8 decisions were chosen under other settings "
+                                  "than its graphs: export the run again")
+            self.decisions = DecisionTable.from_stored(record["decisions"])
         if precision == "int8" and record.get("within_tolerance") is False:
             warnings.warn(f"the INT8 graphs of {self.folder} move the anomaly maps by {record['max_map_error']:.1%} "
                           f"of their range on defect-free images (tolerance {record['tolerance']:.0%}): measure them "
