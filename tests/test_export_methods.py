@@ -106,6 +106,7 @@ def test_int8_decisions_are_chosen_on_the_int8_scores_of_the_validation_split(ex
     manifest = json.loads((folder / "export.json").read_text())
     stored, fp32 = manifest["int8"]["decisions"], manifest["decisions"]
     assert stored["calibration_key"] == manifest["calibration_key"]
+    assert stored["target"] == fp32["target"] and stored["source"] == fp32["source"]  # the same rule, other scores
     target = fp32["target"]["max_false_alarms"]
     val = load_validation_split(load_config(run).data, progress=False)
     for category in CATEGORIES:
