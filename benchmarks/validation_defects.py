@@ -27,6 +27,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ddad.api import load_config
+from honest import fmt  # noqa: E402 (benchmarks/, the script's own folder)
 from ddad.data.anomalies import SyntheticAnomalies
 from ddad.data.splits import load_test_split, load_validation_split
 from ddad.engine import tuning
@@ -102,10 +103,6 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
     print(report(out))
-
-
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 def report(out: dict) -> str:

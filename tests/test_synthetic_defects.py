@@ -43,6 +43,9 @@ def test_each_kinds_mask_is_exactly_the_changed_pixels_and_follows_the_seed_alon
     assert torch.equal(again.images, made.images[order]) and torch.equal(again.masks, made.masks[order])
     other = SyntheticAnomalies((kind,), seed=6).make(images, donors)
     assert not torch.equal(other.masks, made.masks)
+    if kind == "patch":  # the patch comes from the donor pool given (another image of the category)
+        elsewhere = SyntheticAnomalies((kind,), seed=5).make(images, [_textured(4, seed=10)] * len(images))
+        assert not torch.equal(elsewhere.images, made.images)
 
 
 @pytest.mark.parametrize("kind", KINDS)

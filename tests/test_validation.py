@@ -346,6 +346,30 @@ def test_tune_keeps_the_best_candidate_and_the_earlier_one_on_ties(tiny_run, mon
     assert rule["best_on_mean"] == 2 and rule["defects"]["seeds"] == [0, 1, 2]
 
 
+def test_tune_with_real_validation_defects_takes_the_best_and_says_which_defects_it_used(tiny_run, monkeypatch):
+    """Real defects take precedence over synthetic ones (no seeds: the best candidate is taken), and tune.json's
+    record names the real images used."""
+    from pathlib import Path
+
+    from ddad import load_config, with_detection
+    from ddad.data.dataset import Sample
+    from ddad.data.splits import TestSplit
+    from ddad.engine import tuning
+    from ddad.runs import RunDir
+
+    split = TestSplit([Sample(Path("good.png")), Sample(Path("crack.png"), 1, "crack")], torch.zeros(2, 3, 8, 8),
+                      torch.zeros(2, 1, 8, 8), np.array([0, 1]), False, "validation")
+    monkeypatch.setattr(tuning, "load_validation_split", lambda *args, **kwargs: split)
+    values = {0.5: 0.6, 1.0: 0.70, 2.0: 0.705}
+    monkeypatch.setattr(tuning, "validation_score", lambda loaded, split: {
+        "image_auroc": None, "pixel_auroc": None, "objective": values[loaded]})
+    config = with_detection(load_config(tiny_run), v=1.0)
+    best, rows, rule = tuning.tune(RunDir(tiny_run), config, lambda c: c.detect.scoring.v, [{"v": (0.5, 2.0)}],
+                                   progress=False)
+    assert best.detect.scoring.v == 2.0 and rule["spread_over_seeds"] == 0.0
+    assert rule["defects"] == {"real": 1, "images": ["crack.png"]}
+
+
 def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():
     from ddad.engine import tuning
     from ddad.methods.ddad.settings import DDADConfig
