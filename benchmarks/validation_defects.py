@@ -87,6 +87,10 @@ def main(argv=None) -> None:
         return int(np.argmax([-np.inf if v is None else v for v in values]))
 
     chosen = [tuning.current_values(chosen_config, names) == {k: r[k] for k in names} for r in rows].index(True)
+    # the first form of the rule, for comparison: the gain against its spread over seeds (not its standard error)
+    per_seed = np.array([[r["seeds"][k]["objective"] for k in r["seeds"]] for r in rows])
+    gain = per_seed[rule["best_on_mean"]] - per_seed[0]
+    by_spread = rule["best_on_mean"] if gain.mean() > gain.std(ddof=1) else 0
     oracle = best([t["objective"] for t in test_rows])
     out = {"run": str(run.root), "method": config.method, "names": names, "seeds": list(seeds),
            "date": date.today().isoformat(), "command": " ".join(sys.argv),
@@ -95,6 +99,7 @@ def main(argv=None) -> None:
            "rank_agreement_earlier": agreements(earlier_rows, test_rows)["mix"],
            "choices": {"current settings": test_of(0),
                        "robust rule on the mix (ddad tune)": test_of(chosen),
+                       "first rule: gain > spread over seeds": test_of(by_spread),
                        "best on the mix": test_of(best([r["objective"] for r in rows])),
                        "best on the earlier defects": test_of(best([r["objective"] for r in earlier_rows])),
                        "oracle (best on test)": test_of(oracle)},

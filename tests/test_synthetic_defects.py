@@ -111,7 +111,7 @@ def test_the_robust_rule_keeps_the_current_settings_on_a_weak_signal_and_takes_a
     weak = 0.70 + noise + np.array([0.0, 0.004, -0.01, 0.006, 0.0, 0.002])[:, None]  # gains far below 0.02
     chosen, record = robust_choice(weak)
     assert chosen == 0 and record["best_on_mean"] != 0 and record["kept_current"]
-    assert record["spread_over_seeds"] > abs(record["gain_over_current"])
+    assert record["standard_error"] > abs(record["gain_over_current"])
     strong = weak.copy()
     strong[4] += 0.10  # a candidate better by five spreads on every seed
     chosen, record = robust_choice(strong)

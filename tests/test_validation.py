@@ -299,8 +299,9 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     per_seed = np.array([[r["seeds"][str(k)]["objective"] for k in (0, 1, 2)] for r in rows])
     top = int(per_seed.mean(axis=1).argmax())
     gain = per_seed[top] - per_seed[0]
-    best = rows[top] if gain.mean() > gain.std(ddof=1) else rows[0]
+    best = rows[top] if gain.mean() > gain.std(ddof=1) / np.sqrt(3) else rows[0]
     assert stored["rule"]["spread_over_seeds"] == pytest.approx(gain.std(ddof=1))
+    assert stored["rule"]["standard_error"] == pytest.approx(gain.std(ddof=1) / np.sqrt(3))
     assert stored["rule"]["defects"] == {"synthetic": int(split.labels.sum()), "seeds": [0, 1, 2]}
     tuned = load_config(run)
     assert (tuned.detect.scoring.mode, tuned.detect.scoring.v) == (best["mode"], best["v"])

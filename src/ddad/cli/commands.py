@@ -173,8 +173,8 @@ def cmd_tune(args) -> int:
         best = rows[rule["best_on_mean"]]
         verdict = "kept the current settings" if rule["kept_current"] else "chosen"
         print(f"rule: the best on the mean over defect seeds ({', '.join(f'{n}={best[n]}' for n in names)}) gains "
-              f"{rule['gain_over_current']:+.4f} over the current settings, spread over seeds "
-              f"{rule['spread_over_seeds']:.4f}: {verdict}")
+              f"{rule['gain_over_current']:+.4f} over the current settings (standard error over the seeds "
+              f"{rule['standard_error']:.4f}): {verdict}")
     print(f"threshold {threshold.value:.6g} ({threshold.source}; stored in {args.run_dir / 'threshold.json'}); "
           "run ddad test for the test metrics")
     return 0

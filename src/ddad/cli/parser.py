@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "feature_size (the backbone's input size); for drdc: alpha, start_step")
     p.add_argument("--defect-seeds", type=_int_list, default=(0, 1, 2), metavar="S1,S2",
                    help="seeds of the synthetic validation defects (without real ones): a candidate replaces the "
-                        "current settings only where it wins by more than its gain's spread over these seeds "
+                        "current settings only where its mean gain over these seeds beats its standard error "
                         "(default 0,1,2)")
     p.add_argument("--defect-kinds", type=_str_list, default=None, metavar="K1,K2",
                    help="kinds of synthetic defect to mix (default every kind: perlin, paste, patch, scratch, "

@@ -8,8 +8,8 @@ validation images have no masks, image AUROC alone where they have no defects of
 
 The rule (:func:`robust_choice`): with synthetic defects drawn with several seeds, the objective is computed
 per seed, and the run's current settings (listed first) stay unless the candidate best on the mean over seeds
-beats them by more than the spread over seeds of its gain (the standard deviation of the per-seed
-differences): a weak signal keeps the defaults. With real validation defects (or one seed) the best candidate
+beats them by more than the standard error of that mean gain over the seeds (the standard deviation of the
+per-seed gains / sqrt(seeds)): a weak signal keeps the defaults. With real validation defects (or one seed) the best candidate
 is chosen; ties keep the earlier one.
 
 A search space is one or more grids, each the product of its values; a name a grid does not list keeps the
@@ -139,17 +139,19 @@ def validation_score(loaded: LoadedDetector, split) -> dict:
 
 def robust_choice(objectives: np.ndarray, factor: float = 1.0) -> tuple[int, dict]:
     """The chosen row of ``objectives`` (candidates, seeds), row 0 the current settings: the best row on the
-    mean over seeds where its gain over row 0 exceeds ``factor`` times the standard deviation over seeds of
-    that gain (one seed: any gain), else row 0. Returns (row, what decided it)."""
+    mean over seeds where its mean gain over row 0 exceeds ``factor`` times that mean's standard error over the
+    seeds (the standard deviation of the per-seed gains / sqrt(seeds); one seed: any gain), else row 0.
+    Returns (row, what decided it: the gain, its spread over seeds and its standard error)."""
     objectives = np.asarray(objectives, dtype=float)
     means = objectives.mean(axis=1)
     best = int(np.argmax(means))  # the first of equals
     gain = objectives[best] - objectives[0]
     spread = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
+    error = spread / np.sqrt(len(gain))
     margin = float(gain.mean())
-    chosen = best if margin > factor * spread else 0
+    chosen = best if margin > factor * error else 0
     return chosen, {"best_on_mean": best, "gain_over_current": margin, "spread_over_seeds": spread,
-                    "factor": factor, "kept_current": chosen == 0 and best != 0}
+                    "standard_error": error, "factor": factor, "kept_current": chosen == 0 and best != 0}
 
 
 def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid], split,
