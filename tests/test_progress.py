@@ -4,6 +4,7 @@ named bar with an honest total (the two DRDC trainings, Eq. 17's calibration, ex
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import tqdm.std
 
 from ddad.cli import build_parser, main
 from ddad.cli.settings import train_settings
+from ddad.data.dataset import Sample
 from ddad.results import AnomalyResult
 
 
@@ -137,6 +139,7 @@ def test_tunes_eta_follows_the_mean_time_per_setting(monkeypatch):
         has_masks = False
 
     Split.labels = labels
+    Split.samples = [Sample(Path(f"{i}.png"), int(label)) for i, label in enumerate(labels)]
     calls: list = []
     etas = []
     real_score = tuning.validation_score

@@ -93,7 +93,8 @@ def int8_decisions(folder: Path, data, fp32: dict, crop: float = 1.0) -> dict | 
         maps = centre_crop(torch.from_numpy(out["anomaly_map"]), crop).flatten(1).numpy()
         masks = centre_crop(val.masks, crop).flatten(1).numpy() > 0.5
     defects = "synthetic" if any(synthetic_origin(s) for s in val.samples) else "real"
-    target = (fp32.get("target") or {}).get("max_false_alarms")
+    rule = fp32.get("target") or {}
+    target = None if rule.get("default") or "f1" in rule else rule.get("max_false_alarms")  # the same rule
     decisions = choose_decisions(out["score"], val.labels, categories, maps, masks, target, defects)
     return decisions.to_dict()
 
