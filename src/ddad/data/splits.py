@@ -218,7 +218,7 @@ DONORS = 8  # training images per category that ``patch`` anomalies take their p
 def donor_pools(data: DataConfig, index: DatasetIndex, seed: int) -> dict[str, torch.Tensor]:
     """Per category, up to DONORS of its readable training images in a seeded order (the ``patch`` kind's
     sources: defect-free images of the category that are not the validation images themselves)."""
-    pools: dict[str, list[torch.Tensor]] = {}
+    pools: dict[str, torch.Tensor] = {}
     for category in dict.fromkeys(s.category for s in index.train):
         samples = [s for s in index.train if s.category == category]
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -233,7 +233,7 @@ def donor_pools(data: DataConfig, index: DatasetIndex, seed: int) -> dict[str, t
                 break
         if picked:
             pools[category] = torch.stack(picked)
-    return {c: p for c, p in pools.items()}
+    return pools
 
 
 def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | None" = None, progress: bool = True,
