@@ -118,3 +118,6 @@ def test_the_robust_rule_keeps_the_current_settings_on_a_weak_signal_and_takes_a
     assert chosen == 4 and not record["kept_current"] and record["gain_over_current"] > 0.09
     one_seed = np.array([[0.70], [0.71], [0.69]])  # no spread to judge by: the best is taken
     assert robust_choice(one_seed)[0] == 1
+    no_current = weak.copy()
+    no_current[0] = -np.inf  # the current settings have no validation figure: nothing to keep, the best is taken
+    assert robust_choice(no_current)[0] == int(np.argmax(weak[1:].mean(axis=1))) + 1

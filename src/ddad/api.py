@@ -147,19 +147,19 @@ def predict(run_dir: Path | str | RunDir, paths: Sequence[Path | str], out_dir: 
 
 
 def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | None = None,
-             progress: bool = True, max_false_alarms: float | None = None, seeds: Sequence[int] = (0, 1, 2),
+             progress: bool = True, max_false_alarms: float | None = None, seeds: Sequence[int] | None = None,
              kinds: Sequence[str] | None = None) -> tuple[Any, list[dict], Threshold]:
     """Choose detection settings on the run's validation split (never the test split) from ``grid`` (default
     the grids of :data:`ddad.engine.tuning.GRIDS` for its method) and store them in its config.yaml and
     RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
     or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
     Without real validation defects, synthetic ones of ``kinds`` (default every kind) drawn with each of
-    ``seeds``; a candidate replaces the current settings only where it wins by more than the spread of its
-    gain over the seeds (:func:`ddad.engine.tuning.robust_choice`). Returns the new settings, one row per
+    ``seeds`` (default :data:`ddad.engine.tuning.SEEDS`); a candidate replaces the current settings only where
+    its mean gain over the seeds beats that mean's standard error (:func:`ddad.engine.tuning.robust_choice`). Returns the new settings, one row per
     candidate and the image threshold."""
     run = _run(run_dir).require()
     with run.locked("tune"):  # it rewrites config.yaml and threshold.json
-        return _tune_locked(run, grid, progress, max_false_alarms, tuple(seeds), kinds)
+        return _tune_locked(run, grid, progress, max_false_alarms, seeds, kinds)
 
 
 def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | None, seeds, kinds):
@@ -173,7 +173,7 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
     current = tuning.current_values(config, names)
     synthetic = SyntheticAnomalies(tuple(kinds)) if kinds else None
     best, rows, rule = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress,
-                                   seeds, synthetic)
+                                   tuple(seeds or tuning.SEEDS), synthetic)
     chosen = tuning.current_values(best, names)
     run.save_config(best)
     decisions = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,

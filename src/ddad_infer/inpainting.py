@@ -27,7 +27,8 @@ GRAPHS = ("refine_input", "refine_unet", "refine_map")
 
 
 def job_seed(seed: int, job: int) -> int:
-    """As :func:`ddad.methods.drdc.refiner.job_seed`: the seed of an image's ``job``-th inpainting."""
+    """The seed of an image's ``job``-th inpainting (specification-major, then set) from the image's seed
+    (ddad's refiner draws with this rule too)."""
     return (seed + 1_000_003 * (job + 1)) % (2**63 - 1)
 
 
@@ -97,7 +98,7 @@ class Refinement:
     reconstruction."""
 
     def __init__(self, settings: dict, graphs: dict) -> None:
-        self.size, self.cells, self.sets = int(settings["image_size"]), list(settings["cells"]), int(settings["sets"])
+        self.cells, self.sets = list(settings["cells"]), int(settings["sets"])
         self.steps = [tuple(step) for step in settings["steps"]]
         self.seed, self.table = int(settings["seed"]), np.asarray(settings["alphas_cumprod"], dtype=F32)
         self.model_conditioning = bool(settings["model_conditioning"])

@@ -43,7 +43,7 @@ class ExportError(ValueError):
 class Prediction:
     """One image's result (anomalib's names): raw ``score``, ``pred_score`` in [0, 1] with 0.5 at the
     threshold, ``pred_label`` (score >= threshold), ``anomaly_map`` (H, W) and ``pred_mask`` (H, W) at the
-    model's size, the ``reconstruction`` (C, H, W) in [-1, 1] where the method makes one (DDAD), and the
+    model's size, the ``reconstruction`` (C, H, W) in [-1, 1] where the method makes one (DDAD; DRDC's inpainting), and the
     ``category`` it was decided as (given, the model's only one, or recognised; None: the shared decision)."""
 
     image: str

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="values to try for a detection setting (repeatable); default for ddad: mode, w, v and "
                         "feature_size (the backbone's input size); for drdc: alpha, start_step")
-    p.add_argument("--defect-seeds", type=_int_list, default=(0, 1, 2), metavar="S1,S2",
+    p.add_argument("--defect-seeds", type=_int_list, default=None, metavar="S1,S2",
                    help="seeds of the synthetic validation defects (without real ones): a candidate replaces the "
                         "current settings only where its mean gain over these seeds beats its standard error "
                         "(default 0,1,2)")

@@ -22,7 +22,7 @@ are here.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -160,8 +160,6 @@ SYNTHETIC = "synthetic"  # the defect type of a synthetic validation image: synt
 def synthetic_sample(source, kind: str, seed: int, kinds: Sequence[str]):
     """The :class:`ddad.data.dataset.Sample` of a synthetic anomaly made on ``source``: named apart from it
     (caches key images by name: the file, then how it was altered), its defect type ``synthetic:KIND``."""
-    from dataclasses import replace
-
     digest = hashlib.blake2b("+".join(kinds).encode(), digest_size=4).hexdigest()
     return replace(source, image=source.image.with_name(f"{source.image.name}#synthetic-{digest}-seed{seed}"),
                    label=1, defect_type=f"{SYNTHETIC}:{kind}", mask=None)

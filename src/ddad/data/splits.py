@@ -262,7 +262,7 @@ def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | Non
     if not labels.any():
         synthetic = synthetic or SyntheticAnomalies()
         good = [s for s, label in zip(samples, labels) if label == 0]
-        pools = donor_pools(data, index, synthetic.seed)
+        pools = donor_pools(data, index, synthetic.seed) if "patch" in synthetic.kinds else {}
         donors = [pools.get(s.category) for s in good]
         fakes, fake_masks = [], []
         for seed in (synthetic.seed,) if seeds is None else seeds:

@@ -149,7 +149,7 @@ def robust_choice(objectives: np.ndarray, factor: float = 1.0) -> tuple[int, dic
     spread = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
     error = spread / np.sqrt(len(gain))
     margin = float(gain.mean())
-    chosen = best if margin > factor * error else 0
+    chosen = best if margin > factor * error or not np.isfinite(objectives[0]).all() else 0  # no current figure
     return chosen, {"best_on_mean": best, "gain_over_current": margin, "spread_over_seeds": spread,
                     "standard_error": error, "factor": factor, "kept_current": chosen == 0 and best != 0}
 
@@ -170,13 +170,10 @@ def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[G
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in candidate.items()))
         configs.append(with_candidate(config, candidate))
         rows.append({**candidate, **validation_score(load(configs[-1]), split)})
-    usable = [i for i, r in enumerate(rows) if r["objective"] is not None]
-    if not usable:
+    if all(r["objective"] is None for r in rows):
         return config, rows, {"rule": "no candidate has a validation objective: the current settings stay"}
-    per_seed = [[(r["seeds"][k]["objective"] if "seeds" in r else r["objective"]) for k in r.get("seeds", [0])]
-                for r in rows]
-    filled = np.array([[-np.inf if v is None else v for v in row] for row in per_seed])
-    chosen, record = robust_choice(filled)
+    per_seed = [[s["objective"] for s in r["seeds"].values()] if "seeds" in r else [r["objective"]] for r in rows]
+    chosen, record = robust_choice(np.array([[-np.inf if v is None else v for v in row] for row in per_seed]))
     record["seeds"] = list(rows[0].get("seeds", {})) or None
     return configs[chosen], rows, record
 

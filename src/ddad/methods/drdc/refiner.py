@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddad_infer.inpainting import job_seed  # one rule for the run and its export
+
 from ...diffusion.inpainting import InpaintingNoise, combine_sets, inpaint, inpainting_masks
 from ...diffusion.sampler import SamplerConfig, denoising_steps, skip_for_steps
 from ...diffusion.unet import UNet
@@ -33,11 +35,6 @@ def refinement_steps(detect: DRDCDetect) -> list[tuple[int, int]]:
     """(t, t_next) pairs of the deterministic DDIM from the initial index in ``detect.steps`` steps."""
     skip = skip_for_steps(detect.start_step, detect.steps)
     return denoising_steps(SamplerConfig(start_step=detect.start_step, skip=skip, w=0.0, eta=0.0))
-
-
-def job_seed(seed: int, job: int) -> int:
-    """The seed of an image's ``job``-th inpainting (specification-major, then set) from the image's seed."""
-    return (seed + 1_000_003 * (job + 1)) % (2**63 - 1)
 
 
 def diffusion_heatmap(x: torch.Tensor, predictions: torch.Tensor, detect: DRDCDetect) -> torch.Tensor:
