@@ -146,7 +146,8 @@ def robust_choice(objectives: np.ndarray, factor: float = 1.0) -> tuple[int, dic
     means = objectives.mean(axis=1)
     best = int(np.argmax(means))  # the first of equals
     gain = objectives[best] - objectives[0]
-    spread = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
+    with np.errstate(invalid="ignore"):  # a current setting without a figure: an infinite gain, no spread
+        spread = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
     error = spread / np.sqrt(len(gain))
     margin = float(gain.mean())
     chosen = best if margin > factor * error or not np.isfinite(objectives[0]).all() else 0  # no current figure
