@@ -102,6 +102,12 @@ def test_the_validation_split_names_each_defects_kind_and_seed(tmp_path):
     assert all(o[0] in KINDS for o in origins[good:])
     again = load_validation_split(data, progress=False, seeds=(7,))  # seed 7's defects alone: the same images
     assert torch.equal(again.images[good:], split.images[2 * good:])
+    # too few defects for min_defects: the seeds after the largest given are added, the given ones unchanged
+    more = load_validation_split(data, progress=False, seeds=(4, 7), min_defects=4 * good + 1)
+    assert [synthetic_origin(s)[1] for s in more.samples[good:]] == sum(([k] * good for k in (4, 7, 8, 9, 10)), [])
+    assert torch.equal(more.images[:3 * good], split.images)
+    enough = load_validation_split(data, progress=False, seeds=(4, 7), min_defects=2 * good)
+    assert len(enough.samples) == 3 * good  # already enough: nothing added
 
 
 def test_the_robust_rule_keeps_the_current_settings_on_a_weak_signal_and_takes_a_clear_winner():

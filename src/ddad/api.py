@@ -154,7 +154,8 @@ def tune_run(run_dir: Path | str | RunDir, grid: Mapping[str, Sequence[Any]] | N
     RUN_DIR/tune.json; then choose the chosen settings' thresholds on the same split, for ``max_false_alarms``
     or F1-optimal on validation defects, and store them (RUN_DIR/threshold.json) for ``ddad predict``.
     Without real validation defects, synthetic ones of ``kinds`` (default every kind) drawn with each of
-    ``seeds`` (default :data:`ddad.engine.tuning.SEEDS`); a candidate replaces the current settings only where
+    ``seeds`` (default :data:`ddad.engine.tuning.SEEDS`, and further seeds where the held-out images are
+    too few for :data:`ddad.engine.tuning.MIN_DEFECTS` defects); a candidate replaces the current settings only where
     its mean gain over the seeds beats that mean's standard error (:func:`ddad.engine.tuning.robust_choice`). Returns the new settings, one row per
     candidate and the image threshold."""
     run = _run(run_dir).require()
@@ -173,7 +174,7 @@ def _tune_locked(run: RunDir, grid, progress: bool, max_false_alarms: float | No
     current = tuning.current_values(config, names)
     synthetic = SyntheticAnomalies(tuple(kinds)) if kinds else None
     best, rows, rule = tuning.tune(run, config, lambda c: method.load(run, c, progress=False), grids, progress,
-                                   tuple(seeds or tuning.SEEDS), synthetic)
+                                   tuple(seeds) if seeds else None, synthetic)
     chosen = tuning.current_values(best, names)
     run.save_config(best)
     decisions = testing.store_validation_thresholds(run, method.load(run, best, progress=False), max_false_alarms,

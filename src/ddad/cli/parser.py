@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-seeds", type=_int_list, default=None, metavar="S1,S2",
                    help="seeds of the synthetic validation defects (without real ones): a candidate replaces the "
                         "current settings only where its mean gain over these seeds beats its standard error "
-                        "(default 0,1,2)")
+                        "(default 0,1,2, and more where the held-out images are too few for 64 defects)")
     p.add_argument("--defect-kinds", type=_str_list, default=None, metavar="K1,K2",
                    help="kinds of synthetic defect to mix (default every kind: perlin, paste, patch, scratch, "
                         "scar, warp, blob, colour)")

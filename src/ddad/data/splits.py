@@ -236,13 +236,23 @@ def donor_pools(data: DataConfig, index: DatasetIndex, seed: int) -> dict[str, t
     return pools
 
 
+def enough_seeds(seeds: Sequence[int], good_images: int, min_defects: int) -> tuple[int, ...]:
+    """``seeds``, then the seeds after their largest, until one defect per good image and seed makes at least
+    ``min_defects`` defects."""
+    needed = -(-min_defects // good_images) if good_images else 0  # ceil
+    return tuple(seeds) + tuple(range(max(seeds) + 1, max(seeds) + 1 + needed - len(seeds)))
+
+
 def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | None" = None, progress: bool = True,
-                          log: Log | None = None, seeds: Sequence[int] | None = None) -> TestSplit | None:
+                          log: Log | None = None, seeds: Sequence[int] | None = None, min_defects: int = 0
+                          ) -> TestSplit | None:
     """The validation split: the held-out defect-free images (``val_ratio``) and the user's validation
     defects (``val_abnormal_dir``); without real defects, one synthetic anomaly on a copy of each good image
     per seed of ``seeds`` (default: ``synthetic.seed`` alone), its kind drawn from ``synthetic.kinds``
     (default :class:`SyntheticAnomalies`: every kind), patches taken from the category's training images.
-    None when the run holds out no images."""
+    ``seeds`` are extended with the seeds after their largest until the synthetic defects number at least
+    ``min_defects`` (a few held-out images still give every kind several defects). None when the run holds
+    out no images."""
     from .anomalies import SyntheticAnomalies, synthetic_sample
 
     index = build_index(data)
@@ -265,7 +275,7 @@ def load_validation_split(data: DataConfig, synthetic: "SyntheticAnomalies | Non
         pools = donor_pools(data, index, synthetic.seed) if "patch" in synthetic.kinds else {}
         donors = [pools.get(s.category) for s in good]
         fakes, fake_masks = [], []
-        for seed in (synthetic.seed,) if seeds is None else seeds:
+        for seed in enough_seeds((synthetic.seed,) if seeds is None else seeds, len(good), min_defects):
             drawn = SyntheticAnomalies(synthetic.kinds, seed).make(images[labels == 0], donors)
             # named apart from their sources (caches key images by name): the file, then how it was altered
             samples += [synthetic_sample(s, kind, seed, synthetic.kinds) for s, kind in zip(good, drawn.kinds)]

@@ -109,6 +109,9 @@ def with_candidate(config: Any, candidate: Mapping[str, Any]) -> Any:
 
 
 SEEDS = (0, 1, 2)  # the synthetic defects' seeds ``ddad tune`` draws by default
+# ... and by default at least this many synthetic defects (further seeds where the held-out images are few):
+# about 8 of each of the 8 kinds, so that no kind's and no seed's figure rests on one or two defects
+MIN_DEFECTS = 64
 
 
 def _auroc(result, split, loaded, keep: np.ndarray) -> dict[str, float | None]:
@@ -180,16 +183,20 @@ def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[G
 
 
 def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
-         progress: bool = True, seeds: Sequence[int] = SEEDS, synthetic=None) -> tuple[Any, list[dict], dict]:
+         progress: bool = True, seeds: Sequence[int] | None = None, synthetic=None) -> tuple[Any, list[dict], dict]:
     """:func:`search` on the run's validation split, its synthetic defects (where it has no real ones) drawn
-    with each of ``seeds`` (``synthetic``: their kinds, default every kind; an error naming the remedy where
-    the run has no validation split)."""
-    split = load_validation_split(config.data, synthetic, progress=False, log=run.log, seeds=seeds)
+    with each of ``seeds`` (default :data:`SEEDS` and as many more as it takes for :data:`MIN_DEFECTS`
+    defects; ``synthetic``: their kinds, default every kind; an error naming the remedy where the run has no
+    validation split)."""
+    split = load_validation_split(config.data, synthetic, progress=False, log=run.log,
+                                  seeds=SEEDS if seeds is None else seeds,
+                                  min_defects=MIN_DEFECTS if seeds is None else 0)
     if split is None:
         raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
                          "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
     best, rows, record = search(config, load, grids, split, progress)
     real = sum(1 for s, label in zip(split.samples, split.labels) if label == 1 and synthetic_origin(s) is None)
     record["defects"] = ({"real": real, "images": [str(s.image) for s in split.samples if s.label == 1]} if real
-                         else {"synthetic": int(split.labels.sum()), "seeds": list(seeds)})
+                         else {"synthetic": int(split.labels.sum()),
+                               "seeds": sorted({synthetic_origin(s)[1] for s in split.samples if synthetic_origin(s)})})
     return best, rows, record
