@@ -11,7 +11,8 @@ Reported: the Spearman rank agreement between each validation objective (the mix
 earlier defects) and the test objective over the candidates, for the objective (mean of image and pixel
 AUROC) and for each AUROC alone; and the test figures of the honest choices (the robust rule on the mix; the
 plain best on the mix; the plain best on the earlier defects) against the oracle's (the best on test). The
-run's config.yaml is not changed; the test split is read after every validation figure is computed.
+run's config.yaml is not changed; the test split is read after every validation figure is computed. With the user's real validation defects
+(``--val-abnormal-dir``) both validation views are those real defects.
 """
 
 from __future__ import annotations
@@ -89,9 +90,12 @@ def main(argv=None) -> None:
 
     chosen = [tuning.current_values(chosen_config, names) == {k: r[k] for k in names} for r in rows].index(True)
     # the first form of the rule, for comparison: the gain against its spread over seeds (not its standard error)
-    per_seed = np.array([[r["seeds"][k]["objective"] for k in r["seeds"]] for r in rows])
-    gain = per_seed[rule["best_on_mean"]] - per_seed[0]
-    by_spread = rule["best_on_mean"] if gain.mean() > gain.std(ddof=1) else 0
+    # (real validation defects, the user's: no seeds, both rules take the best)
+    by_spread = chosen
+    if "seeds" in rows[0]:
+        per_seed = np.array([[r["seeds"][k]["objective"] for k in r["seeds"]] for r in rows])
+        gain = per_seed[rule["best_on_mean"]] - per_seed[0]
+        by_spread = rule["best_on_mean"] if gain.mean() > gain.std(ddof=1) else 0
     oracle = best([t["objective"] for t in test_rows])
     out = {"run": str(run.root), "method": config.method, "names": names, "seeds": rule["seeds"],
            "date": date.today().isoformat(), "command": " ".join(sys.argv),
