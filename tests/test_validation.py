@@ -259,7 +259,7 @@ def test_without_a_validation_split_the_test_threshold_is_labelled_an_oracle(syn
     assert "optimistic" in (run / "report" / "index.html").read_text()
 
 
-def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypatch, tmp_path):
+def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypatch, tmp_path, capsys):
     import shutil
 
     from scipy.stats import mannwhitneyu
@@ -309,6 +309,8 @@ def test_tune_chooses_on_validation_only_and_stores_the_best(tiny_run, monkeypat
     assert stored["rule"]["spread_over_seeds"] == pytest.approx(gain.std(ddof=1))
     assert stored["rule"]["standard_error"] == pytest.approx(gain.std(ddof=1) / np.sqrt(len(seeds)))
     assert stored["rule"]["defects"] == {"synthetic": int(split.labels.sum()), "seeds": list(seeds)}
+    printed = capsys.readouterr().out  # and the user is told which defects were used
+    assert f"validation defects: {int(split.labels.sum())} synthetic, seeds {', '.join(map(str, seeds))}" in printed
     tuned = load_config(run)
     assert (tuned.detect.scoring.mode, tuned.detect.scoring.v) == (best["mode"], best["v"])
     assert stored["chosen"] == {"mode": best["mode"], "v": best["v"]}
@@ -398,3 +400,22 @@ def test_tune_tries_each_grid_with_the_other_settings_at_the_runs_values():
     assert tuning.current_values(resized, list(current)) == current
     config = tuning.with_candidate(resized, {**current, "feature_size": None, "v": 2.0})
     assert config.detect.scoring.feature_size is None and config.detect.scoring.v == 2.0
+
+
+def test_tune_says_which_real_validation_defects_it_used(tmp_path, monkeypatch, capsys):
+    """With the user's real validation defects, ``ddad tune`` prints how many it chose on (tune.json's record)."""
+    from types import SimpleNamespace
+
+    import ddad.api
+
+    rows = [{"v": 1.0, "image_auroc": 0.7, "pixel_auroc": None, "objective": 0.7}]
+    record = {"chosen": {"v": 1.0}, "rule": {"defects": {"real": 4, "images": ["a.png", "b.png", "c.png", "d.png"]},
+                                             "best_on_mean": 0}}
+
+    def fake_tune(run_dir, *args, **kwargs):
+        (run_dir / "tune.json").write_text(json.dumps(record))
+        return None, rows, SimpleNamespace(value=0.5, source="validation")
+
+    monkeypatch.setattr(ddad.api, "tune_run", fake_tune)
+    assert main(["tune", str(tmp_path), "--quiet"]) == 0
+    assert "validation defects: 4 real (yours)" in capsys.readouterr().out

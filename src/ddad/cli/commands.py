@@ -169,6 +169,11 @@ def cmd_tune(args) -> int:
     rule = record["rule"]
     print(f"chosen: {', '.join(f'{n}={v}' for n, v in record['chosen'].items())} (stored in "
           f"{args.run_dir / 'config.yaml'})")
+    defects = rule.get("defects") or {}
+    if "real" in defects:
+        print(f"validation defects: {defects['real']} real (yours)")
+    elif defects:
+        print(f"validation defects: {defects['synthetic']} synthetic, seeds {', '.join(map(str, defects['seeds']))}")
     if "spread_over_seeds" in rule:
         best = rows[rule["best_on_mean"]]
         verdict = "kept the current settings" if rule["kept_current"] else "chosen"
