@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 
 from ddad.api import load_config
 from honest import fmt  # noqa: E402 (benchmarks/, the script's own folder)
-from ddad.data.anomalies import SyntheticAnomalies
+from ddad.data.anomalies import SyntheticAnomalies, synthetic_origin
 from ddad.data.splits import load_test_split, load_validation_split
 from ddad.engine import tuning
 from ddad.methods import get_method
@@ -70,14 +70,15 @@ def main(argv=None) -> None:
     names = tuning.setting_names(grids)
     load = lambda c: method.load(run, c, progress=False)  # noqa: E731
     t0 = time.perf_counter()
-    mix = load_validation_split(config.data, progress=False, seeds=given or tuning.SEEDS,
-                                min_defects=0 if given else tuning.MIN_DEFECTS)
-    earlier = load_validation_split(config.data, SyntheticAnomalies(("perlin", "paste")), progress=False)
+    mix = tuning.validation_split(config.data, seeds=given)
     if mix is None:
         raise SystemExit(f"{run.root} holds out no validation images")
+    real = not any(synthetic_origin(s) for s in mix.samples)  # the user's defects: no earlier ones to compare
+    earlier = mix if real else load_validation_split(config.data, SyntheticAnomalies(("perlin", "paste")),
+                                                     progress=False)
     chosen_config, rows, rule = tuning.search(config, load, grids, mix, progress=False)
     print(f"validation (mix, {len(mix.labels)} images) done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    _, earlier_rows, _ = tuning.search(config, load, grids, earlier, progress=False)
+    earlier_rows = rows if real else tuning.search(config, load, grids, earlier, progress=False)[1]
     print(f"validation (earlier defects) done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     _, test_rows, _ = tuning.search(config, load, grids, load_test_split(config.data, progress=False), progress=False)
     print(f"test done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

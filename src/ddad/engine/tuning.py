@@ -182,21 +182,25 @@ def search(config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[G
     return configs[chosen], rows, record
 
 
+def validation_split(data: Any, synthetic=None, seeds: Sequence[int] | None = None, log=None):
+    """The validation split ``ddad tune`` chooses on: the user's real defects where given, else synthetic ones
+    drawn with each of ``seeds`` (default :data:`SEEDS` and as many more as it takes for :data:`MIN_DEFECTS`
+    defects; seeds given are used as given). None where the run holds out no images."""
+    return load_validation_split(data, synthetic, progress=False, log=log, seeds=SEEDS if seeds is None else seeds,
+                                 min_defects=MIN_DEFECTS if seeds is None else 0)
+
+
 def tune(run: RunDir, config: Any, load: Callable[[Any], LoadedDetector], grids: Sequence[Grid],
          progress: bool = True, seeds: Sequence[int] | None = None, synthetic=None) -> tuple[Any, list[dict], dict]:
-    """:func:`search` on the run's validation split, its synthetic defects (where it has no real ones) drawn
-    with each of ``seeds`` (default :data:`SEEDS` and as many more as it takes for :data:`MIN_DEFECTS`
-    defects; ``synthetic``: their kinds, default every kind; an error naming the remedy where the run has no
-    validation split)."""
-    split = load_validation_split(config.data, synthetic, progress=False, log=run.log,
-                                  seeds=SEEDS if seeds is None else seeds,
-                                  min_defects=MIN_DEFECTS if seeds is None else 0)
+    """:func:`search` on the run's :func:`validation_split` (``synthetic``: the kinds of its synthetic defects,
+    default every kind; an error naming the remedy where the run has no validation split)."""
+    split = validation_split(config.data, synthetic, seeds, run.log)
     if split is None:
         raise ValueError(f"run {run.root} holds out no validation images (data.val_ratio is 0 and no "
                          "val_abnormal_dir): retrain with --val-ratio, or add --val-abnormal-dir")
     best, rows, record = search(config, load, grids, split, progress)
-    real = sum(1 for s, label in zip(split.samples, split.labels) if label == 1 and synthetic_origin(s) is None)
-    record["defects"] = ({"real": real, "images": [str(s.image) for s in split.samples if s.label == 1]} if real
-                         else {"synthetic": int(split.labels.sum()),
-                               "seeds": sorted({synthetic_origin(s)[1] for s in split.samples if synthetic_origin(s)})})
+    origins = [synthetic_origin(s) for s in split.samples]  # (kind, seed) of a synthetic defect, else None
+    real = [str(s.image) for s, o in zip(split.samples, origins) if s.label == 1 and o is None]
+    record["defects"] = ({"real": len(real), "images": real} if real
+                         else {"synthetic": int(split.labels.sum()), "seeds": sorted({o[1] for o in origins if o})})
     return best, rows, record
